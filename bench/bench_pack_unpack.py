@@ -1,0 +1,150 @@
+"""Pack and unpack the reference venv, side by side with the reference tools.
+
+    python3 bench/bench_pack_unpack.py [--rounds N] [--work DIR]
+
+Builds the reference venv (recipes/reference-venv.sh: numpy, scipy, pandas,
+matplotlib, scikit-learn, requests) once under the work directory, then runs
+interleaved rounds of
+
+- pack:   envcrate pack  |  venv-pack -o x.tar.gz  |  tar -I 'zstd -T0 -3' -cf
+- unpack: envcrate unpack (extract + relocate)  |  tar -I zstd -xf  |  tar -xzf
+
+and prints medians, ratios, archive sizes and peak memory. Every extraction
+goes to a fresh directory, all deleted at the end (deleting between runs
+slows file creation on this machine's filesystem and would measure that).
+Timings drift on shared machines: only the ratios within one run mean much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACK = "envcrate pack"
+VENV_PACK = "venv-pack -o x.tar.gz"
+TAR_ZSTD = "tar -I 'zstd -T0 -3' -cf"
+UNPACK = "envcrate unpack"
+UNTAR_ZSTD = "tar -I zstd -xf"
+UNTAR_GZ = "tar -xzf (venv-pack's)"
+
+
+def timed(cmd: list, **kw) -> tuple[float, int]:
+    """Wall seconds and peak RSS (KiB) of one command."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, **kw)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}")
+    return elapsed, usage.ru_maxrss
+
+
+def ensure_reference(work: Path) -> Path:
+    ref = work / "ref"
+    if not (ref / "pyvenv.cfg").exists():
+        print(f"building the reference venv in {ref} ...", file=sys.stderr)
+        subprocess.run(["sh", str(ROOT / "recipes" / "reference-venv.sh"), str(ref)], check=True)
+    return ref
+
+
+def du(path: Path) -> tuple[int, int]:
+    files = size = 0
+    for dirpath, _, names in os.walk(path):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            if not os.path.islink(p):
+                files += 1
+                size += os.lstat(p).st_size
+    return files, size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
+    args = ap.parse_args()
+    work = args.work.absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    ref = ensure_reference(work)
+    files, size = du(ref)
+    runs = work / f"run-{os.getpid()}"
+    runs.mkdir()
+    envcrate = [sys.executable, "-m", "envcrate.cli"]
+    venv_pack = shutil.which("venv-pack") or "venv-pack"
+
+    times: dict[str, list[float]] = {}
+    rss: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+
+    def record(name: str, result: tuple[float, int], archive: Path | None = None) -> None:
+        times.setdefault(name, []).append(result[0])
+        rss[name] = max(rss.get(name, 0), result[1])
+        if archive is not None:
+            sizes[name] = archive.stat().st_size
+
+    try:
+        for i in range(args.rounds):
+            d = runs / f"r{i}"
+            d.mkdir()
+            a = d / "envcrate.tar.zst"
+            record(PACK, timed([*envcrate, "pack", ref, "-o", a]), a)
+            v = d / "venv-pack.tar.gz"
+            record(VENV_PACK, timed([venv_pack, "-p", ref, "-o", v, "-q"]), v)
+            t = d / "tar.tar.zst"
+            record(TAR_ZSTD, timed(["tar", "-C", ref, "-I", "zstd -T0 -3", "-cf", t, "."]), t)
+            record(UNPACK, timed([*envcrate, "unpack", a, d / "u-envcrate"]))
+            (d / "u-tar").mkdir()
+            record(UNTAR_ZSTD, timed(["tar", "-I", "zstd", "-xf", t, "-C", d / "u-tar"]))
+            (d / "u-gz").mkdir()
+            record(UNTAR_GZ, timed(["tar", "-xzf", v, "-C", d / "u-gz"]))
+            print(f"round {i + 1}/{args.rounds} done", file=sys.stderr)
+        check = subprocess.run(
+            [
+                runs / "r0" / "u-envcrate" / "bin" / "python",
+                "-c",
+                "import numpy, scipy, pandas, sklearn, matplotlib",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        unpacked_ok = check.returncode == 0
+    finally:
+        shutil.rmtree(runs, ignore_errors=True)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"reference venv: {files} files, {size / 1e6:.0f} MB; {args.rounds} interleaved rounds, medians; 2 cores\n"
+    )
+    print(
+        "| step | seconds | vs venv-pack | vs tar+zstd | archive MB | vs tar+zstd size | peak RSS MB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    tz = sizes[TAR_ZSTD]
+    for name in (PACK, VENV_PACK, TAR_ZSTD):
+        print(
+            f"| {name} | {med[name]:.2f} | {med[name] / med[VENV_PACK]:.2f}x | {med[name] / med[TAR_ZSTD]:.2f}x "
+            f"| {sizes[name] / 1e6:.1f} | {sizes[name] / tz:.3f}x | {rss[name] / 1024:.0f} |"
+        )
+    print()
+    print("| step | seconds | vs tar -I zstd -xf | vs tar -xzf | peak RSS MB |")
+    print("|---|---:|---:|---:|---:|")
+    for name in (UNPACK, UNTAR_ZSTD, UNTAR_GZ):
+        print(
+            f"| {name} | {med[name]:.2f} | {med[name] / med[UNTAR_ZSTD]:.2f}x "
+            f"| {med[name] / med[UNTAR_GZ]:.2f}x | {rss[name] / 1024:.0f} |"
+        )
+    print(
+        f"\nunpacked reference env imports numpy, scipy, pandas, sklearn, matplotlib: {'yes' if unpacked_ok else 'NO'}"
+    )
+
+
+if __name__ == "__main__":
+    main()

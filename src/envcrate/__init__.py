@@ -1,0 +1,31 @@
+"""envcrate: pack venvs into content-addressed crates and unpack them anywhere.
+
+The public API; the command line (:mod:`envcrate.cli`) is a thin layer over it.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import EnvcrateError  # noqa: E402
+from .manifest import Manifest  # noqa: E402
+
+
+def __getattr__(name: str):
+    # Lazy: importing envcrate stays cheap (no zstandard, no tqdm).
+    if name in ("pack", "Crate"):
+        from . import packer
+
+        return getattr(packer, name)
+    if name == "unpack":
+        from .unpacker import unpack
+
+        return unpack
+    if name == "verify_archive":
+        from .verify import verify_archive
+
+        return verify_archive
+    raise AttributeError(name)
+
+
+__all__ = ["Crate", "EnvcrateError", "Manifest", "pack", "unpack", "verify_archive", "__version__"]

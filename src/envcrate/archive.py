@@ -1,0 +1,688 @@
+"""The crate archive: a deterministic writer and a streaming, safe reader.
+
+Layout of a ``.tar.zst`` crate (a valid tar stream for stock tools)::
+
+    frame 0          tar member .envcrate/manifest.json
+    frames 1..k      tar member .envcrate/files.jsonl (the file table)
+    frames k+1..n    the env's entries, sorted, cut into independent frames
+                     of FRAME_SIZE bytes of tar stream (a file may span frames),
+                     then the two zero blocks that end a tar archive
+    skippable frame  envcrate index: per frame, (member, offset in member)
+    skippable frame  zstd seek table (the "seekable" format)
+
+``.tar.gz`` crates have the same members and the same cut, one gzip member
+per frame, and no index. Frames are compressed independently by a thread pool
+and written in order, so the output does not depend on the thread count.
+
+The body is written to a temporary file first because the manifest (which
+needs the crate id, known only at the end) must come first; each source file
+is read once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import struct
+import threading
+import zlib
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable
+
+from . import tar
+from .entry import Entry
+from .errors import ArchiveError, EnvcrateError
+from .manifest import FILES_MEMBER, MANIFEST_MEMBER, FileRow
+
+FRAME_SIZE = 16 << 20
+FORMATS = ("tar.zst", "tar.gz")
+DEFAULT_LEVEL = {"tar.zst": 3, "tar.gz": 6}
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
+_SEEK_TABLE_MAGIC = 0x184D2A5E
+_INDEX_MAGIC = 0x184D2A5B
+_SEEKABLE_FOOTER_MAGIC = 0x8F92EAB1
+
+
+def format_of_name(name: str) -> str | None:
+    for fmt in FORMATS:
+        if name.endswith("." + fmt):
+            return fmt
+    return None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _Codec:
+    """Compresses one frame; one instance per worker thread."""
+
+    def __init__(self, fmt: str, level: int):
+        self.fmt = fmt
+        self.level = level
+        self._local = threading.local()
+
+    def compress(self, data) -> bytes:
+        if self.fmt == "tar.zst":
+            c = getattr(self._local, "c", None)
+            if c is None:
+                import zstandard
+
+                c = self._local.c = zstandard.ZstdCompressor(
+                    level=self.level, write_checksum=True, write_content_size=True
+                )
+            return c.compress(data)
+        co = zlib.compressobj(self.level, zlib.DEFLATED, 31)  # gzip wrapper, mtime 0
+        return co.compress(data) + co.flush()
+
+
+@dataclass
+class _Frame:
+    buf: bytearray
+    used: int = 0
+    hash_jobs: list = field(default_factory=list)  # (row index, start, end)
+    start_member: tuple[int, int] = (0, 0)
+
+
+@dataclass
+class BodyResult:
+    rows: list[FileRow]
+    frames: list[tuple[int, int]]  # (compressed, decompressed) per body frame
+    index: list[tuple[int, int]]  # (member, offset) per body frame
+    size: int  # uncompressed bytes of archived files
+
+
+class BodyWriter:
+    """Writes the sorted entries as compressed frames to ``out``."""
+
+    def __init__(
+        self,
+        out: BinaryIO,
+        fmt: str,
+        level: int,
+        threads: int,
+        scanner=None,
+        progress: Callable[[int], None] | None = None,
+        frame_size: int | None = None,
+        first_member: int = 2,
+    ):
+        self.out = out
+        self.codec = _Codec(fmt, level)
+        self.threads = max(1, threads)
+        self.scanner = scanner
+        self.progress = progress or (lambda n: None)
+        self.frame_size = frame_size or FRAME_SIZE
+        self.member = first_member - 1
+        self.member_pos = 0
+        self.rows: list[FileRow] = []
+        self.digests: list[str] = []
+        self.frames: list[tuple[int, int]] = []
+        self.index: list[tuple[int, int]] = []
+        self.bytes = 0
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="envcrate-zstd")
+        self._free = [bytearray(self.frame_size) for _ in range(self.threads + 2)]
+        self._pending: deque[tuple[_Frame, Future]] = deque()
+        self._frame = self._new_frame()
+
+    # -- frame plumbing
+
+    def _new_frame(self) -> _Frame:
+        if not self._free:
+            self._drain(1)
+        return _Frame(self._free.pop(), start_member=(self.member, self.member_pos))
+
+    def _work(self, frame: _Frame) -> tuple[bytes, list[tuple[int, str]]]:
+        view = memoryview(frame.buf)[: frame.used]
+        hashes = [(i, hashlib.sha256(view[s:e]).hexdigest()) for i, s, e in frame.hash_jobs]
+        return self.codec.compress(view), hashes
+
+    def _flush(self) -> None:
+        frame = self._frame
+        if frame.used == 0:
+            return
+        self._pending.append((frame, self._pool.submit(self._work, frame)))
+        if len(self._pending) > self.threads:
+            self._drain(len(self._pending) - self.threads)
+        self._frame = self._new_frame()
+
+    def _drain(self, n: int) -> None:
+        for _ in range(n):
+            frame, fut = self._pending.popleft()
+            data, hashes = fut.result()
+            for i, digest in hashes:
+                self.digests[i] = digest
+            self.out.write(data)
+            self.frames.append((len(data), frame.used))
+            self.index.append(frame.start_member)
+            frame.used = 0
+            frame.hash_jobs = []
+            self._free.append(frame.buf)
+
+    def _put(self, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            frame = self._frame
+            n = min(self.frame_size - frame.used, len(data) - pos)
+            frame.buf[frame.used : frame.used + n] = data[pos : pos + n]
+            frame.used += n
+            pos += n
+            self.member_pos += n
+            if frame.used == self.frame_size:
+                self._flush()
+
+    def _begin_member(self) -> None:
+        self.member += 1
+        self.member_pos = 0
+        if self._frame.used == 0:
+            self._frame.start_member = (self.member, 0)
+
+    # -- entries
+
+    def add(self, entry: Entry) -> None:
+        name = entry.path.encode("utf-8", "surrogateescape")
+        if entry.type == "d":
+            self._begin_member()
+            self._put(tar.header(name, tar.DIRECTORY, 0o755))
+            self.rows.append(FileRow("d", entry.path, "755"))
+            self.digests.append("")
+        elif entry.type == "l":
+            self._begin_member()
+            target = entry.target.encode("utf-8", "surrogateescape")
+            self._put(tar.header(name, tar.SYMLINK, 0o777, 0, target))
+            self.rows.append(FileRow("l", entry.path, "777", 0, entry.target))
+            self.digests.append(entry.target)
+        elif entry.loader is not None:
+            data = entry.loader()
+            if data is None:
+                return
+            self._add_file(entry, name, len(data), data=data)
+        else:
+            self._add_file(entry, name, entry.size)
+
+    def _add_file(self, entry: Entry, name: bytes, size: int, data: bytes | None = None) -> None:
+        self._begin_member()
+        mode = entry.mode
+        self._put(tar.header(name, tar.REGULAR, mode, size))
+        row = len(self.rows)
+        self.rows.append(FileRow("f", entry.path, "%o" % mode, size))
+        self.digests.append("")
+        scanner = self.scanner
+        if scanner is not None:
+            scanner.begin(entry.path, entry.source, size, entry.scan)
+        fd = -1
+        if data is None:
+            try:
+                fd = os.open(entry.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as e:
+                raise EnvcrateError(f"cannot read {entry.source}: {e.strerror}") from None
+        try:
+            spanning = None
+            remaining = size
+            pos = 0
+            while True:
+                frame = self._frame
+                start = frame.used
+                n = min(self.frame_size - start, remaining)
+                if n:
+                    view = memoryview(frame.buf)[start : start + n]
+                    if data is not None:
+                        view[:] = data[pos : pos + n]
+                    else:
+                        got = 0
+                        while got < n:
+                            k = os.readv(fd, [view[got:]])
+                            if k == 0:
+                                raise EnvcrateError(
+                                    f"{entry.source} shrank while it was being packed; pack again"
+                                )
+                            got += k
+                    frame.used += n
+                    self.member_pos += n
+                    if scanner is not None:
+                        scanner.update(frame.buf, start, start + n)
+                pos += n
+                remaining -= n
+                if spanning is None and remaining == 0:
+                    frame.hash_jobs.append((row, start, start + n))
+                else:
+                    if spanning is None:
+                        spanning = hashlib.sha256()
+                    spanning.update(memoryview(frame.buf)[start : start + n])
+                self.progress(n)
+                if frame.used == self.frame_size:
+                    self._flush()
+                if remaining == 0:
+                    break
+            if spanning is not None:
+                self.digests[row] = spanning.hexdigest()
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if scanner is not None:
+            scanner.end()
+        self._put(b"\0" * tar.padding(size))
+        self.bytes += size
+
+    def finish(self) -> BodyResult:
+        self._begin_member()
+        self._put(tar.END_OF_ARCHIVE)
+        self._flush()
+        try:
+            self._drain(len(self._pending))
+        finally:
+            self._pool.shutdown()
+        rows = [
+            FileRow(r.type, r.path, r.mode, r.size, d) if r.type == "f" else r
+            for r, d in zip(self.rows, self.digests)
+        ]
+        return BodyResult(rows, self.frames, self.index, self.bytes)
+
+    def abort(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _member_bytes(name: str, data: bytes) -> bytes:
+    return (
+        tar.header(name.encode(), tar.REGULAR, 0o644, len(data))
+        + data
+        + b"\0" * tar.padding(len(data))
+    )
+
+
+def _skippable(magic: int, payload: bytes) -> bytes:
+    return struct.pack("<II", magic, len(payload)) + payload
+
+
+def assemble(
+    out: BinaryIO,
+    body: BinaryIO,
+    result: BodyResult,
+    manifest: bytes,
+    table: bytes,
+    fmt: str,
+    level: int,
+    frame_size: int | None = None,
+) -> tuple[str, int]:
+    """Write manifest frame, file-table frames, the body and the index to
+    ``out``; returns (blob digest, size)."""
+    frame_size = frame_size or FRAME_SIZE
+    codec = _Codec(fmt, level)
+    digest = hashlib.sha256()
+    size = 0
+    frames: list[tuple[int, int]] = []
+
+    def emit(data: bytes) -> None:
+        nonlocal size
+        out.write(data)
+        digest.update(data)
+        size += len(data)
+
+    first = _member_bytes(MANIFEST_MEMBER, manifest)
+    data = codec.compress(first)
+    emit(data)
+    frames.append((len(data), len(first)))
+    second = _member_bytes(FILES_MEMBER, table)
+    for pos in range(0, len(second), frame_size):
+        piece = second[pos : pos + frame_size]
+        data = codec.compress(piece)
+        emit(data)
+        frames.append((len(data), len(piece)))
+    body.seek(0)
+    while True:
+        chunk = body.read(1 << 20)
+        if not chunk:
+            break
+        emit(chunk)
+    frames.extend(result.frames)
+    if fmt == "tar.zst":
+        index = [[0, 0]] + [
+            [1, i * frame_size] for i in range(len(frames) - 1 - len(result.frames))
+        ]
+        index += [list(x) for x in result.index]
+        emit(
+            _skippable(_INDEX_MAGIC, json.dumps({"frames": index}, separators=(",", ":")).encode())
+        )
+        table_bytes = b"".join(struct.pack("<II", c, d) for c, d in frames)
+        footer = struct.pack("<IBI", len(frames), 0, _SEEKABLE_FOOTER_MAGIC)
+        emit(_skippable(_SEEK_TABLE_MAGIC, table_bytes + footer))
+    return "sha256:" + digest.hexdigest(), size
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def detect_format(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise EnvcrateError(f"no archive at {path}") from None
+    except IsADirectoryError:
+        raise EnvcrateError(f"{path} is a directory, not an archive") from None
+    if magic == ZSTD_MAGIC:
+        return "tar.zst"
+    if magic[:2] == GZIP_MAGIC:
+        return "tar.gz"
+    raise ArchiveError(f"{path} is neither a .tar.zst nor a .tar.gz crate")
+
+
+def _seek_table(f: BinaryIO) -> list[tuple[int, int]] | None:
+    f.seek(0, os.SEEK_END)
+    end = f.tell()
+    if end < 17:
+        return None
+    f.seek(end - 9)
+    count, desc, magic = struct.unpack("<IBI", f.read(9))
+    if magic != _SEEKABLE_FOOTER_MAGIC:
+        return None
+    width = 12 if desc & 0x80 else 8
+    table_size = count * width + 9
+    if table_size + 8 > end:
+        return None
+    f.seek(end - table_size - 8)
+    head = f.read(8 + count * width)
+    magic, length = struct.unpack_from("<II", head)
+    if magic != _SEEK_TABLE_MAGIC or length != table_size:
+        return None
+    return [struct.unpack_from("<II", head, 8 + i * width) for i in range(count)]
+
+
+def _gzip_first_member(f: BinaryIO) -> bytes:
+    d = zlib.decompressobj(31)
+    out = []
+    while not d.eof:
+        chunk = f.read(1 << 16)
+        if not chunk:
+            raise ArchiveError("the archive ends inside its first member; it is truncated")
+        out.append(d.decompress(chunk))
+    return b"".join(out)
+
+
+def _zstd_first_frame(f: BinaryIO) -> bytes:
+    import zstandard
+
+    d = zstandard.ZstdDecompressor().decompressobj()
+    out = []
+    while not d.eof:
+        chunk = f.read(1 << 16)
+        if not chunk:
+            raise ArchiveError("the archive ends inside its first frame; it is truncated")
+        out.append(d.decompress(chunk))
+    return b"".join(out)
+
+
+def read_manifest_bytes(path: str) -> bytes:
+    """The manifest member's bytes, reading only the first frame/member."""
+    fmt = detect_format(path)
+    try:
+        with open(path, "rb") as f:
+            first = _zstd_first_frame(f) if fmt == "tar.zst" else _gzip_first_member(f)
+    except (zlib.error, ValueError) as e:
+        raise ArchiveError(f"{path}: cannot decompress the manifest ({e})") from None
+    except Exception as e:  # zstandard.ZstdError
+        if type(e).__name__ == "ZstdError":
+            raise ArchiveError(f"{path}: cannot decompress the manifest ({e})") from None
+        raise
+    if len(first) < tar.BLOCK:
+        raise ArchiveError(f"{path} does not start with a crate manifest")
+    name, typeflag, _, size, _ = tar.parse_header(first[: tar.BLOCK])
+    if name != MANIFEST_MEMBER.encode() or typeflag != tar.REGULAR:
+        raise ArchiveError(
+            f"{path} does not start with a crate manifest; it is not an envcrate archive"
+        )
+    return first[tar.BLOCK : tar.BLOCK + size]
+
+
+class _Producer(threading.Thread):
+    """Reads and decompresses an archive in the background, handing
+    decompressed chunks to the consumer through a bounded queue (so one core
+    decompresses while the other parses and writes, with bounded memory)."""
+
+    def __init__(self, path: str, fmt: str, digest: hashlib._Hash | None):
+        super().__init__(name="envcrate-decompress", daemon=True)
+        self.path, self.fmt, self.digest = path, fmt, digest
+        self.q: queue.Queue = queue.Queue(maxsize=4)
+        self.stop = threading.Event()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self, f: BinaryIO, n: int) -> bytes:
+        data = f.read(n)
+        if self.digest is not None:
+            self.digest.update(data)
+        return data
+
+    def run(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                if self.fmt == "tar.zst":
+                    table = _seek_table(f)
+                    f.seek(0)
+                    if table is not None:
+                        self._framed(f, table)
+                    else:
+                        self._streamed_zstd(f)
+                else:
+                    self._streamed_gzip(f)
+                while self._read(f, 1 << 20):
+                    pass  # the index frames: hashed, not decompressed
+            self._put(None)
+        except BaseException as e:  # handed to the consumer
+            self._put(e)
+
+    def _framed(self, f: BinaryIO, table) -> None:
+        import zstandard
+
+        d = zstandard.ZstdDecompressor()
+        for csize, dsize in table:
+            data = self._read(f, csize)
+            if len(data) != csize:
+                raise ArchiveError("the archive is truncated")
+            if not self._put(d.decompress(data, max_output_size=dsize)):
+                return
+
+    def _streamed_zstd(self, f: BinaryIO) -> None:
+        import zstandard
+
+        d = zstandard.ZstdDecompressor()
+        reader = d.stream_reader(_Hashing(f, self), read_across_frames=True)
+        while True:
+            chunk = reader.read(4 << 20)
+            if not chunk:
+                return
+            if not self._put(chunk):
+                return
+
+    def _streamed_gzip(self, f: BinaryIO) -> None:
+        d = zlib.decompressobj(31)
+        while True:
+            data = self._read(f, 4 << 20)
+            if not data:
+                if not d.eof:
+                    raise ArchiveError("the archive is truncated")
+                return
+            while data:
+                out = d.decompress(data)
+                if out and not self._put(out):
+                    return
+                if d.eof:
+                    data = d.unused_data
+                    if not data:
+                        break
+                    d = zlib.decompressobj(31)
+                else:
+                    data = b""
+
+
+class _Hashing:
+    def __init__(self, f, producer):
+        self.f, self.p = f, producer
+
+    def read(self, n=-1):
+        return self.p._read(self.f, n if n > 0 else 1 << 20)
+
+
+class TarStream:
+    """Parses the decompressed tar stream from a producer, without copying
+    file data more than once."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks = chunks
+        self._buf = memoryview(b"")
+        self._pos = 0
+
+    def _fill(self) -> bool:
+        for chunk in self._chunks:
+            if chunk:
+                self._buf = memoryview(chunk)
+                self._pos = 0
+                return True
+        return False
+
+    def read(self, n: int) -> bytes:
+        avail = len(self._buf) - self._pos
+        if avail >= n:
+            out = self._buf[self._pos : self._pos + n].tobytes()
+            self._pos += n
+            return out
+        parts = []
+        while n > 0:
+            if len(self._buf) - self._pos == 0 and not self._fill():
+                break
+            k = min(n, len(self._buf) - self._pos)
+            parts.append(self._buf[self._pos : self._pos + k].tobytes())
+            self._pos += k
+            n -= k
+        return b"".join(parts)
+
+    def pipe(self, n: int, sink: Callable[[memoryview], object]) -> None:
+        while n > 0:
+            if len(self._buf) - self._pos == 0 and not self._fill():
+                raise ArchiveError("the archive is truncated inside a member")
+            k = min(n, len(self._buf) - self._pos)
+            sink(self._buf[self._pos : self._pos + k])
+            self._pos += k
+            n -= k
+
+    def skip(self, n: int) -> None:
+        if n:
+            self.pipe(n, lambda v: None)
+
+    def next_member(self) -> tar.Member | None:
+        pax: dict[bytes, bytes] = {}
+        while True:
+            block = self.read(tar.BLOCK)
+            if len(block) < tar.BLOCK:
+                raise ArchiveError(
+                    "the archive ends without its end-of-archive marker; it is truncated"
+                )
+            if block == b"\0" * tar.BLOCK:
+                return None
+            name, typeflag, mode, size, link = tar.parse_header(block)
+            if typeflag in (tar.PAX, tar.PAX_GLOBAL):
+                data = self.read(size)
+                self.skip(tar.padding(size))
+                if typeflag == tar.PAX:
+                    pax.update(tar.parse_pax(data))
+                continue
+            if b"path" in pax:
+                name = pax[b"path"]
+            if b"linkpath" in pax:
+                link = pax[b"linkpath"]
+            if b"size" in pax:
+                size = int(pax[b"size"])
+            return tar.Member(tar.safe_name(name), typeflag, mode, size, link)
+
+
+@dataclass
+class OpenedArchive:
+    """An archive being read from start to end, manifest and table first."""
+
+    path: str
+    fmt: str
+    stream: TarStream
+    producer: _Producer
+    manifest_bytes: bytes
+    table_bytes: bytes
+
+    def close(self) -> None:
+        self.producer.stop.set()
+        # Unblock a producer waiting on a full queue, then wait for it.
+        while self.producer.is_alive():
+            try:
+                self.producer.q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self.producer.join()
+
+
+def open_stream(path: str, digest: hashlib._Hash | None = None) -> OpenedArchive:
+    fmt = detect_format(path)
+    producer = _Producer(path, fmt, digest)
+    producer.start()
+
+    def chunks() -> Iterator[bytes]:
+        while True:
+            item = producer.q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                if isinstance(item, EnvcrateError):
+                    raise item
+                if isinstance(item, OSError):
+                    raise EnvcrateError(f"cannot read {path}: {item.strerror or item}") from None
+                raise ArchiveError(f"{path}: cannot decompress ({item})") from None
+            yield item
+
+    stream = TarStream(chunks())
+    opened = OpenedArchive(path, fmt, stream, producer, b"", b"")
+    try:
+        opened.manifest_bytes = _expect(stream, MANIFEST_MEMBER, path)
+        opened.table_bytes = _expect(stream, FILES_MEMBER, path)
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+def _expect(stream: TarStream, name: str, path: str) -> bytes:
+    m = stream.next_member()
+    if m is None or m.name != name.encode() or m.type != tar.REGULAR:
+        raise ArchiveError(f"{path} lacks its {name} member; it is not an envcrate archive")
+    data = stream.read(m.size)
+    stream.skip(tar.padding(m.size))
+    return data
+
+
+def iter_rows(opened: OpenedArchive) -> Iterable[FileRow]:
+    """Recompute the file table of the entries as archived (for verify)."""
+    s = opened.stream
+    while True:
+        m = s.next_member()
+        if m is None:
+            return
+        path = m.name.decode("utf-8", "surrogateescape")
+        if m.type == tar.DIRECTORY:
+            yield FileRow("d", path, "755")
+        elif m.type == tar.SYMLINK:
+            yield FileRow("l", path, "777", 0, m.linkname.decode("utf-8", "surrogateescape"))
+        elif m.type in (tar.REGULAR, b"\0"):
+            h = hashlib.sha256()
+            s.pipe(m.size, h.update)
+            s.skip(tar.padding(m.size))
+            yield FileRow("f", path, "755" if m.mode & 0o111 else "644", m.size, h.hexdigest())
+        else:
+            raise ArchiveError(f"member {path} has unsupported type {m.type!r}")

@@ -1,0 +1,245 @@
+"""The ``envcrate`` command line: argument parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import EnvcrateError
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        default=None,
+        help="show progress on stderr even when it is not a terminal",
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="envcrate",
+        description="Pack Python environments into content-addressed crates and unpack them anywhere.",
+    )
+    from . import __version__
+
+    ap.add_argument("--version", action="version", version=f"envcrate {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("pack", help="pack a venv into a crate archive")
+    p.add_argument(
+        "env", nargs="?", help="the env's prefix (default: $VIRTUAL_ENV, then $CONDA_PREFIX)"
+    )
+    p.add_argument(
+        "-o", "--output", help="archive path or directory (default: ./<name>-<id12>.<format>)"
+    )
+    p.add_argument("--format", default="tar.zst", choices=["tar.zst", "tar.gz"])
+    p.add_argument("--level", type=int, help="compression level (default: 3 for zstd, 6 for gzip)")
+    p.add_argument("--threads", type=int, help="compression threads (default: all cores)")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave out matching paths (repeatable)",
+    )
+    p.add_argument(
+        "--allow-editable", action="store_true", help="pack editable/out-of-env installs anyway"
+    )
+    p.add_argument(
+        "--allow-system-site-packages",
+        action="store_true",
+        help="pack a venv that sees system site-packages",
+    )
+    _add_json(p)
+    _add_progress(p)
+
+    p = sub.add_parser("unpack", help="extract and relocate a crate archive into a new directory")
+    p.add_argument("archive")
+    p.add_argument("dest")
+    p.add_argument(
+        "--python", help="base interpreter for a venv crate (default: a matching one on this host)"
+    )
+    p.add_argument("--sha256", help="expected blob digest of the archive")
+    _add_json(p)
+    _add_progress(p)
+
+    p = sub.add_parser("info", help="show a crate's manifest")
+    p.add_argument("ref", metavar="ARCHIVE")
+    p.add_argument("--pins", action="store_true", help="print the pins as requirements")
+    _add_json(p)
+
+    p = sub.add_parser("verify", help="recompute an archive's digests and name the first mismatch")
+    p.add_argument("ref", metavar="ARCHIVE")
+    p.add_argument("--sha256", help="expected blob digest (default: the one in <archive>.json)")
+    _add_json(p)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except EnvcrateError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        print("envcrate: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        what = "disk full" if e.errno == 28 else (e.strerror or str(e))
+        _fail(f"{what}{where}; free space or fix the path and try again")
+    return 1
+
+
+def _fail(message: str) -> None:
+    print(f"envcrate: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _emit(args, obj: dict, text: str) -> int:
+    if args.json:
+        print(json.dumps(obj))
+    else:
+        print(text)
+    return 0
+
+
+def cmd_pack(args) -> int:
+    from .packer import pack
+    from .progress import wanted
+
+    crate = pack(
+        args.env,
+        args.output,
+        format=args.format,
+        level=args.level,
+        threads=args.threads,
+        exclude=tuple(args.exclude),
+        allow_editable=args.allow_editable,
+        allow_system_site_packages=args.allow_system_site_packages,
+        progress=wanted(args.progress),
+    )
+    obj = {
+        "id": crate.id,
+        "blob": crate.blob,
+        "size": crate.size,
+        "format": crate.format,
+        "archive": str(crate.archive),
+        "seconds": round(crate.seconds, 3),
+    }
+    if not args.json:
+        print(f"packed {crate.archive} ({_size(crate.size)})", file=sys.stderr)
+    return _emit(args, obj, crate.id)
+
+
+def cmd_unpack(args) -> int:
+    from .progress import wanted
+    from .unpacker import read_manifest, unpack
+
+    dest = unpack(
+        args.archive,
+        args.dest,
+        python=args.python,
+        blob=args.sha256,
+        progress=wanted(args.progress),
+    )
+    manifest = read_manifest(args.archive)
+    return _emit(args, {"id": manifest.id, "prefix": str(dest)}, str(dest))
+
+
+def cmd_info(args) -> int:
+    from .unpacker import read_manifest
+
+    if not os.path.isfile(args.ref):
+        raise EnvcrateError(
+            f"no archive at {args.ref} (stores and caches come with `--store`/`--cache` later)"
+        )
+    manifest = read_manifest(args.ref)
+    m = manifest.data
+    if args.pins:
+        lines = [_requirement(p) for p in manifest.pins]
+        return _emit(args, {"id": manifest.id, "pins": manifest.pins}, "\n".join(lines))
+    if args.json:
+        return _emit(args, dict(m, archive_size=os.path.getsize(args.ref)), "")
+    py = m.get("python") or {}
+    plat = m["platform"]
+    libc = plat.get("libc") or {}
+    rows = [
+        ("id", m["id"]),
+        ("kind", m["kind"]),
+        ("name", m.get("name", "")),
+        (
+            "platform",
+            f"{plat['os']}-{plat['machine']}"
+            + (f", glibc >= {libc['version']}" if libc.get("version") else ""),
+        ),
+        (
+            "python",
+            f"{py.get('implementation', '?')} {py.get('version', '?')}{py.get('abiflags', '')}",
+        ),
+        ("prefix", m["prefix"]),
+        ("files", f"{m['files']['count']} ({_size(m['files']['bytes'])})"),
+        ("archive", f"{args.ref} ({_size(os.path.getsize(args.ref))})"),
+        ("relocated", f"{len(m.get('prefix_files', []))} files embed the prefix"),
+        ("pins", f"{len(manifest.pins)}"),
+    ]
+    flags = [k for k, v in (m.get("flags") or {}).items() if v]
+    if flags:
+        rows.append(("packed with", ", ".join(f"--allow-{k.replace('_', '-')}" for k in flags)))
+    width = max(len(k) for k, _ in rows)
+    text = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    text += "\n" + "\n".join(f"  {_requirement(p)}" for p in manifest.pins)
+    print(text)
+    return 0
+
+
+def _requirement(pin: dict) -> str:
+    source = pin.get("source") or {}
+    if source.get("type") in ("url", "local"):
+        return f"{pin['name']} @ {source['url']}"
+    if source.get("type") == "vcs":
+        return (
+            f"{pin['name']} @ {source.get('vcs', 'git')}+{source['url']}@{source.get('commit', '')}"
+        )
+    return f"{pin['name']}=={pin['version']}"
+
+
+def cmd_verify(args) -> int:
+    from .verify import verify_archive
+
+    v = verify_archive(args.ref, args.sha256)
+    obj = {
+        "id": v.id,
+        "blob": v.blob,
+        "blob_recorded": v.blob_recorded,
+        "entries": v.files,
+        "ok": True,
+    }
+    if not args.json:
+        note = "" if v.blob_recorded else " (no recorded blob digest to compare)"
+        print(f"ok: {v.files} entries match {v.id}; blob {v.blob}{note}", file=sys.stderr)
+    return _emit(args, obj, v.id)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+COMMANDS = {"pack": cmd_pack, "unpack": cmd_unpack, "info": cmd_info, "verify": cmd_verify}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Which hosts and interpreters a crate can run on.
+
+The check runs before anything is extracted: operating system, machine,
+Python implementation, major.minor and ABI flags, and glibc (the host's must
+be at least the highest ``GLIBC_x.y`` the env's ELF files reference).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from .errors import IncompatibleError
+
+
+def host_platform() -> dict:
+    return {"os": platform.system().lower(), "machine": platform.machine()}
+
+
+def host_glibc() -> tuple[int, ...] | None:
+    try:
+        text = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError, AttributeError):
+        return None
+    name, _, version = text.partition(" ")
+    if name != "glibc":
+        return None
+    return tuple(int(x) for x in version.split(".") if x.isdigit())
+
+
+def libc_record(needs: set[tuple[int, ...]]) -> dict:
+    """The manifest's libc field for the versions an env's binaries need."""
+    if not needs:
+        return {"family": "glibc" if host_glibc() else "unknown", "version": None}
+    return {"family": "glibc", "version": ".".join(map(str, max(needs)))}
+
+
+def require_supported_os() -> None:
+    if platform.system() != "Linux":
+        raise IncompatibleError(
+            f"envcrate supports Linux only for now; this is {platform.system()}"
+        )
+
+
+def check_host(manifest_platform: dict) -> None:
+    require_supported_os()
+    host = host_platform()
+    if manifest_platform.get("os") != host["os"]:
+        raise IncompatibleError(
+            f"the crate was built for {manifest_platform.get('os')}, this host runs {host['os']}"
+        )
+    if manifest_platform.get("machine") != host["machine"]:
+        raise IncompatibleError(
+            f"the crate was built for {manifest_platform.get('machine')} machines, this host is {host['machine']}; "
+            "pack the env on a machine of the target's kind"
+        )
+    libc = manifest_platform.get("libc") or {}
+    needed = libc.get("version")
+    if needed:
+        have = host_glibc()
+        want = tuple(int(x) for x in needed.split("."))
+        if have is None:
+            raise IncompatibleError(
+                f"the crate needs glibc {needed} and this host has no glibc (musl?)"
+            )
+        if have < want:
+            raise IncompatibleError(
+                f"the crate's binaries need glibc {needed}, this host has glibc {'.'.join(map(str, have))}; "
+                "build the env with packages for an older glibc (e.g. manylinux2014 wheels)"
+            )
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    executable: str  # the base interpreter (never another venv's python)
+    implementation: str
+    version: str  # major.minor.micro
+    abiflags: str
+    base_prefix: str
+    base_exec_prefix: str
+
+    @property
+    def major_minor(self) -> str:
+        return ".".join(self.version.split(".")[:2])
+
+    def describe(self) -> str:
+        return describe(self.implementation, self.major_minor, self.abiflags)
+
+
+def describe(implementation: str, version: str, abiflags: str) -> str:
+    names = {"cpython": "CPython", "pypy": "PyPy"}
+    return f"{names.get(implementation, implementation)} {version}{abiflags}"
+
+
+_PROBE = (
+    "import json, sys;"
+    "exe = getattr(sys, '_base_executable', None) or sys.executable;"
+    "print(json.dumps([exe, sys.implementation.name, '%d.%d.%d' % sys.version_info[:3],"
+    "getattr(sys, 'abiflags', ''), sys.base_prefix, sys.base_exec_prefix]))"
+)
+
+
+def probe(path: str) -> Interpreter | None:
+    try:
+        out = subprocess.run([path, "-I", "-c", _PROBE], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    try:
+        exe, impl, version, abiflags, base, base_exec = json.loads(out.stdout)
+    except ValueError:
+        return None
+    return Interpreter(exe, impl, version, abiflags, base, base_exec)
+
+
+def find_interpreter(python: dict, explicit: str | None, hints: list[str]) -> Interpreter:
+    """A base interpreter matching the crate's ``python`` record: ``explicit``
+    (``--python``) if given, else the original paths in ``hints``, then
+    ``python3.X``, ``python3`` and ``python`` on PATH."""
+    impl = python.get("implementation", "cpython")
+    want = ".".join(python.get("version", "").split(".")[:2])
+    abiflags = python.get("abiflags", "")
+    needed = describe(impl, want, abiflags)
+
+    def fits(it: Interpreter | None) -> bool:
+        return (
+            it is not None
+            and it.implementation == impl
+            and it.major_minor == want
+            and it.abiflags == abiflags
+        )
+
+    if explicit:
+        it = probe(explicit)
+        if it is None:
+            raise IncompatibleError(
+                f"--python {explicit} does not run; pass a working {needed} interpreter"
+            )
+        if not fits(it):
+            raise IncompatibleError(
+                f"--python {explicit} is {it.describe()}, the crate needs {needed}"
+            )
+        return it
+    tried = []
+    candidates = list(hints)
+    for name in (f"python{want}{abiflags}", f"python{want}", "python3", "python"):
+        found = shutil.which(name)
+        if found:
+            candidates.append(found)
+    for cand in dict.fromkeys(candidates):
+        if not cand or not os.path.exists(cand):
+            continue
+        tried.append(cand)
+        it = probe(cand)
+        if fits(it):
+            return it
+    raise IncompatibleError(
+        f"the crate needs a {needed} interpreter and none was found"
+        + (f" (tried {', '.join(tried)})" if tried else "")
+        + "; pass one with --python PATH"
+    )

@@ -1,0 +1,31 @@
+"""What a source env hands to the archive writer: one :class:`Entry` per path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class Entry:
+    """One path of a crate, as it will be archived.
+
+    A file's archived bytes come from ``source`` (a path read once, streamed)
+    or from ``loader`` (bytes built in memory: a rewritten pyc, an edited
+    ``pyvenv.cfg``); a loader returning ``None`` drops the entry.
+    """
+
+    path: str  # relative, "/"-separated
+    type: str  # "f", "d" or "l"
+    exec: bool = False
+    size: int = 0
+    source: str | None = None
+    target: str = ""
+    loader: Callable[[], bytes | None] | None = None
+    scan: bool = True  # look for prefixes in this file
+
+    @property
+    def mode(self) -> int:
+        if self.type == "l":
+            return 0o777
+        return 0o755 if (self.exec or self.type == "d") else 0o644

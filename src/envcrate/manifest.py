@@ -1,0 +1,153 @@
+"""Manifests, file tables, crate ids and canonical JSON.
+
+The *file table* is one canonical JSON array per entry, sorted by path:
+``[type, mode, size, digest_or_target, path]`` where type is ``f`` (file),
+``d`` (directory) or ``l`` (symlink), mode is ``"755"`` or ``"644"``, size is
+the archived size of a file (0 otherwise) and the fourth field is the sha256
+hex of a file's archived bytes, a link's target or ``""`` for a directory.
+The crate id is ``sha256:`` + the sha256 of the table's bytes, so it depends
+on the entries as archived and on nothing else (no mtimes, owners, format or
+compression settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMA = 1
+META_DIR = ".envcrate"
+MANIFEST_MEMBER = f"{META_DIR}/manifest.json"
+FILES_MEMBER = f"{META_DIR}/files.jsonl"
+
+_HEX = re.compile(r"^(?:sha256:)?([0-9a-f]{12,64})$")
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """One entry of the file table, as archived."""
+
+    type: str  # "f", "d" or "l"
+    path: str
+    mode: str = "644"
+    size: int = 0
+    digest: str = ""  # sha256 hex for files, link target for links
+
+    def encode(self) -> bytes:
+        return canonical_json([self.type, self.mode, self.size, self.digest, self.path])
+
+    @classmethod
+    def decode(cls, line: bytes) -> FileRow:
+        t, mode, size, digest, path = json.loads(line)
+        return cls(type=t, path=path, mode=mode, size=size, digest=digest)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Deterministic compact JSON: sorted keys, ASCII only (lone surrogates
+    from non-UTF-8 file names survive the round trip)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def encode_table(rows: Iterable[FileRow]) -> bytes:
+    return b"".join(r.encode() + b"\n" for r in rows)
+
+
+def decode_table(data: bytes) -> list[FileRow]:
+    return [FileRow.decode(line) for line in data.splitlines() if line]
+
+
+def crate_id_of_table(table: bytes) -> str:
+    return "sha256:" + hashlib.sha256(table).hexdigest()
+
+
+def sort_key(path: str) -> bytes:
+    """Entries are sorted by the bytes of their path, so a directory comes
+    right before everything below it."""
+    return path.encode("utf-8", "surrogateescape")
+
+
+def normalize_id(text: str) -> str | None:
+    """Return the hex part of a full id or an id prefix (12+ hex), else None."""
+    m = _HEX.match(text.strip().lower())
+    return m.group(1) if m else None
+
+
+def short_id(crate_id: str) -> str:
+    return crate_id.split(":", 1)[-1][:12]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The content description of a crate; serialised as canonical JSON.
+
+    Only content lives here: no blob digest, size of the archive or creation
+    time (those are in the archive record beside it).
+    """
+
+    data: dict
+
+    @property
+    def id(self) -> str:
+        return self.data["id"]
+
+    @property
+    def kind(self) -> str:
+        return self.data["kind"]
+
+    @property
+    def prefix(self) -> str:
+        return self.data["prefix"]
+
+    @property
+    def python(self) -> dict:
+        return self.data.get("python") or {}
+
+    @property
+    def platform(self) -> dict:
+        return self.data["platform"]
+
+    @property
+    def prefix_files(self) -> list[dict]:
+        return self.data.get("prefix_files", [])
+
+    @property
+    def venv(self) -> dict:
+        return self.data.get("venv") or {}
+
+    @property
+    def pins(self) -> list[dict]:
+        return self.data.get("pins", [])
+
+    @property
+    def file_count(self) -> int:
+        return self.data["files"]["count"]
+
+    @property
+    def file_bytes(self) -> int:
+        return self.data["files"]["bytes"]
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(self.data)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Manifest:
+        from .errors import ArchiveError
+
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise ArchiveError(f"the crate manifest is not valid JSON ({e})") from None
+        if not isinstance(data, dict) or "id" not in data or "kind" not in data:
+            raise ArchiveError(
+                "the crate manifest lacks its id or kind; this is not an envcrate archive"
+            )
+        if data.get("schema", 0) > SCHEMA:
+            raise ArchiveError(
+                f"the crate uses manifest schema {data.get('schema')}, newer than this envcrate "
+                f"understands ({SCHEMA}); upgrade envcrate"
+            )
+        return cls(data)

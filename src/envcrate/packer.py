@@ -1,0 +1,183 @@
+"""Packing: a source env becomes a crate archive.
+
+The story: read the env's entries, stream them once into compressed frames
+(hashing and scanning each file on the way), derive the crate id from the
+file table, build the manifest, and put manifest and table in front of the
+body. Nothing is visible under the final name until it is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .archive import DEFAULT_LEVEL, FORMATS, BodyWriter, assemble
+from .compat import host_platform, libc_record, require_supported_os
+from .envs import SourceEnv, load_env
+from .errors import EnvcrateError
+from .manifest import SCHEMA, Manifest, crate_id_of_table, encode_table, short_id
+from .progress import bar
+from .record import write_record
+from .scan import Scanner
+
+
+@dataclass(frozen=True)
+class Crate:
+    """A packed crate: its archive and what identifies it."""
+
+    id: str
+    blob: str
+    size: int
+    format: str
+    archive: Path
+    manifest: Manifest
+    seconds: float = 0.0
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def pack(
+    env: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    *,
+    format: str = "tar.zst",
+    level: int | None = None,
+    threads: int | None = None,
+    exclude: tuple[str, ...] = (),
+    allow_editable: bool = False,
+    allow_system_site_packages: bool = False,
+    progress: bool = False,
+) -> Crate:
+    """Pack a venv (default: the active one) into ``output`` (a file, a
+    directory, or the current directory) and return the :class:`Crate`."""
+    start = time.monotonic()
+    require_supported_os()
+    if format not in FORMATS:
+        raise EnvcrateError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    level = DEFAULT_LEVEL[format] if level is None else level
+    _check_level(format, level)
+    threads = threads or default_threads()
+    source = load_env(
+        None if env is None else os.fspath(env),
+        tuple(exclude),
+        allow_editable,
+        allow_system_site_packages,
+    )
+    out_dir, out_name = _output_place(output, format)
+    _check_space(out_dir, source)
+
+    scanner = Scanner([p.encode("utf-8", "surrogateescape") for p in source.prefixes])
+    total = sum(e.size for e in source.entries if e.type == "f")
+    with (
+        tempfile.TemporaryFile(dir=out_dir) as body,
+        bar(total, f"packing {source.name}", progress) as tick,
+    ):
+        writer = BodyWriter(body, format, level, threads, scanner, tick)
+        try:
+            for entry in source.entries:
+                writer.add(entry)
+            result = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        table = encode_table(result.rows)
+        crate_id = crate_id_of_table(table)
+        manifest = _manifest(source, crate_id, scanner, result.rows, result.size)
+        name = out_name or f"{source.name}-{short_id(crate_id)}.{format}"
+        final = out_dir / name
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                blob, size = assemble(out, body, result, manifest.to_bytes(), table, format, level)
+            os.chmod(tmp, 0o644 & ~_umask())
+            os.replace(tmp, final)
+        except BaseException:
+            _unlink(tmp)
+            raise
+    write_record(Path(str(final) + ".json"), manifest, format, blob, size)
+    return Crate(crate_id, blob, size, format, final, manifest, time.monotonic() - start)
+
+
+def _check_level(fmt: str, level: int) -> None:
+    lo, hi = (1, 22) if fmt == "tar.zst" else (1, 9)
+    if not lo <= level <= hi:
+        raise EnvcrateError(f"--level {level} is out of range for {fmt} ({lo}..{hi})")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _output_place(output, fmt: str) -> tuple[Path, str | None]:
+    if output is None:
+        return Path.cwd(), None
+    out = Path(output).expanduser().absolute()
+    if out.is_dir():
+        return out, None
+    if not out.parent.is_dir():
+        raise EnvcrateError(f"cannot write {out}: {out.parent} is not a directory")
+    if not out.name.endswith("." + fmt):
+        raise EnvcrateError(
+            f"the output name {out.name} should end with .{fmt} (the format being written)"
+        )
+    return out.parent, out.name
+
+
+def _check_space(out_dir: Path, source: SourceEnv) -> None:
+    # The body goes to a temporary file and is then copied behind the
+    # manifest, so the archive is on disk twice for a moment. Compressed
+    # envs are typically a third of their size; ask for half to be safe.
+    total = sum(e.size for e in source.entries if e.type == "f")
+    need = total // 2
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise EnvcrateError(
+            f"not enough free space in {out_dir}: {free >> 20} MiB free, packing {total >> 20} MiB "
+            f"needs about {need >> 20} MiB; free space or pass -o on another filesystem"
+        )
+
+
+def _manifest(source: SourceEnv, crate_id: str, scanner: Scanner, rows, size: int) -> Manifest:
+    platform = dict(host_platform(), libc=libc_record(scanner.findings.glibc))
+    data = {
+        "schema": SCHEMA,
+        "id": crate_id,
+        "kind": source.kind,
+        "name": source.name,
+        "platform": platform,
+        "python": source.python,
+        "prefix": source.prefix,
+        "prefix_aliases": [p for p in source.prefixes if p != source.prefix],
+        "prefix_files": sorted(
+            scanner.findings.prefix_files, key=lambda r: (r["path"], r["placeholder"])
+        ),
+        "pins": source.pins,
+        "flags": source.flags,
+        "files": {
+            "count": sum(1 for r in rows if r.type == "f"),
+            "entries": len(rows),
+            "bytes": size,
+        },
+        "envcrate": __version__,
+    }
+    data.update(source.extra)
+    return Manifest(data)

@@ -1,0 +1,60 @@
+"""Archive records: the manifest plus the archives that carry it.
+
+The same shape is written beside a packed archive (``<archive>.json``) and,
+in a store, as ``crates/<id>.json``: the manifest's keys plus ``archives``, a
+list of ``{format, blob, size, created}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from .manifest import Manifest
+
+
+def write_record(path: Path, manifest: Manifest, fmt: str, blob: str, size: int) -> dict:
+    record = dict(manifest.data)
+    record["archives"] = [
+        {
+            "format": fmt,
+            "blob": blob,
+            "size": size,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    ]
+    atomic_write(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    return record
+
+
+def read_record(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def blob_of(record: dict | None, fmt: str) -> str | None:
+    for a in (record or {}).get("archives", []):
+        if a.get("format") == fmt:
+            return a.get("blob")
+    return None
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

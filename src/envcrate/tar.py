@@ -1,0 +1,146 @@
+"""POSIX tar headers, written by hand and parsed by hand.
+
+Building a header by hand costs a few microseconds against ~25 µs with
+``tarfile.TarInfo``; for 15,000 entries that is most of the packing overhead.
+Headers are deterministic: mtime 0, uid/gid 0, empty owner names. Names or link
+targets longer than the ustar fields go into a pax ``x`` header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ArchiveError, UnsafeArchiveError
+
+BLOCK = 512
+END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
+
+REGULAR = b"0"
+DIRECTORY = b"5"
+SYMLINK = b"2"
+PAX = b"x"
+PAX_GLOBAL = b"g"
+
+_TEMPLATE = bytearray(BLOCK)
+_TEMPLATE[108:116] = b"0000000\0"  # uid
+_TEMPLATE[116:124] = b"0000000\0"  # gid
+_TEMPLATE[136:148] = b"00000000000\0"  # mtime 0
+_TEMPLATE[257:263] = b"ustar\0"
+_TEMPLATE[263:265] = b"00"
+_TEMPLATE[329:337] = b"0000000\0"  # devmajor
+_TEMPLATE[337:345] = b"0000000\0"  # devminor
+_TEMPLATE = bytes(_TEMPLATE)
+_MAX_OCTAL_SIZE = 8**11 - 1
+
+
+def padding(size: int) -> int:
+    return -size % BLOCK
+
+
+def _ustar(name: bytes, typeflag: bytes, mode: int, size: int, linkname: bytes) -> bytes:
+    h = bytearray(_TEMPLATE)
+    h[0 : len(name)] = name
+    h[100:108] = b"%07o\0" % mode
+    h[124:136] = b"%011o\0" % size
+    h[148:156] = b"        "
+    h[156:157] = typeflag
+    h[157 : 157 + len(linkname)] = linkname
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def _pax_record(key: bytes, value: bytes) -> bytes:
+    body = b" " + key + b"=" + value + b"\n"
+    n = len(body) + 1
+    while len(b"%d" % n) + len(body) != n:
+        n += 1
+    return b"%d" % n + body
+
+
+def header(name: bytes, typeflag: bytes, mode: int, size: int = 0, linkname: bytes = b"") -> bytes:
+    """The header block(s) of one member; ``name`` is relative, without a
+    trailing slash (added here for directories)."""
+    if typeflag == DIRECTORY:
+        name += b"/"
+    records = b""
+    if len(name) > 100:
+        records += _pax_record(b"path", name)
+        name = name[:100]
+    if len(linkname) > 100:
+        records += _pax_record(b"linkpath", linkname)
+        linkname = linkname[:100]
+    if size > _MAX_OCTAL_SIZE:
+        records += _pax_record(b"size", b"%d" % size)
+    head = _ustar(name, typeflag, mode, min(size, _MAX_OCTAL_SIZE), linkname)
+    if not records:
+        return head
+    pax = _ustar(b"././@PaxHeader", PAX, 0o644, len(records), b"")
+    return pax + records + b"\0" * padding(len(records)) + head
+
+
+@dataclass
+class Member:
+    """A parsed member; ``name`` is the normalised relative path in bytes."""
+
+    name: bytes
+    type: bytes
+    mode: int
+    size: int
+    linkname: bytes
+
+
+def _number(field: bytes) -> int:
+    if field[:1] == b"\x80":  # base-256 (GNU) for large values
+        return int.from_bytes(field[1:], "big")
+    field = field.split(b"\0", 1)[0].strip()
+    return int(field, 8) if field else 0
+
+
+def parse_pax(data: bytes) -> dict[bytes, bytes]:
+    out = {}
+    pos = 0
+    while pos < len(data):
+        sp = data.index(b" ", pos)
+        n = int(data[pos:sp])
+        rec = data[sp + 1 : pos + n - 1]
+        key, _, value = rec.partition(b"=")
+        out[key] = value
+        pos += n
+    return out
+
+
+def parse_header(block: bytes) -> tuple[bytes, bytes, int, int, bytes]:
+    """(name, typeflag, mode, size, linkname) of a raw header block."""
+    stored = _number(block[148:156])
+    actual = sum(block) - sum(block[148:156]) + 8 * 32
+    if stored != actual:
+        raise ArchiveError("a tar header has a wrong checksum; the archive is corrupt")
+    name = block[0:100].split(b"\0", 1)[0]
+    if block[257:262] == b"ustar":
+        prefix = block[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    typeflag = block[156:157]
+    return (
+        name,
+        typeflag,
+        _number(block[100:108]),
+        _number(block[124:136]),
+        block[157:257].split(b"\0", 1)[0],
+    )
+
+
+def safe_name(raw: bytes) -> bytes:
+    """Normalise a member name and refuse names that leave the destination."""
+    if b"\0" in raw or raw.startswith(b"/"):
+        raise UnsafeArchiveError(
+            f"archive member {raw!r} has an absolute path; refusing to extract"
+        )
+    parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
+    if not parts:
+        raise UnsafeArchiveError("archive member with an empty name; refusing to extract")
+    if b".." in parts:
+        raise UnsafeArchiveError(
+            f"archive member {raw.decode(errors='replace')} contains '..'; refusing to extract"
+        )
+    return b"/".join(parts)

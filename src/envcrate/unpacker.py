@@ -1,0 +1,123 @@
+"""Unpacking: a crate archive becomes a working env at a destination.
+
+The story: read the manifest (first frame only), check that this host and an
+interpreter can run the crate, extract into a temporary directory beside the
+destination while the archive's digest is computed, relocate for the final
+path, and rename into place. On any failure the temporary directory is
+removed, so the destination either holds a complete env or nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .archive import open_stream, read_manifest_bytes
+from .compat import Interpreter, check_host, find_interpreter, require_supported_os
+from .errors import DigestMismatchError, EnvcrateError
+from .extract import extract
+from .manifest import Manifest, crate_id_of_table, decode_table
+from .progress import bar
+from .record import blob_of, read_record
+from .relocate import relocate
+
+
+def read_manifest(archive: str | os.PathLike) -> Manifest:
+    return Manifest.from_bytes(read_manifest_bytes(os.fspath(archive)))
+
+
+def interpreter_for(manifest: Manifest, python: str | None) -> Interpreter | None:
+    """The base interpreter a venv crate will use (None for conda crates)."""
+    if manifest.kind != "venv":
+        return None
+    venv = manifest.venv
+    hints = [link.get("target", "") for link in venv.get("base_links", [])]
+    cfg = venv.get("cfg", {})
+    hints += [cfg.get("base-executable", ""), cfg.get("executable", "")]
+    version = ".".join(manifest.python.get("version", "").split(".")[:2])
+    if cfg.get("home"):
+        hints.append(os.path.join(cfg["home"], f"python{version}"))
+    return find_interpreter(manifest.python, python, [h for h in hints if h])
+
+
+def unpack(
+    archive: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    python: str | None = None,
+    blob: str | None = None,
+    progress: bool = False,
+) -> Path:
+    """Extract and relocate ``archive`` into ``dest`` (which must not exist or
+    be empty). ``blob`` is the expected archive digest; by default the one
+    recorded beside the archive (``<archive>.json``) is checked when present."""
+    require_supported_os()
+    archive = os.fspath(archive)
+    manifest = read_manifest(archive)
+    check_host(manifest.platform)
+    interpreter = interpreter_for(manifest, python)
+
+    final = Path(dest).expanduser().absolute()
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise EnvcrateError(
+            f"{final} exists and is not empty; choose a new destination or remove it"
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(final.parent).free
+    if free < manifest.file_bytes:
+        raise EnvcrateError(
+            f"not enough free space in {final.parent}: the crate needs {manifest.file_bytes >> 20} MiB, "
+            f"{free >> 20} MiB are free"
+        )
+    if blob is None:
+        blob = blob_of(read_record(Path(archive + ".json")), _fmt_of(archive))
+    digest = hashlib.sha256() if blob else None
+
+    tmp = tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.envcrate-")
+    try:
+        opened = open_stream(archive, digest)
+        try:
+            if Manifest.from_bytes(opened.manifest_bytes).data != manifest.data:
+                raise DigestMismatchError(
+                    f"{archive}: the manifest changed while it was being read"
+                )
+            rows = decode_table(opened.table_bytes)
+            if crate_id_of_table(opened.table_bytes) != manifest.id:
+                raise DigestMismatchError(
+                    f"{archive}: the file table does not match crate id {manifest.id}"
+                )
+            with bar(
+                manifest.file_bytes, f"unpacking {manifest.data.get('name', '')}", progress
+            ) as tick:
+                extract(opened, rows, tmp, tick)
+        finally:
+            opened.close()
+        if digest is not None and "sha256:" + digest.hexdigest() != blob:
+            raise DigestMismatchError(
+                f"{archive} has digest sha256:{digest.hexdigest()}, expected {blob}; the archive is corrupt "
+                "or was replaced: fetch it again"
+            )
+        relocate(tmp, str(final), manifest, interpreter)
+        os.chmod(tmp, 0o755 & ~_umask())
+        if final.exists():
+            final.rmdir()  # empty, checked above
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _fmt_of(archive: str) -> str:
+    from .archive import detect_format
+
+    return detect_format(archive)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

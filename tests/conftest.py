@@ -1,0 +1,115 @@
+"""Shared fixtures: real venvs built from a local wheelhouse.
+
+The test command fills the wheelhouse once (``pip download -r
+tests/wheels.txt``); every venv here installs from it with ``--no-index``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WHEELHOUSE = Path(os.environ.get("ENVCRATE_WHEELHOUSE", ROOT / ".wheelhouse"))
+SMALL = ["six", "markupsafe", "pyflakes"]
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    return subprocess.run([str(c) for c in cmd], **kw)
+
+
+def check(cmd, **kw) -> subprocess.CompletedProcess:
+    out = run(cmd, **kw)
+    assert out.returncode == 0, f"{cmd} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+def make_venv(path: Path, packages=(), creator: str = "venv") -> Path:
+    """A real venv made by ``creator`` with ``packages`` installed by pip."""
+    if not WHEELHOUSE.is_dir():
+        pytest.fail(f"no wheelhouse at {WHEELHOUSE}: run the README's test command, which fills it")
+    if creator == "venv":
+        check([sys.executable, "-m", "venv", "--without-pip", path])
+    elif creator == "venv-copies":
+        check([sys.executable, "-m", "venv", "--without-pip", "--copies", path])
+    elif creator == "virtualenv":
+        check(
+            [
+                sys.executable,
+                "-m",
+                "virtualenv",
+                "--no-pip",
+                "--no-setuptools",
+                "--no-wheel",
+                "--no-periodic-update",
+                path,
+            ]
+        )
+    elif creator == "uv":
+        check([shutil.which("uv") or "uv", "venv", "--python", sys.executable, path])
+    else:
+        raise ValueError(creator)
+    if packages:
+        install(path, packages)
+    return path
+
+
+def install(venv: Path, packages) -> None:
+    check(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            venv / "bin" / "python",
+            "install",
+            "-q",
+            "--no-index",
+            "--find-links",
+            WHEELHOUSE,
+            *packages,
+        ],
+        env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"),
+    )
+
+
+def envcrate(*args, **kw) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "envcrate.cli", *args], **kw)
+
+
+@pytest.fixture(scope="session")
+def small_venv(tmp_path_factory) -> Path:
+    """A shared venv with six, markupsafe (a C extension) and pyflakes (a
+    console script). Tests must not modify it."""
+    return make_venv(tmp_path_factory.mktemp("src") / "small", SMALL)
+
+
+@pytest.fixture(scope="session")
+def small_crate(small_venv, tmp_path_factory):
+    from envcrate import pack
+
+    return pack(small_venv, tmp_path_factory.mktemp("crate"))
+
+
+def text_files_naming(root: Path, needle: str) -> list[str]:
+    """Text files under root (no NUL in them) that contain needle; the
+    crate's own metadata (.envcrate/) records the original prefix on purpose."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath) == root:
+            dirnames[:] = [d for d in dirnames if d != ".envcrate"]
+        for name in filenames:
+            p = Path(dirpath, name)
+            if p.is_symlink():
+                continue
+            data = p.read_bytes()
+            if b"\0" not in data and needle.encode() in data:
+                found.append(str(p.relative_to(root)))
+    return found

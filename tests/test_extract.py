@@ -1,0 +1,98 @@
+"""Hostile archives are refused and leave nothing behind."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from envcrate import tar, unpack
+from envcrate.compat import host_platform
+from envcrate.errors import UnsafeArchiveError
+from envcrate.manifest import (
+    FILES_MEMBER,
+    MANIFEST_MEMBER,
+    FileRow,
+    canonical_json,
+    crate_id_of_table,
+    encode_table,
+)
+
+
+def _member(name: bytes, typeflag: bytes, mode: int, data: bytes = b"", link: bytes = b"") -> bytes:
+    # Raw ustar headers, so modes and types that envcrate never writes can be made.
+    h = tar._ustar(name, typeflag, mode, len(data), link)
+    return h + data + b"\0" * tar.padding(len(data))
+
+
+def _crate(path: Path, members: list[tuple[FileRow, bytes]]) -> Path:
+    table = encode_table([row for row, _ in members])
+    manifest = {
+        "schema": 1,
+        "id": crate_id_of_table(table),
+        "kind": "venv",
+        "platform": dict(host_platform(), libc={"family": "glibc", "version": None}),
+        "python": {
+            "implementation": sys.implementation.name,
+            "version": "%d.%d.%d" % sys.version_info[:3],
+            "abiflags": "",
+        },
+        "prefix": "/nowhere",
+        "prefix_files": [],
+        "venv": {"base_links": [], "cfg": {}},
+        "files": {"count": len(members), "entries": len(members), "bytes": 0},
+    }
+    stream = _member(MANIFEST_MEMBER.encode(), b"0", 0o644, canonical_json(manifest))
+    stream += _member(FILES_MEMBER.encode(), b"0", 0o644, table)
+    stream += b"".join(raw for _, raw in members) + tar.END_OF_ARCHIVE
+    path.write_bytes(zstandard.ZstdCompressor().compress(stream))
+    return path
+
+
+def _file(name: str, data: bytes = b"x", mode: int = 0o644) -> tuple[FileRow, bytes]:
+    import hashlib
+
+    row = FileRow(
+        "f", name, "755" if mode & 0o111 else "644", len(data), hashlib.sha256(data).hexdigest()
+    )
+    return row, _member(name.encode(), b"0", mode, data)
+
+
+def _link(name: str, target: str) -> tuple[FileRow, bytes]:
+    return FileRow("l", name, "777", 0, target), _member(
+        name.encode(), b"2", 0o777, link=target.encode()
+    )
+
+
+CASES = {
+    "absolute": [_file("/etc/evil")],
+    "dotdot": [_file("a/../../evil")],
+    "link-out": [_link("out", "../../etc")],
+    "link-absolute": [_link("out", "/etc")],
+    "link-chain": [_link("a", "."), _link("b", "a/..")],
+    "setuid": [_file("bin/tool", b"x", 0o4755)],
+    "device": [(FileRow("f", "dev", "644", 0, ""), _member(b"dev", b"3", 0o644))],
+    "hardlink": [
+        (FileRow("f", "h", "644", 0, ""), _member(b"h", b"1", 0o644, link=b"/etc/passwd"))
+    ],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hostile_archive_is_refused(tmp_path, case):
+    archive = _crate(tmp_path / "evil.tar.zst", [_file("ok.txt")] + CASES[case])
+    dest = tmp_path / "out" / "dest"
+    with pytest.raises(UnsafeArchiveError):
+        unpack(archive, dest)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_well_formed_crafted_archive_extracts(tmp_path):
+    archive = _crate(
+        tmp_path / "ok.tar.zst",
+        [_file("a/b.txt", b"hello"), _link("c", "a/b.txt"), _file("pyvenv.cfg", b"version = 3\n")],
+    )
+    dest = unpack(archive, tmp_path / "dest")
+    assert (dest / "c").read_bytes() == b"hello"

@@ -1,0 +1,269 @@
+"""Packing venvs: determinism, archive layout, manifest, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import zstandard
+from conftest import check, envcrate, install, make_venv
+
+from envcrate import pack
+from envcrate.archive import read_manifest_bytes
+from envcrate.errors import SourceEnvError
+from envcrate.manifest import FILES_MEMBER, MANIFEST_MEMBER, Manifest, crate_id_of_table
+
+
+def test_pack_twice_is_byte_identical(small_venv, tmp_path):
+    a = pack(small_venv, tmp_path / "a.tar.zst")
+    b = pack(small_venv, tmp_path / "b.tar.zst", threads=1)
+    assert a.archive.read_bytes() == b.archive.read_bytes()
+    assert a.blob == b.blob and a.id == b.id
+
+
+def test_format_level_threads_change_blob_not_id(small_venv, tmp_path):
+    base = pack(small_venv, tmp_path / "a.tar.zst")
+    other_level = pack(small_venv, tmp_path / "b.tar.zst", level=9, threads=2)
+    gz = pack(small_venv, tmp_path / "c.tar.gz", format="tar.gz")
+    assert base.id == other_level.id == gz.id
+    assert len({base.blob, other_level.blob, gz.blob}) == 3
+    assert gz.archive.read_bytes()[:2] == b"\x1f\x8b"
+
+
+def test_default_name_and_sidecar(small_venv, tmp_path):
+    crate = pack(small_venv, tmp_path)
+    assert crate.archive.name == f"small-{crate.id[7:19]}.tar.zst"
+    record = json.loads(Path(str(crate.archive) + ".json").read_text())
+    assert record["id"] == crate.id
+    assert record["archives"][0]["blob"] == crate.blob
+    assert record["archives"][0]["size"] == crate.archive.stat().st_size
+    # Only finished files are visible: no temporary leftovers.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [crate.archive.name, crate.archive.name + ".json"]
+    )
+
+
+@pytest.mark.parametrize("fmt,flag", [("tar.zst", "-Izstd"), ("tar.gz", "-z")])
+def test_stock_tar_extracts_the_crate(small_venv, tmp_path, fmt, flag):
+    crate = pack(small_venv, tmp_path / f"c.{fmt}", format=fmt)
+    out = tmp_path / "x"
+    out.mkdir()
+    check(["tar", flag, "-xf", crate.archive, "-C", out])
+    assert (out / MANIFEST_MEMBER).read_bytes() == crate.manifest.to_bytes()
+    table = (out / FILES_MEMBER).read_bytes()
+    assert crate_id_of_table(table) == crate.id
+    six_src = next(small_venv.glob("lib/python*/site-packages/six.py")).read_bytes()
+    assert next(out.glob("lib/python*/site-packages/six.py")).read_bytes() == six_src
+    # The base-interpreter link (python3 -> the base python) is described in
+    # the manifest, not archived; links inside the env are archived as links.
+    assert not os.path.lexists(out / "bin" / "python3")
+    assert os.readlink(out / "bin" / "python") == "python3"
+
+
+def test_archive_has_manifest_frame_first_and_a_seek_table(small_crate):
+    raw = small_crate.archive.read_bytes()
+    # First frame alone decompresses to the manifest member.
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    first = dobj.decompress(raw)
+    assert first[: len(MANIFEST_MEMBER)] == MANIFEST_MEMBER.encode()
+    assert Manifest.from_bytes(read_manifest_bytes(str(small_crate.archive))).id == small_crate.id
+    # Seekable-format footer and table, covering the whole tar stream.
+    count, desc, magic = struct.unpack("<IBI", raw[-9:])
+    assert magic == 0x8F92EAB1 and desc == 0
+    entries = [
+        struct.unpack_from("<II", raw, len(raw) - 9 - 8 * count + 8 * i) for i in range(count)
+    ]
+    body = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True).read()
+    assert sum(d for _, d in entries) == len(body)
+    assert count >= 3  # manifest, file table, body
+
+
+def test_small_frames_span_files_and_round_trip(small_venv, tmp_path, monkeypatch):
+    import envcrate.archive as archive
+
+    monkeypatch.setattr(archive, "FRAME_SIZE", 64 * 1024)
+    small = pack(small_venv, tmp_path / "small-frames.tar.zst")
+    monkeypatch.undo()
+    normal = pack(small_venv, tmp_path / "normal.tar.zst")
+    assert small.id == normal.id  # file digests of spanning files are computed the same way
+    raw = small.archive.read_bytes()
+    count = struct.unpack("<I", raw[-9:-5])[0]
+    assert count > 10
+    from envcrate import unpack
+
+    dest = unpack(small.archive, tmp_path / "out")
+    check([dest / "bin" / "python", "-c", "import six, markupsafe"])
+
+
+def test_pycs_become_unchecked_hash(small_crate, tmp_path):
+    out = tmp_path / "x"
+    out.mkdir()
+    check(["tar", "-Izstd", "-xf", small_crate.archive, "-C", out])
+    pycs = list(out.rglob("*.pyc"))
+    assert pycs
+    for p in pycs:
+        assert int.from_bytes(p.read_bytes()[4:8], "little") == 1, p
+
+
+def test_manifest_content(small_crate, small_venv):
+    m = small_crate.manifest.data
+    assert m["kind"] == "venv"
+    assert m["prefix"] == str(small_venv)
+    assert m["platform"]["os"] == "linux" and m["platform"]["machine"]
+    assert m["platform"]["libc"]["family"] == "glibc"
+    assert tuple(map(int, m["platform"]["libc"]["version"].split("."))) >= (
+        2,
+        2,
+    )  # markupsafe's .so
+    assert m["python"]["version"].startswith("%d.%d." % sys.version_info[:2])
+    pins = {p["name"].lower(): p for p in m["pins"]}
+    assert pins["six"]["version"] and pins["six"]["source"] == {"type": "index"}
+    assert {"markupsafe", "pyflakes"} <= set(pins)
+    links = {link["path"] for link in m["venv"]["base_links"]}
+    assert links and all(p.startswith("bin/python") for p in links)
+    assert "home" in m["venv"]["cfg"]
+    paths = {r["path"] for r in m["prefix_files"]}
+    assert "bin/activate" in paths and "bin/pyflakes" in paths
+    assert not any(p.endswith(".pyc") for p in paths)
+    assert "created" not in json.dumps(m)
+
+
+def test_local_wheel_pin_records_its_path(tmp_path):
+    from conftest import WHEELHOUSE
+
+    venv = make_venv(tmp_path / "v")
+    wheel = next(WHEELHOUSE.glob("six-*.whl"))
+    install(venv, [wheel])
+    crate = pack(venv, tmp_path)
+    pin = next(p for p in crate.manifest.pins if p["name"] == "six")
+    assert pin["source"]["type"] == "local" and pin["source"]["url"].endswith(wheel.name)
+
+
+def test_exclude_glob(small_venv, tmp_path):
+    crate = pack(small_venv, tmp_path / "c.tar.zst", exclude=("*.pyc", "bin/activate.*"))
+    out = tmp_path / "x"
+    out.mkdir()
+    check(["tar", "-Izstd", "-xf", crate.archive, "-C", out])
+    assert not list(out.rglob("*.pyc"))
+    assert (out / "bin" / "activate").exists() and not (out / "bin" / "activate.fish").exists()
+    assert crate.id != pack(small_venv, tmp_path / "d.tar.zst").id
+
+
+def _site(venv: Path) -> Path:
+    return next(venv.glob("lib/python*/site-packages"))
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["pep660", "egg-link", "direct-url", "abs-pth"],
+)
+def test_editable_installs_are_refused_then_allowed(tmp_path, kind):
+    venv = make_venv(tmp_path / "v", ["six"])
+    site = _site(venv)
+    if kind == "pep660":
+        (site / "__editable__.mypkg-1.0.pth").write_text("import __editable___mypkg_1_0_finder\n")
+    elif kind == "egg-link":
+        (site / "mypkg.egg-link").write_text("/src/mypkg\n.\n")
+    elif kind == "direct-url":
+        dist = next(site.glob("six-*.dist-info"))
+        (dist / "direct_url.json").write_text(
+            json.dumps({"url": "file:///src/six", "dir_info": {"editable": True}})
+        )
+    else:
+        (site / "extra.pth").write_text("/opt/elsewhere/lib\n")
+    out = envcrate("pack", venv, "-o", tmp_path)
+    assert out.returncode == 1
+    line = out.stderr.strip()
+    assert line.startswith("envcrate: error:") and "\n" not in line and "--allow-editable" in line
+    assert ("mypkg" in line) or ("six" in line) or ("extra.pth" in line)
+    assert not list(tmp_path.glob("*.tar.zst"))
+    crate = pack(venv, tmp_path, allow_editable=True)
+    assert crate.manifest.data["flags"]["editable"]
+
+
+def test_system_site_packages_refused_then_allowed(tmp_path):
+    venv = tmp_path / "v"
+    check([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", venv])
+    with pytest.raises(SourceEnvError, match="--allow-system-site-packages"):
+        pack(venv, tmp_path)
+    crate = pack(venv, tmp_path, allow_system_site_packages=True)
+    assert crate.manifest.data["flags"]["system_site_packages"] is True
+
+
+def test_link_outside_the_env_is_refused(tmp_path):
+    venv = make_venv(tmp_path / "v")
+    (venv / "data").symlink_to("/etc/hostname")
+    with pytest.raises(SourceEnvError, match="--exclude 'data'"):
+        pack(venv, tmp_path)
+    assert pack(venv, tmp_path, exclude=("data",)).id
+
+
+def test_pack_cli_errors_are_one_line(tmp_path):
+    out = envcrate("pack", tmp_path / "missing")
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("envcrate: error:")
+    out = envcrate(
+        "pack",
+        env={k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX")},
+    )
+    assert out.returncode == 1 and "none is active" in out.stderr
+    out = envcrate("pack", "--format", "zip")
+    assert out.returncode == 2
+
+
+def test_pack_cli_json_and_active_env(small_venv, tmp_path):
+    out = envcrate(
+        "pack", "-o", tmp_path, "--json", env=dict(os.environ, VIRTUAL_ENV=str(small_venv))
+    )
+    assert out.returncode == 0, out.stderr
+    obj = json.loads(out.stdout)
+    assert set(obj) >= {"id", "blob", "size", "archive"}
+    assert Path(obj["archive"]).stat().st_size == obj["size"]
+    plain = envcrate("pack", small_venv, "-o", tmp_path / "p.tar.zst")
+    assert plain.stdout.strip().splitlines()[-1] == obj["id"]
+
+
+def test_info_and_verify(small_crate, tmp_path):
+    out = envcrate("info", small_crate.archive)
+    assert out.returncode == 0
+    for word in ("venv", "linux", "cpython", "six==", "files"):
+        assert word in out.stdout
+    out = envcrate("verify", small_crate.archive, "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["id"] == small_crate.id
+
+
+def test_verify_names_the_first_mismatch(small_venv, tmp_path):
+    # An archive whose body frame is recompressed from altered content keeps
+    # valid frame checksums, so only the file table catches it.
+    crate = pack(small_venv, tmp_path / "c.tar.gz", format="tar.gz")
+    import gzip
+
+    data = gzip.decompress(crate.archive.read_bytes())
+    six_src = next(small_venv.glob("lib/python*/site-packages/six.py")).read_bytes()
+    pos = data.index(six_src)
+    tampered = data[:pos] + six_src.replace(b"import", b"IMPORT", 1) + data[pos + len(six_src) :]
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(gzip.compress(tampered))
+    out = envcrate("verify", bad)
+    assert out.returncode == 1
+    assert "six.py" in out.stderr and "content differs" in out.stderr
+    # A flipped byte is caught by the blob digest recorded beside the archive.
+    raw = bytearray(crate.archive.read_bytes())
+    raw[-20] ^= 0xFF
+    flipped = tmp_path / "flipped.tar.gz"
+    flipped.write_bytes(bytes(raw))
+    out = envcrate("verify", flipped, "--sha256", crate.blob)
+    assert out.returncode == 1 and "envcrate: error:" in out.stderr
+
+
+def test_pack_through_a_symlinked_prefix(small_venv, tmp_path):
+    real = make_venv(tmp_path / "real", ["six"])
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    crate = pack(link, tmp_path)
+    assert crate.manifest.prefix == str(link)
+    assert str(real) in crate.manifest.data["prefix_aliases"]
