@@ -184,7 +184,9 @@ class BodyWriter:
 
     # -- entries
 
-    def add(self, entry: Entry) -> None:
+    def add(self, entry: Entry, data: bytes | None = None) -> None:
+        """Archive ``entry``; ``data``, if given, is its archived content
+        already read (see :func:`prefetch`)."""
         name = entry.path.encode("utf-8", "surrogateescape")
         if entry.type == "d":
             self._begin_member()
@@ -197,11 +199,13 @@ class BodyWriter:
             self._put(tar.header(name, tar.SYMLINK, 0o777, 0, target))
             self.rows.append(FileRow("l", entry.path, "777", 0, entry.target))
             self.digests.append(entry.target)
+        elif data is not None:
+            if data is not DROPPED:
+                self._add_file(entry, name, len(data), data=data)
         elif entry.loader is not None:
             data = entry.loader()
-            if data is None:
-                return
-            self._add_file(entry, name, len(data), data=data)
+            if data is not None:
+                self._add_file(entry, name, len(data), data=data)
         else:
             self._add_file(entry, name, entry.size)
 
@@ -287,6 +291,77 @@ class BodyWriter:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+DROPPED = b"<dropped>"  # a loader said to leave the entry out (compared by identity)
+PREFETCH_MAX_FILE = 1 << 20
+
+
+def _load_batch(entries: list[Entry]) -> list[bytes | None]:
+    out: list[bytes | None] = []
+    for e in entries:
+        if e.loader is not None:
+            data = e.loader()
+            out.append(DROPPED if data is None else data)
+        elif e.type == "f":
+            try:
+                fd = os.open(e.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as err:
+                raise EnvcrateError(f"cannot read {e.source}: {err.strerror}") from None
+            try:
+                data = os.read(fd, e.size + 1) if e.size else b""
+            finally:
+                os.close(fd)
+            if len(data) != e.size:
+                raise EnvcrateError(f"{e.source} changed while it was being packed; pack again")
+            out.append(data)
+        else:
+            out.append(None)
+    return out
+
+
+def prefetch(
+    entries: list[Entry], threads: int = 2, window: int = 8
+) -> Iterator[tuple[Entry, bytes | None]]:
+    """Yield ``(entry, content)`` in order, small files and loader entries
+    read ahead by worker threads (their syscalls overlap the caller's work);
+    large files yield ``None`` and are streamed by the writer."""
+    batches: list[list[Entry]] = []
+    batch: list[Entry] = []
+    size = 0
+    for e in entries:
+        batch.append(e)
+        if e.type == "f" and e.size <= PREFETCH_MAX_FILE:
+            size += e.size
+        if len(batch) >= 64 or size >= (4 << 20):
+            batches.append(batch)
+            batch, size = [], 0
+    if batch:
+        batches.append(batch)
+
+    def wanted(b: list[Entry]) -> list[Entry]:
+        return [
+            e for e in b if e.loader is not None or (e.type == "f" and e.size <= PREFETCH_MAX_FILE)
+        ]
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="envcrate-read") as pool:
+        futures: deque = deque()
+        it = iter(batches)
+        for b in it:
+            futures.append((b, pool.submit(_load_batch, wanted(b))))
+            if len(futures) >= window:
+                break
+        while futures:
+            b, fut = futures.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                futures.append((nxt, pool.submit(_load_batch, wanted(nxt))))
+            loaded = iter(fut.result())
+            for e in b:
+                if e.loader is not None or (e.type == "f" and e.size <= PREFETCH_MAX_FILE):
+                    yield e, next(loaded)
+                else:
+                    yield e, None
+
+
 def _member_bytes(name: str, data: bytes) -> bytes:
     return (
         tar.header(name.encode(), tar.REGULAR, 0o644, len(data))
@@ -333,12 +408,17 @@ def assemble(
         data = codec.compress(piece)
         emit(data)
         frames.append((len(data), len(piece)))
+    body.flush()
     body.seek(0)
+    buf = bytearray(4 << 20)
+    view = memoryview(buf)
     while True:
-        chunk = body.read(1 << 20)
-        if not chunk:
+        n = body.readinto(buf)
+        if not n:
             break
-        emit(chunk)
+        out.write(view[:n])
+        digest.update(view[:n])
+        size += n
     frames.extend(result.frames)
     if fmt == "tar.zst":
         index = [[0, 0]] + [

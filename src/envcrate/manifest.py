@@ -57,7 +57,12 @@ def encode_table(rows: Iterable[FileRow]) -> bytes:
 
 
 def decode_table(data: bytes) -> list[FileRow]:
-    return [FileRow.decode(line) for line in data.splitlines() if line]
+    # One json.loads for the whole table: per-line calls cost ~20 µs each.
+    rows = json.loads(b"[" + data.rstrip(b"\n").replace(b"\n", b",") + b"]") if data.strip() else []
+    return [
+        FileRow(type=t, path=path, mode=mode, size=size, digest=digest)
+        for t, mode, size, digest, path in rows
+    ]
 
 
 def crate_id_of_table(table: bytes) -> str:

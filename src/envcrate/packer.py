@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .archive import DEFAULT_LEVEL, FORMATS, BodyWriter, assemble
+from .archive import DEFAULT_LEVEL, FORMATS, BodyWriter, assemble, prefetch
 from .compat import host_platform, libc_record, require_supported_os
 from .envs import SourceEnv, load_env
 from .errors import EnvcrateError
@@ -78,34 +78,45 @@ def pack(
 
     scanner = Scanner([p.encode("utf-8", "surrogateescape") for p in source.prefixes])
     total = sum(e.size for e in source.entries if e.type == "f")
-    with (
-        tempfile.TemporaryFile(dir=out_dir) as body,
-        bar(total, f"packing {source.name}", progress) as tick,
-    ):
-        writer = BodyWriter(body, format, level, threads, scanner, tick)
-        try:
-            for entry in source.entries:
-                writer.add(entry)
-            result = writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-        table = encode_table(result.rows)
-        crate_id = crate_id_of_table(table)
-        manifest = _manifest(source, crate_id, scanner, result.rows, result.size)
-        name = out_name or f"{source.name}-{short_id(crate_id)}.{format}"
-        final = out_dir / name
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                blob, size = assemble(out, body, result, manifest.to_bytes(), table, format, level)
-            os.chmod(tmp, 0o644 & ~_umask())
-            os.replace(tmp, final)
-        except BaseException:
-            _unlink(tmp)
-            raise
+    # A named temporary file: writes to an unnamed O_TMPFILE measured 5x slower here.
+    body_fd, body_path = tempfile.mkstemp(dir=out_dir, prefix=".envcrate-body-", suffix=".tmp")
+    try:
+        with os.fdopen(body_fd, "w+b") as body:
+            with bar(total, f"packing {source.name}", progress) as tick:
+                result = _write_body(body, source, scanner, format, level, threads, tick)
+            table = encode_table(result.rows)
+            crate_id = crate_id_of_table(table)
+            manifest = _manifest(source, crate_id, scanner, result.rows, result.size)
+            name = out_name or f"{source.name}-{short_id(crate_id)}.{format}"
+            final = out_dir / name
+            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    blob, size = assemble(
+                        out, body, result, manifest.to_bytes(), table, format, level
+                    )
+                os.chmod(tmp, 0o644 & ~_umask())
+                os.replace(tmp, final)
+            except BaseException:
+                _unlink(tmp)
+                raise
+    finally:
+        _unlink(body_path)
     write_record(Path(str(final) + ".json"), manifest, format, blob, size)
     return Crate(crate_id, blob, size, format, final, manifest, time.monotonic() - start)
+
+
+def _write_body(
+    body, source: SourceEnv, scanner: Scanner, fmt: str, level: int, threads: int, tick
+):
+    writer = BodyWriter(body, fmt, level, threads, scanner, tick)
+    try:
+        for entry, data in prefetch(source.entries):
+            writer.add(entry, data)
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def _check_level(fmt: str, level: int) -> None:

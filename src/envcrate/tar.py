@@ -111,8 +111,9 @@ def parse_pax(data: bytes) -> dict[bytes, bytes]:
 
 def parse_header(block: bytes) -> tuple[bytes, bytes, int, int, bytes]:
     """(name, typeflag, mode, size, linkname) of a raw header block."""
-    stored = _number(block[148:156])
-    actual = sum(block) - sum(block[148:156]) + 8 * 32
+    chk = block[148:156]
+    stored = int(chk[:6], 8) if chk[6:8] == b"\0 " and chk[:6].isdigit() else _number(chk)
+    actual = sum(block) - sum(chk) + 8 * 32
     if stored != actual:
         raise ArchiveError("a tar header has a wrong checksum; the archive is corrupt")
     name = block[0:100].split(b"\0", 1)[0]

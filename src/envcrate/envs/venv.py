@@ -15,6 +15,7 @@ the crate id depends on the host for:
 
 from __future__ import annotations
 
+import _imp
 import json
 import os
 import re
@@ -138,33 +139,47 @@ def _cfg_loader(cfg: list[tuple[str, str, str]]):
     return load
 
 
+def _read(path: str) -> tuple[bytes, os.stat_result]:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        chunks = []
+        while True:
+            chunk = os.read(fd, max(st.st_size, 1 << 16))
+            if not chunk:
+                return b"".join(chunks), st
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
 def _pyc_loader(path: str):
     """Rewrite a timestamp pyc as an unchecked-hash pyc; drop it when stale."""
 
     def load() -> bytes | None:
-        with open(path, "rb") as f:
-            data = f.read()
+        data, _ = _read(path)
         if len(data) < 16:
             return data
         flags = int.from_bytes(data[4:8], "little")
         if flags & 1:  # already hash-based: make it unchecked
-            return data[:4] + (1).to_bytes(4, "little") + data[8:]
+            return data[:4] + b"\x01\0\0\0" + data[8:]
         cache_dir, base = os.path.split(path)
         source = os.path.join(os.path.dirname(cache_dir), base.split(".", 1)[0] + ".py")
         try:
-            with open(source, "rb") as f:
-                st = os.fstat(f.fileno())
-                code = f.read()
+            code, st = _read(source)
         except OSError:
             return data  # sourceless: leave as is
         if data[8:12] != (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") or data[12:16] != (
             len(code) & 0xFFFFFFFF
         ).to_bytes(4, "little"):
             return None  # stale: the interpreter would not have used it either
-        import _imp
-
-        key = int.from_bytes(data[:4], "little")  # the pyc's own magic keys the hash
-        return data[:4] + (1).to_bytes(4, "little") + _imp.source_hash(key, code) + data[16:]
+        # The pyc's own magic number keys the hash, as importlib does.
+        return (
+            data[:4]
+            + b"\x01\0\0\0"
+            + _imp.source_hash(int.from_bytes(data[:4], "little"), code)
+            + data[16:]
+        )
 
     return load
 
