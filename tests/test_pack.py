@@ -267,3 +267,12 @@ def test_pack_through_a_symlinked_prefix(small_venv, tmp_path):
     crate = pack(link, tmp_path)
     assert crate.manifest.prefix == str(link)
     assert str(real) in crate.manifest.data["prefix_aliases"]
+
+
+def test_format_follows_the_output_name(small_venv, tmp_path):
+    out = envcrate("pack", small_venv, "-o", tmp_path / "x.tar.gz", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["format"] == "tar.gz"
+    assert (tmp_path / "x.tar.gz").read_bytes()[:2] == b"\x1f\x8b"
+    out = envcrate("pack", small_venv, "-o", tmp_path / "y.zip")
+    assert out.returncode == 1 and ".tar.zst" in out.stderr

@@ -473,26 +473,19 @@ def _seek_table(f: BinaryIO) -> list[tuple[int, int]] | None:
     return [struct.unpack_from("<II", head, 8 + i * width) for i in range(count)]
 
 
-def _gzip_first_member(f: BinaryIO) -> bytes:
-    d = zlib.decompressobj(31)
+def _first_unit(f: BinaryIO, fmt: str) -> bytes:
+    """Decompress only the first zstd frame (or gzip member) of ``f``."""
+    if fmt == "tar.zst":
+        import zstandard
+
+        d = zstandard.ZstdDecompressor().decompressobj()
+    else:
+        d = zlib.decompressobj(31)
     out = []
     while not d.eof:
         chunk = f.read(1 << 16)
         if not chunk:
-            raise ArchiveError("the archive ends inside its first member; it is truncated")
-        out.append(d.decompress(chunk))
-    return b"".join(out)
-
-
-def _zstd_first_frame(f: BinaryIO) -> bytes:
-    import zstandard
-
-    d = zstandard.ZstdDecompressor().decompressobj()
-    out = []
-    while not d.eof:
-        chunk = f.read(1 << 16)
-        if not chunk:
-            raise ArchiveError("the archive ends inside its first frame; it is truncated")
+            raise ArchiveError("the archive ends inside its manifest; it is truncated")
         out.append(d.decompress(chunk))
     return b"".join(out)
 
@@ -502,7 +495,7 @@ def read_manifest_bytes(path: str) -> bytes:
     fmt = detect_format(path)
     try:
         with open(path, "rb") as f:
-            first = _zstd_first_frame(f) if fmt == "tar.zst" else _gzip_first_member(f)
+            first = _first_unit(f, fmt)
     except (zlib.error, ValueError) as e:
         raise ArchiveError(f"{path}: cannot decompress the manifest ({e})") from None
     except Exception as e:  # zstandard.ZstdError

@@ -41,7 +41,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o", "--output", help="archive path or directory (default: ./<name>-<id12>.<format>)"
     )
-    p.add_argument("--format", default="tar.zst", choices=["tar.zst", "tar.gz"])
+    p.add_argument(
+        "--format",
+        choices=["tar.zst", "tar.gz"],
+        help="archive format (default: from -o's name, else tar.zst)",
+    )
     p.add_argument("--level", type=int, help="compression level (default: 3 for zstd, 6 for gzip)")
     p.add_argument("--threads", type=int, help="compression threads (default: all cores)")
     p.add_argument(
@@ -136,7 +140,7 @@ def cmd_pack(args) -> int:
         "archive": str(crate.archive),
         "seconds": round(crate.seconds, 3),
     }
-    if not args.json:
+    if not args.json and wanted(args.progress):
         print(f"packed {crate.archive} ({_size(crate.size)})", file=sys.stderr)
     return _emit(args, obj, crate.id)
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .archive import DEFAULT_LEVEL, FORMATS, BodyWriter, assemble, prefetch
+from .archive import DEFAULT_LEVEL, FORMATS, BodyWriter, assemble, format_of_name, prefetch
 from .compat import host_platform, libc_record, require_supported_os
 from .envs import SourceEnv, load_env
 from .errors import EnvcrateError
+from .fsutil import current_umask, unlink_quietly
 from .manifest import SCHEMA, Manifest, crate_id_of_table, encode_table, short_id
 from .progress import bar
 from .record import write_record
@@ -50,7 +51,7 @@ def pack(
     env: str | os.PathLike | None = None,
     output: str | os.PathLike | None = None,
     *,
-    format: str = "tar.zst",
+    format: str | None = None,
     level: int | None = None,
     threads: int | None = None,
     exclude: tuple[str, ...] = (),
@@ -59,9 +60,12 @@ def pack(
     progress: bool = False,
 ) -> Crate:
     """Pack a venv (default: the active one) into ``output`` (a file, a
-    directory, or the current directory) and return the :class:`Crate`."""
+    directory, or the current directory) and return the :class:`Crate`.
+    ``format`` defaults to the one ``output``'s name ends with, else tar.zst."""
     start = time.monotonic()
     require_supported_os()
+    if format is None:
+        format = (format_of_name(os.fspath(output)) if output is not None else None) or "tar.zst"
     if format not in FORMATS:
         raise EnvcrateError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     level = DEFAULT_LEVEL[format] if level is None else level
@@ -95,13 +99,13 @@ def pack(
                     blob, size = assemble(
                         out, body, result, manifest.to_bytes(), table, format, level
                     )
-                os.chmod(tmp, 0o644 & ~_umask())
+                os.chmod(tmp, 0o644 & ~current_umask())
                 os.replace(tmp, final)
             except BaseException:
-                _unlink(tmp)
+                unlink_quietly(tmp)
                 raise
     finally:
-        _unlink(body_path)
+        unlink_quietly(body_path)
     write_record(Path(str(final) + ".json"), manifest, format, blob, size)
     return Crate(crate_id, blob, size, format, final, manifest, time.monotonic() - start)
 
@@ -123,19 +127,6 @@ def _check_level(fmt: str, level: int) -> None:
     lo, hi = (1, 22) if fmt == "tar.zst" else (1, 9)
     if not lo <= level <= hi:
         raise EnvcrateError(f"--level {level} is out of range for {fmt} ({lo}..{hi})")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _output_place(output, fmt: str) -> tuple[Path, str | None]:

@@ -19,6 +19,7 @@ from .archive import open_stream, read_manifest_bytes
 from .compat import Interpreter, check_host, find_interpreter, require_supported_os
 from .errors import DigestMismatchError, EnvcrateError
 from .extract import extract
+from .fsutil import current_umask
 from .manifest import Manifest, crate_id_of_table, decode_table
 from .progress import bar
 from .record import blob_of, read_record
@@ -101,7 +102,7 @@ def unpack(
                 "or was replaced: fetch it again"
             )
         relocate(tmp, str(final), manifest, interpreter)
-        os.chmod(tmp, 0o755 & ~_umask())
+        os.chmod(tmp, 0o755 & ~current_umask())
         if final.exists():
             final.rmdir()  # empty, checked above
         os.rename(tmp, final)
@@ -115,9 +116,3 @@ def _fmt_of(archive: str) -> str:
     from .archive import detect_format
 
     return detect_format(archive)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
