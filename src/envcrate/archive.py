@@ -22,6 +22,7 @@ is read once.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -37,6 +38,7 @@ from typing import BinaryIO, Callable
 from . import tar
 from .entry import Entry
 from .errors import ArchiveError, EnvcrateError
+from .fsutil import read_file
 from .manifest import FILES_MEMBER, MANIFEST_MEMBER, FileRow
 
 FRAME_SIZE = 16 << 20
@@ -200,8 +202,7 @@ class BodyWriter:
             self.rows.append(FileRow("l", entry.path, "777", 0, entry.target))
             self.digests.append(entry.target)
         elif data is not None:
-            if data is not DROPPED:
-                self._add_file(entry, name, len(data), data=data)
+            self._add_file(entry, name, len(data), data=data)
         elif entry.loader is not None:
             data = entry.loader()
             if data is not None:
@@ -291,30 +292,27 @@ class BodyWriter:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-DROPPED = b"<dropped>"  # a loader said to leave the entry out (compared by identity)
 PREFETCH_MAX_FILE = 1 << 20
 
 
+def _prefetched(e: Entry) -> bool:
+    return e.loader is not None or (e.type == "f" and e.size <= PREFETCH_MAX_FILE)
+
+
 def _load_batch(entries: list[Entry]) -> list[bytes | None]:
+    """Archived content of each entry; ``None`` where a loader drops it."""
     out: list[bytes | None] = []
     for e in entries:
         if e.loader is not None:
-            data = e.loader()
-            out.append(DROPPED if data is None else data)
-        elif e.type == "f":
-            try:
-                fd = os.open(e.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError as err:
-                raise EnvcrateError(f"cannot read {e.source}: {err.strerror}") from None
-            try:
-                data = os.read(fd, e.size + 1) if e.size else b""
-            finally:
-                os.close(fd)
-            if len(data) != e.size:
-                raise EnvcrateError(f"{e.source} changed while it was being packed; pack again")
-            out.append(data)
-        else:
-            out.append(None)
+            out.append(e.loader())
+            continue
+        try:
+            data, _ = read_file(e.source, nofollow=True)
+        except OSError as err:
+            raise EnvcrateError(f"cannot read {e.source}: {err.strerror}") from None
+        if len(data) != e.size:
+            raise EnvcrateError(f"{e.source} changed while it was being packed; pack again")
+        out.append(data)
     return out
 
 
@@ -323,13 +321,14 @@ def prefetch(
 ) -> Iterator[tuple[Entry, bytes | None]]:
     """Yield ``(entry, content)`` in order, small files and loader entries
     read ahead by worker threads (their syscalls overlap the caller's work);
-    large files yield ``None`` and are streamed by the writer."""
+    other entries come with ``None`` (large files are streamed by the writer),
+    and entries a loader drops are not yielded."""
     batches: list[list[Entry]] = []
     batch: list[Entry] = []
     size = 0
     for e in entries:
         batch.append(e)
-        if e.type == "f" and e.size <= PREFETCH_MAX_FILE:
+        if _prefetched(e):
             size += e.size
         if len(batch) >= 64 or size >= (4 << 20):
             batches.append(batch)
@@ -337,29 +336,25 @@ def prefetch(
     if batch:
         batches.append(batch)
 
-    def wanted(b: list[Entry]) -> list[Entry]:
-        return [
-            e for e in b if e.loader is not None or (e.type == "f" and e.size <= PREFETCH_MAX_FILE)
-        ]
+    def submit(pool, b: list[Entry]):
+        return b, pool.submit(_load_batch, [e for e in b if _prefetched(e)])
 
     with ThreadPoolExecutor(threads, thread_name_prefix="envcrate-read") as pool:
-        futures: deque = deque()
         it = iter(batches)
-        for b in it:
-            futures.append((b, pool.submit(_load_batch, wanted(b))))
-            if len(futures) >= window:
-                break
+        futures = deque(submit(pool, b) for b in itertools.islice(it, window))
         while futures:
             b, fut = futures.popleft()
             nxt = next(it, None)
             if nxt is not None:
-                futures.append((nxt, pool.submit(_load_batch, wanted(nxt))))
+                futures.append(submit(pool, nxt))
             loaded = iter(fut.result())
             for e in b:
-                if e.loader is not None or (e.type == "f" and e.size <= PREFETCH_MAX_FILE):
-                    yield e, next(loaded)
-                else:
+                if not _prefetched(e):
                     yield e, None
+                else:
+                    data = next(loaded)
+                    if data is not None:
+                        yield e, data
 
 
 def _member_bytes(name: str, data: bytes) -> bytes:

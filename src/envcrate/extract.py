@@ -88,12 +88,10 @@ class _Writers:
             self._pending.popleft().result()
 
     def finish(self) -> None:
-        try:
-            self._submit()
-            while self._pending:
-                self._pending.popleft().result()
-        finally:
-            self.close()
+        """Write what is left and wait for every batch (raising its error)."""
+        self._submit()
+        while self._pending:
+            self._pending.popleft().result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .archive import open_stream, read_manifest_bytes
+from .archive import detect_format, open_stream, read_manifest_bytes
 from .compat import Interpreter, check_host, find_interpreter, require_supported_os
 from .errors import DigestMismatchError, EnvcrateError
 from .extract import extract
@@ -74,7 +74,7 @@ def unpack(
             f"{free >> 20} MiB are free"
         )
     if blob is None:
-        blob = blob_of(read_record(Path(archive + ".json")), _fmt_of(archive))
+        blob = blob_of(read_record(Path(archive + ".json")), detect_format(archive))
     digest = hashlib.sha256() if blob else None
 
     tmp = tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.envcrate-")
@@ -110,9 +110,3 @@ def unpack(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def _fmt_of(archive: str) -> str:
-    from .archive import detect_format
-
-    return detect_format(archive)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..entry import Entry
 from ..errors import SourceEnvError
+from ..fsutil import read_file
 from .base import SourceEnv, walk
 
 RELOCATED_CFG_KEYS = (
@@ -139,25 +140,11 @@ def _cfg_loader(cfg: list[tuple[str, str, str]]):
     return load
 
 
-def _read(path: str) -> tuple[bytes, os.stat_result]:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        chunks = []
-        while True:
-            chunk = os.read(fd, max(st.st_size, 1 << 16))
-            if not chunk:
-                return b"".join(chunks), st
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-
-
 def _pyc_loader(path: str):
     """Rewrite a timestamp pyc as an unchecked-hash pyc; drop it when stale."""
 
     def load() -> bytes | None:
-        data, _ = _read(path)
+        data, _ = read_file(path)
         if len(data) < 16:
             return data
         flags = int.from_bytes(data[4:8], "little")
@@ -166,7 +153,7 @@ def _pyc_loader(path: str):
         cache_dir, base = os.path.split(path)
         source = os.path.join(os.path.dirname(cache_dir), base.split(".", 1)[0] + ".py")
         try:
-            code, st = _read(source)
+            code, st = read_file(source)
         except OSError:
             return data  # sourceless: leave as is
         if data[8:12] != (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") or data[12:16] != (
