@@ -13,9 +13,17 @@ import zstandard
 from conftest import check, envcrate, install, make_venv
 
 from envcrate import pack
-from envcrate.archive import read_manifest_bytes
+from envcrate.archive import Spool, read_manifest_bytes
 from envcrate.errors import SourceEnvError
-from envcrate.manifest import FILES_MEMBER, MANIFEST_MEMBER, Manifest, crate_id_of_table
+from envcrate.manifest import (
+    FILES_MEMBER,
+    MANIFEST_MEMBER,
+    FileRow,
+    Manifest,
+    crate_id_of_table,
+    decode_table,
+    encode_table,
+)
 
 
 def test_pack_twice_is_byte_identical(small_venv, tmp_path):
@@ -276,3 +284,23 @@ def test_format_follows_the_output_name(small_venv, tmp_path):
     assert (tmp_path / "x.tar.gz").read_bytes()[:2] == b"\x1f\x8b"
     out = envcrate("pack", small_venv, "-o", tmp_path / "y.zip")
     assert out.returncode == 1 and ".tar.zst" in out.stderr
+
+
+def test_table_encoding_is_canonical_json_per_row():
+    rows = [
+        FileRow("d", "lib", "755"),
+        FileRow("f", 'we"ird\\name\t\u00e9\udcff.py', "644", 12, "ab" * 32),
+        FileRow("l", "bin/python3", "777", 0, "python"),
+    ]
+    assert encode_table(rows) == b"".join(r.encode() + b"\n" for r in rows)
+    assert decode_table(encode_table(rows)) == rows
+
+
+def test_spool_spills_to_a_file_past_its_limit_and_cleans_up(tmp_path):
+    spool = Spool(tmp_path, limit=10)
+    for piece in (b"12345", b"67890", b"abcdef"):
+        spool.write(piece)
+    assert spool.path is not None and os.path.exists(spool.path)
+    assert b"".join(spool.chunks()) == b"1234567890abcdef"
+    spool.close()
+    assert list(tmp_path.iterdir()) == []

@@ -46,7 +46,11 @@ def parser() -> argparse.ArgumentParser:
         choices=["tar.zst", "tar.gz"],
         help="archive format (default: from -o's name, else tar.zst)",
     )
-    p.add_argument("--level", type=int, help="compression level (default: 3 for zstd, 6 for gzip)")
+    p.add_argument(
+        "--level",
+        type=int,
+        help="compression level: zstd 1-22 (default: a tuned fast setting close to level 3's ratio), gzip 1-9 (default 6)",
+    )
     p.add_argument("--threads", type=int, help="compression threads (default: all cores)")
     p.add_argument(
         "--exclude",

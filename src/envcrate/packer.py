@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .archive import DEFAULT_LEVEL, FORMATS, BodyWriter, assemble, format_of_name, prefetch
+from .archive import (
+    DEFAULT_LEVEL,
+    FORMATS,
+    BodyWriter,
+    Spool,
+    assemble,
+    format_of_name,
+    prefetch,
+)
 from .compat import host_platform, libc_record, require_supported_os
 from .envs import SourceEnv, load_env
 from .errors import EnvcrateError
@@ -69,7 +77,8 @@ def pack(
     if format not in FORMATS:
         raise EnvcrateError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     level = DEFAULT_LEVEL[format] if level is None else level
-    _check_level(format, level)
+    if level is not None:
+        _check_level(format, level)
     threads = threads or default_threads()
     source = load_env(
         None if env is None else os.fspath(env),
@@ -82,36 +91,32 @@ def pack(
 
     scanner = Scanner([p.encode("utf-8", "surrogateescape") for p in source.prefixes])
     total = sum(e.size for e in source.entries if e.type == "f")
-    # A named temporary file: writes to an unnamed O_TMPFILE measured 5x slower here.
-    body_fd, body_path = tempfile.mkstemp(dir=out_dir, prefix=".envcrate-body-", suffix=".tmp")
+    body = Spool(out_dir)
     try:
-        with os.fdopen(body_fd, "w+b") as body:
-            with bar(total, f"packing {source.name}", progress) as tick:
-                result = _write_body(body, source, scanner, format, level, threads, tick)
-            table = encode_table(result.rows)
-            crate_id = crate_id_of_table(table)
-            manifest = _manifest(source, crate_id, scanner, result.rows, result.size)
-            name = out_name or f"{source.name}-{short_id(crate_id)}.{format}"
-            final = out_dir / name
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    blob, size = assemble(
-                        out, body, result, manifest.to_bytes(), table, format, level
-                    )
-                os.chmod(tmp, 0o644 & ~current_umask())
-                os.replace(tmp, final)
-            except BaseException:
-                unlink_quietly(tmp)
-                raise
+        with bar(total, f"packing {source.name}", progress) as tick:
+            result = _write_body(body, source, scanner, format, level, threads, tick)
+        table = encode_table(result.rows)
+        crate_id = crate_id_of_table(table)
+        manifest = _manifest(source, crate_id, scanner, result.rows, result.size)
+        name = out_name or f"{source.name}-{short_id(crate_id)}.{format}"
+        final = out_dir / name
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                blob, size = assemble(out, body, result, manifest.to_bytes(), table, format, level)
+            os.chmod(tmp, 0o644 & ~current_umask())
+            os.replace(tmp, final)
+        except BaseException:
+            unlink_quietly(tmp)
+            raise
     finally:
-        unlink_quietly(body_path)
+        body.close()
     write_record(Path(str(final) + ".json"), manifest, format, blob, size)
     return Crate(crate_id, blob, size, format, final, manifest, time.monotonic() - start)
 
 
 def _write_body(
-    body, source: SourceEnv, scanner: Scanner, fmt: str, level: int, threads: int, tick
+    body, source: SourceEnv, scanner: Scanner, fmt: str, level: int | None, threads: int, tick
 ):
     writer = BodyWriter(body, fmt, level, threads, scanner, tick)
     try:
