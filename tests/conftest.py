@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,71 @@ def text_files_naming(root: Path, needle: str) -> list[str]:
             if b"\0" not in data and needle.encode() in data:
                 found.append(str(p.relative_to(root)))
     return found
+
+
+# --------------------------------------------------------------------------- stores
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """A real S3 server (SeaweedFS) for this test session, stopped at the end."""
+    from servers import SeaweedFS
+
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class Backend:
+    kind: str
+    writer: str  # URL to publish to
+    reader: str  # URL to read from (the HTTP server for "http")
+    env: dict  # environment for envcrate subprocesses
+
+    def cli(self, *args, **kw):
+        return envcrate(*args, env=self.env, **kw)
+
+
+def _without_aws() -> dict:
+    return {
+        k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "ENVCRATE_STORE"
+    }
+
+
+def use_aws_env(monkeypatch, env: dict) -> dict:
+    """Point this process's AWS configuration (only) at ``env``'s."""
+    for k in list(os.environ):
+        if k.startswith("AWS_"):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+    return env
+
+
+@pytest.fixture
+def s3_env(seaweed, monkeypatch):
+    """This process's environment pointed at the test S3 server."""
+    return use_aws_env(monkeypatch, seaweed.env())
+
+
+@pytest.fixture(params=["fs", "s3", "http"])
+def backend(request, tmp_path):
+    """One store per test on each backend; HTTP serves a directory store."""
+    if request.param == "s3":
+        env = request.getfixturevalue("s3_env")
+        seaweed = request.getfixturevalue("seaweed")
+        url = f"s3://{seaweed.bucket()}/{tmp_path.name}"
+        yield Backend("s3", url, url, env)
+    elif request.param == "fs":
+        yield Backend("fs", str(tmp_path / "store"), str(tmp_path / "store"), _without_aws())
+    else:
+        from servers import HttpServer
+
+        root = tmp_path / "store"
+        root.mkdir()
+        server = HttpServer(root)
+        yield Backend("http", str(root), server.url, _without_aws())
+        server.stop()

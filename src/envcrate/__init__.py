@@ -1,4 +1,4 @@
-"""envcrate: pack venvs into content-addressed crates and unpack them anywhere.
+"""envcrate: pack venvs into content-addressed crates, ship them to stores, unpack them anywhere.
 
 The public API; the command line (:mod:`envcrate.cli`) is a thin layer over it.
 """
@@ -21,6 +21,14 @@ def __getattr__(name: str):
         from .unpacker import unpack
 
         return unpack
+    if name in ("ship", "push", "Shipped"):
+        from . import shipping
+
+        return getattr(shipping, name)
+    if name in ("open_store", "Store"):
+        from . import stores
+
+        return getattr(stores, name)
     if name == "verify_archive":
         from .verify import verify_archive
 
@@ -28,4 +36,17 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["Crate", "EnvcrateError", "Manifest", "pack", "unpack", "verify_archive", "__version__"]
+__all__ = [
+    "Crate",
+    "EnvcrateError",
+    "Manifest",
+    "Shipped",
+    "Store",
+    "open_store",
+    "pack",
+    "push",
+    "ship",
+    "unpack",
+    "verify_archive",
+    "__version__",
+]

@@ -23,24 +23,7 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
     )
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="envcrate",
-        description="Pack Python environments into content-addressed crates and unpack them anywhere.",
-    )
-    from . import __version__
-
-    ap.add_argument("--version", action="version", version=f"envcrate {__version__}")
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    p = sub.add_parser("pack", help="pack a venv into a crate archive")
-    p.add_argument(
-        "env", nargs="?", help="the env's prefix (default: $VIRTUAL_ENV, then $CONDA_PREFIX)"
-    )
-    p.add_argument(
-        "-o", "--output", help="archive path or directory (default: ./<name>-<id12>.<format>)"
-    )
+def _add_pack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--format",
         choices=["tar.zst", "tar.gz"],
@@ -67,6 +50,36 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="pack a venv that sees system site-packages",
     )
+
+
+def _add_store(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        help="directory, file://, s3:// or https:// store "
+        "(default: $ENVCRATE_STORE, then the local store in the user data directory)",
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="envcrate",
+        description="Pack Python environments into content-addressed crates and unpack them anywhere.",
+    )
+    from . import __version__
+
+    ap.add_argument("--version", action="version", version=f"envcrate {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("pack", help="pack a venv into a crate archive")
+    p.add_argument(
+        "env", nargs="?", help="the env's prefix (default: $VIRTUAL_ENV, then $CONDA_PREFIX)"
+    )
+    p.add_argument(
+        "-o", "--output", help="archive path or directory (default: ./<name>-<id12>.<format>)"
+    )
+    _add_pack_options(p)
     _add_json(p)
     _add_progress(p)
 
@@ -80,9 +93,54 @@ def parser() -> argparse.ArgumentParser:
     _add_json(p)
     _add_progress(p)
 
-    p = sub.add_parser("info", help="show a crate's manifest")
-    p.add_argument("ref", metavar="ARCHIVE")
+    p = sub.add_parser("push", help="publish a packed archive to a store")
+    p.add_argument("archive")
+    _add_store(p)
+    p.add_argument("--tag", metavar="NAME", help="also point this tag at the crate")
+    _add_json(p)
+    _add_progress(p)
+
+    p = sub.add_parser("ship", help="pack an env and publish it, unless the store has it")
+    p.add_argument(
+        "env", nargs="?", help="the env's prefix (default: $VIRTUAL_ENV, then $CONDA_PREFIX)"
+    )
+    _add_store(p)
+    p.add_argument("--tag", metavar="NAME", help="also point this tag at the crate")
+    _add_pack_options(p)
+    _add_json(p)
+    _add_progress(p)
+
+    p = sub.add_parser("ls", help="list the crates in a store")
+    _add_store(p)
+    _add_json(p)
+
+    p = sub.add_parser("info", help="show a crate's manifest (an archive, or a ref in a store)")
+    p.add_argument("ref", metavar="REF", help="archive path, crate id, 12+ hex prefix or tag")
+    _add_store(p)
     p.add_argument("--pins", action="store_true", help="print the pins as requirements")
+    _add_json(p)
+
+    p = sub.add_parser("tag", help="point a tag at a crate in a store")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("name", metavar="NAME")
+    _add_store(p)
+    _add_json(p)
+
+    p = sub.add_parser("rm", help="remove a crate from a store")
+    p.add_argument("ref", metavar="REF")
+    _add_store(p)
+    p.add_argument("--force", action="store_true", help="remove it even when tagged (and the tags)")
+    _add_json(p)
+
+    p = sub.add_parser(
+        "url", help="print a presigned HTTPS URL and the digest of a crate's archive"
+    )
+    p.add_argument("ref", metavar="REF")
+    _add_store(p)
+    p.add_argument(
+        "--expires", type=int, default=3600, metavar="SECONDS", help="validity (default 3600)"
+    )
+    p.add_argument("--format", choices=["tar.zst", "tar.gz"], help="which archive (default: first)")
     _add_json(p)
 
     p = sub.add_parser("verify", help="recompute an archive's digests and name the first mismatch")
@@ -121,13 +179,10 @@ def _emit(args, obj: dict, text: str) -> int:
     return 0
 
 
-def cmd_pack(args) -> int:
-    from .packer import pack
+def _pack_options(args) -> dict:
     from .progress import wanted
 
-    crate = pack(
-        args.env,
-        args.output,
+    return dict(
         format=args.format,
         level=args.level,
         threads=args.threads,
@@ -136,6 +191,13 @@ def cmd_pack(args) -> int:
         allow_system_site_packages=args.allow_system_site_packages,
         progress=wanted(args.progress),
     )
+
+
+def cmd_pack(args) -> int:
+    from .packer import pack
+    from .progress import wanted
+
+    crate = pack(args.env, args.output, **_pack_options(args))
     obj = {
         "id": crate.id,
         "blob": crate.blob,
@@ -167,17 +229,25 @@ def cmd_unpack(args) -> int:
 def cmd_info(args) -> int:
     from .unpacker import read_manifest
 
-    if not os.path.isfile(args.ref):
-        raise EnvcrateError(
-            f"no archive at {args.ref} (stores and caches come with `--store`/`--cache` later)"
-        )
-    manifest = read_manifest(args.ref)
+    if os.path.isfile(args.ref) and not args.store:
+        manifest = read_manifest(args.ref)
+        size, where = os.path.getsize(args.ref), args.ref
+    else:
+        from .manifest import Manifest
+        from .stores import open_store
+
+        store = open_store(args.store)
+        record = store.record(store.resolve(args.ref))
+        manifest = Manifest({k: v for k, v in record.items() if k != "archives"})
+        archives = record.get("archives", [])
+        size = min((a.get("size", 0) for a in archives), default=0)
+        where = f"{store.url} ({', '.join(a.get('format', '?') for a in archives)})"
     m = manifest.data
     if args.pins:
         lines = [_requirement(p) for p in manifest.pins]
         return _emit(args, {"id": manifest.id, "pins": manifest.pins}, "\n".join(lines))
     if args.json:
-        return _emit(args, dict(m, archive_size=os.path.getsize(args.ref)), "")
+        return _emit(args, dict(m, archive_size=size), "")
     py = m.get("python") or {}
     plat = m["platform"]
     libc = plat.get("libc") or {}
@@ -196,7 +266,7 @@ def cmd_info(args) -> int:
         ),
         ("prefix", m["prefix"]),
         ("files", f"{m['files']['count']} ({_size(m['files']['bytes'])})"),
-        ("archive", f"{args.ref} ({_size(os.path.getsize(args.ref))})"),
+        ("archive", f"{where}, {_size(size)}"),
         ("relocated", f"{len(m.get('prefix_files', []))} files embed the prefix"),
         ("pins", f"{len(manifest.pins)}"),
     ]
@@ -238,6 +308,104 @@ def cmd_verify(args) -> int:
     return _emit(args, obj, v.id)
 
 
+def _shipped(args, shipped) -> int:
+    obj = {
+        "id": shipped.id,
+        "blob": shipped.blob,
+        "size": shipped.size,
+        "format": shipped.format,
+        "store": shipped.store,
+        "uploaded": shipped.uploaded,
+        "seconds": round(shipped.seconds, 3),
+    }
+    if not args.json:
+        what = "uploaded" if shipped.uploaded else "already there, uploaded nothing"
+        print(f"{shipped.store}: {what} ({_size(shipped.size)})", file=sys.stderr)
+    return _emit(args, obj, shipped.id)
+
+
+def cmd_push(args) -> int:
+    from .progress import wanted
+    from .shipping import push
+
+    return _shipped(
+        args, push(args.archive, args.store, tag=args.tag, progress=wanted(args.progress))
+    )
+
+
+def cmd_ship(args) -> int:
+    from .shipping import ship
+
+    return _shipped(args, ship(args.env, args.store, tag=args.tag, **_pack_options(args)))
+
+
+def cmd_ls(args) -> int:
+    from .stores import open_store
+
+    store = open_store(args.store)
+    crates = store.listing()
+    if args.json:
+        return _emit(args, {"store": store.url, "crates": crates}, "")
+    rows = [("ID", "TAGS", "NAME", "KIND", "PYTHON", "SIZE", "CREATED")]
+    for c in crates:
+        rows.append(
+            (
+                c["id"].split(":", 1)[1][:12],
+                ",".join(c["tags"]) or "-",
+                c["name"] or "-",
+                c["kind"] or "-",
+                c["python"] or "-",
+                _size(c["size"]),
+                c["created"],
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print("\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows))
+    return 0
+
+
+def cmd_tag(args) -> int:
+    from .stores import open_store
+
+    store = open_store(args.store)
+    crate_id = store.set_tag(args.ref, args.name)
+    return _emit(args, {"id": crate_id, "tag": args.name, "store": store.url}, crate_id)
+
+
+def cmd_rm(args) -> int:
+    from .stores import open_store
+
+    store = open_store(args.store)
+    removed = store.remove(args.ref, force=args.force)
+    if not args.json:
+        tags = f" and tags {', '.join(removed['tags'])}" if removed["tags"] else ""
+        print(f"removed {removed['id']}{tags} from {store.url}", file=sys.stderr)
+    return _emit(args, dict(removed, store=store.url), removed["id"])
+
+
+def cmd_url(args) -> int:
+    from .stores import blob_key, open_store
+
+    store = open_store(args.store)
+    if not store.can_presign:
+        raise EnvcrateError(
+            f"{store.url} cannot hand out URLs; use an s3:// store (or an https:// one)"
+        )
+    crate_id = store.resolve(args.ref)
+    archives = [
+        a
+        for a in (store.record(crate_id) or {}).get("archives", [])
+        if args.format in (None, a.get("format"))
+    ]
+    if not archives:
+        raise EnvcrateError(f"{crate_id} has no {args.format} archive in {store.url}")
+    a = archives[0]
+    url = store.presign(blob_key(a["blob"]), args.expires)
+    obj = {"id": crate_id, "url": url, "blob": a["blob"], "size": a["size"], "format": a["format"]}
+    obj["expires"] = args.expires
+    return _emit(args, obj, f"{url}\n{a['blob']}")
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -246,7 +414,18 @@ def _size(n: int) -> str:
     return str(n)
 
 
-COMMANDS = {"pack": cmd_pack, "unpack": cmd_unpack, "info": cmd_info, "verify": cmd_verify}
+COMMANDS = {
+    "pack": cmd_pack,
+    "unpack": cmd_unpack,
+    "push": cmd_push,
+    "ship": cmd_ship,
+    "ls": cmd_ls,
+    "info": cmd_info,
+    "tag": cmd_tag,
+    "rm": cmd_rm,
+    "url": cmd_url,
+    "verify": cmd_verify,
+}
 
 
 if __name__ == "__main__":

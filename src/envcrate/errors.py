@@ -34,3 +34,11 @@ class IncompatibleError(EnvcrateError):
 
 class RelocationError(EnvcrateError):
     """The crate cannot be relocated to the requested prefix."""
+
+
+class StoreError(EnvcrateError):
+    """A store cannot be reached, read or written."""
+
+
+class NotFoundError(EnvcrateError):
+    """A crate, tag or archive does not exist where it was looked for."""

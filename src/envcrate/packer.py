@@ -29,7 +29,7 @@ from .compat import host_platform, libc_record, require_supported_os
 from .envs import SourceEnv, load_env
 from .errors import EnvcrateError
 from .fsutil import current_umask, unlink_quietly
-from .manifest import SCHEMA, Manifest, crate_id_of_table, encode_table, short_id
+from .manifest import SCHEMA, FileRow, Manifest, crate_id_of_table, encode_table, short_id
 from .progress import bar
 from .record import write_record
 from .scan import Scanner
@@ -72,20 +72,42 @@ def pack(
     ``format`` defaults to the one ``output``'s name ends with, else tar.zst."""
     start = time.monotonic()
     require_supported_os()
-    if format is None:
-        format = (format_of_name(os.fspath(output)) if output is not None else None) or "tar.zst"
-    if format not in FORMATS:
-        raise EnvcrateError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
-    level = DEFAULT_LEVEL[format] if level is None else level
-    if level is not None:
-        _check_level(format, level)
-    threads = threads or default_threads()
+    format = resolve_format(format, output)
     source = load_env(
         None if env is None else os.fspath(env),
         tuple(exclude),
         allow_editable,
         allow_system_site_packages,
     )
+    return pack_source(
+        source, output, format=format, level=level, threads=threads, progress=progress, start=start
+    )
+
+
+def resolve_format(format: str | None, output) -> str:
+    if format is None:
+        format = (format_of_name(os.fspath(output)) if output is not None else None) or "tar.zst"
+    if format not in FORMATS:
+        raise EnvcrateError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    return format
+
+
+def pack_source(
+    source: SourceEnv,
+    output: str | os.PathLike | None,
+    *,
+    format: str,
+    level: int | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+    start: float | None = None,
+) -> Crate:
+    """Pack an already loaded source env (see :func:`pack`)."""
+    start = time.monotonic() if start is None else start
+    level = DEFAULT_LEVEL[format] if level is None else level
+    if level is not None:
+        _check_level(format, level)
+    threads = threads or default_threads()
     out_dir, out_name = _output_place(output, format)
     _check_space(out_dir, source)
 
@@ -113,6 +135,43 @@ def pack(
         body.close()
     write_record(Path(str(final) + ".json"), manifest, format, blob, size)
     return Crate(crate_id, blob, size, format, final, manifest, time.monotonic() - start)
+
+
+def identify(source: SourceEnv) -> str:
+    """The crate id ``source`` would pack to, computed without compressing or
+    writing anything (``ship`` asks the store with it before packing)."""
+    import hashlib
+
+    rows = []
+    for entry, data in prefetch(source.entries):
+        if entry.type == "d":
+            rows.append(FileRow("d", entry.path, "755"))
+        elif entry.type == "l":
+            rows.append(FileRow("l", entry.path, "777", 0, entry.target))
+        else:
+            if data is None:
+                h, size = _hash_file(entry.source)
+            else:
+                h, size = hashlib.sha256(data).hexdigest(), len(data)
+            if data is None and size != entry.size:
+                raise EnvcrateError(f"{entry.source} changed while it was being read; try again")
+            rows.append(FileRow("f", entry.path, "%o" % entry.mode, size, h))
+    return crate_id_of_table(encode_table(rows))
+
+
+def _hash_file(path: str) -> tuple[str, int]:
+    import hashlib
+
+    h = hashlib.sha256()
+    size = 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+                size += len(chunk)
+    except OSError as e:
+        raise EnvcrateError(f"cannot read {path}: {e.strerror}") from None
+    return h.hexdigest(), size
 
 
 def _write_body(

@@ -16,17 +16,34 @@ from pathlib import Path
 from .manifest import Manifest
 
 
+def archive_entry(fmt: str, blob: str, size: int) -> dict:
+    return {
+        "format": fmt,
+        "blob": blob,
+        "size": size,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def with_archive(record: dict | None, manifest: dict, entry: dict) -> dict:
+    """``record`` (or a new one from ``manifest``) listing ``entry``; an archive
+    of the same format and blob keeps its first creation time."""
+    out = dict(manifest)
+    archives = [a for a in (record or {}).get("archives", []) if a.get("format") != entry["format"]]
+    for a in (record or {}).get("archives", []):
+        if a.get("format") == entry["format"] and a.get("blob") == entry["blob"]:
+            entry = a
+    out["archives"] = sorted([*archives, entry], key=lambda a: a["format"])
+    return out
+
+
+def encode_record(record: dict) -> bytes:
+    return (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
+
+
 def write_record(path: Path, manifest: Manifest, fmt: str, blob: str, size: int) -> dict:
-    record = dict(manifest.data)
-    record["archives"] = [
-        {
-            "format": fmt,
-            "blob": blob,
-            "size": size,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-    ]
-    atomic_write(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    record = with_archive(None, manifest.data, archive_entry(fmt, blob, size))
+    atomic_write(path, encode_record(record))
     return record
 
 

@@ -1,0 +1,162 @@
+"""A store in a directory: a shared filesystem, a sandbox, the local default.
+
+Every object is written under a temporary name in its final directory and
+renamed into place, so readers never see a partial file. When the store's
+root is group-writable (a project directory), new files and directories are
+too, and directories inherit its set-group-id bit.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from ..errors import NotFoundError, StoreError
+from ..fsutil import current_umask, unlink_quietly
+from .base import Progress, Store
+
+
+class FsStore(Store):
+    def __init__(self, root: str | os.PathLike, url: str | None = None):
+        self.root = Path(root).expanduser().absolute()
+        self.url = url or str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def _fail(self, e: OSError, doing: str) -> StoreError:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return StoreError(
+                f"cannot {doing} in the store {self.url}: {e.strerror}; "
+                "ask for write access or choose another --store"
+            )
+        if e.errno == errno.ENOSPC:
+            return StoreError(f"cannot {doing} in the store {self.url}: disk full; free space")
+        return StoreError(f"cannot {doing} in the store {self.url}: {e.strerror or e}")
+
+    def _modes(self) -> tuple[int, int]:
+        """(file mode, directory mode) for new objects."""
+        umask = current_umask()
+        try:
+            shared = bool(self.root.stat().st_mode & stat.S_IWGRP)
+        except OSError:
+            shared = False
+        file_mode = (0o644 & ~umask) | (0o064 if shared else 0)
+        dir_mode = (0o755 & ~umask) | (0o2775 if shared else 0)
+        return file_mode & 0o7777, dir_mode
+
+    def _make_dirs(self, path: Path) -> None:
+        missing = []
+        d = path
+        while not d.is_dir():
+            missing.append(d)
+            d = d.parent
+        _, dir_mode = self._modes() if self.root.is_dir() else (0, 0o755 & ~current_umask())
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                continue
+            os.chmod(d, dir_mode)
+
+    def _place(self, key: str, fill) -> None:
+        """Create ``key`` through a temporary file in its directory."""
+        final = self._path(key)
+        try:
+            self._make_dirs(final.parent)
+            fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+        except OSError as e:
+            raise self._fail(e, f"write {key}") from None
+        try:
+            try:
+                fill(fd, tmp)
+                os.chmod(tmp, self._modes()[0])
+                os.replace(tmp, final)
+            except OSError as e:
+                raise self._fail(e, f"write {key}") from None
+        except BaseException:
+            unlink_quietly(tmp)
+            raise
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise self._fail(e, f"read {key}") from None
+
+    def write(self, key: str, data: bytes) -> None:
+        def fill(fd: int, tmp: str) -> None:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+        self._place(key, fill)
+
+    def upload(
+        self, key: str, path: Path, digest: str, progress: Progress | None, move: bool = False
+    ) -> None:
+        def fill(fd: int, tmp: str) -> None:
+            if move:
+                try:
+                    os.close(fd)
+                    os.replace(path, tmp)  # same filesystem: no copy
+                    return
+                except OSError as e:
+                    if e.errno != errno.EXDEV:
+                        raise
+                    fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                while chunk := src.read(8 << 20):
+                    out.write(chunk)
+                    if progress:
+                        progress(len(chunk))
+                out.flush()
+                os.fsync(out.fileno())
+
+        self._place(key, fill)
+
+    def download(self, key: str, dest: Path, progress: Progress | None) -> None:
+        try:
+            with open(self._path(key), "rb") as src, open(dest, "wb") as out:
+                while chunk := src.read(8 << 20):
+                    out.write(chunk)
+                    if progress:
+                        progress(len(chunk))
+        except FileNotFoundError:
+            raise NotFoundError(f"{self.url}/{key} does not exist") from None
+
+    def size(self, key: str) -> int | None:
+        try:
+            return self._path(key).stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise self._fail(e, f"read {key}") from None
+
+    def keys(self, prefix: str) -> list[str]:
+        try:
+            names = os.listdir(self._path(prefix))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as e:
+            raise self._fail(e, f"list {prefix}") from None
+        return sorted(prefix + n for n in names if not n.startswith("."))
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise self._fail(e, f"remove {key}") from None
+
+    def staging_dir(self) -> Path:
+        """A directory on the store's filesystem for archives about to be moved in."""
+        self._make_dirs(self.root)
+        return self.root

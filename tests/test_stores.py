@@ -1,0 +1,206 @@
+"""One store suite, run against every backend: a directory, S3 (a real
+SeaweedFS server) and HTTP (a local web server over a directory store)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import envcrate
+
+from envcrate.errors import StoreError
+from envcrate.manifest import short_id
+from envcrate.stores import blob_key, file_digest, open_store, record_key
+
+
+def ok(out: subprocess.CompletedProcess) -> dict:
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def fails(out: subprocess.CompletedProcess, *words: str) -> str:
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    err = out.stderr.strip()
+    assert err.startswith("envcrate: error: ") and "\n" not in err, err
+    assert "Traceback" not in out.stderr
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_push_publishes_what_readers_find(backend, small_crate, tmp_path):
+    pushed = ok(
+        backend.cli("push", small_crate.archive, "--store", backend.writer, "--tag", "t1", "--json")
+    )
+    assert pushed["id"] == small_crate.id and pushed["blob"] == small_crate.blob
+    assert pushed["uploaded"] is True and pushed["size"] == small_crate.size
+
+    info = ok(backend.cli("info", "t1", "--store", backend.reader, "--json"))
+    assert info["id"] == small_crate.id and info["kind"] == "venv"
+    assert ok(backend.cli("info", small_crate.id, "--store", backend.reader, "--json"))["id"] == (
+        small_crate.id
+    )
+
+    store = open_store(backend.reader)
+    fetched = store.fetch(small_crate.id, tmp_path)
+    assert fetched.name == f"{small_crate.manifest.data['name']}-{short_id(small_crate.id)}.tar.zst"
+    assert fetched.read_bytes() == small_crate.archive.read_bytes()
+
+    if backend.kind == "http":
+        fails(backend.cli("ls", "--store", backend.reader), "cannot be listed")
+        fails(
+            backend.cli("info", short_id(small_crate.id), "--store", backend.reader),
+            "full crate id",
+        )
+        fails(backend.cli("push", small_crate.archive, "--store", backend.reader), "read-only")
+    else:
+        listed = ok(backend.cli("ls", "--store", backend.reader, "--json"))["crates"]
+        assert [(c["id"], c["tags"], c["formats"]) for c in listed] == [
+            (small_crate.id, ["t1"], ["tar.zst"])
+        ]
+        by_prefix = ok(
+            backend.cli("info", short_id(small_crate.id), "--store", backend.reader, "--json")
+        )
+        assert by_prefix["id"] == small_crate.id
+        human = backend.cli("ls", "--store", backend.reader)
+        assert short_id(small_crate.id) in human.stdout and "t1" in human.stdout
+
+
+def test_ship_uploads_only_what_is_missing(backend, small_venv, small_crate, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    first = ok(backend.cli("ship", small_venv, "--store", backend.writer, "--json", cwd=cwd))
+    assert first["id"] == small_crate.id  # identify() agrees with pack()
+    assert first["uploaded"] is True
+
+    again = ok(backend.cli("ship", small_venv, "--store", backend.writer, "--json", cwd=cwd))
+    assert again["uploaded"] is False and again["blob"] == first["blob"]
+
+    gz = ok(
+        backend.cli(
+            "ship", small_venv, "--store", backend.writer, "--format", "tar.gz", "--json", cwd=cwd
+        )
+    )
+    assert gz["uploaded"] is True and gz["id"] == first["id"] and gz["blob"] != first["blob"]
+    record = open_store(backend.reader).record(first["id"])
+    assert sorted((a["format"], a["blob"]) for a in record["archives"]) == sorted(
+        [("tar.gz", gz["blob"]), ("tar.zst", first["blob"])]
+    )
+    assert list(cwd.iterdir()) == []  # ship writes no archive where it runs
+    if backend.kind != "s3":
+        leftovers = [p.name for p in (tmp_path / "store").iterdir() if p.name.startswith(".")]
+        assert leftovers == []
+
+
+def test_tags_and_removal(backend, small_crate):
+    w = backend.writer
+    ok(backend.cli("push", small_crate.archive, "--store", w, "--json"))
+    fails(backend.cli("tag", small_crate.id, "a" * 12, "--store", w), "cannot be a tag")
+    fails(backend.cli("tag", small_crate.id, "has/slash", "--store", w), "cannot be a tag")
+    fails(backend.cli("tag", "no-such-tag", "x", "--store", w), "no-such-tag", "envcrate ls")
+    tagged = ok(
+        backend.cli("tag", short_id(small_crate.id), "md-tools:2026-11", "--store", w, "--json")
+    )
+    assert tagged["id"] == small_crate.id
+    assert ok(backend.cli("info", "md-tools:2026-11", "--store", backend.reader, "--json"))[
+        "id"
+    ] == (small_crate.id)
+
+    fails(backend.cli("rm", small_crate.id, "--store", w), "md-tools:2026-11", "--force")
+    assert open_store(backend.reader).record(small_crate.id) is not None
+    removed = ok(backend.cli("rm", small_crate.id, "--store", w, "--force", "--json"))
+    assert removed["tags"] == ["md-tools:2026-11"] and removed["blobs"] == [small_crate.blob]
+
+    reader = open_store(backend.reader)
+    assert reader.record(small_crate.id) is None
+    assert reader.size(blob_key(small_crate.blob)) is None
+    fails(backend.cli("info", small_crate.id, "--store", backend.reader), "not in")
+    fails(backend.cli("info", "md-tools:2026-11", "--store", backend.reader), "no crate or tag")
+
+
+def test_corrupt_record_is_a_one_line_error(backend, small_crate):
+    ok(backend.cli("push", small_crate.archive, "--store", backend.writer, "--json"))
+    open_store(backend.writer).write(record_key(small_crate.id), b"{not json")
+    fails(backend.cli("info", small_crate.id, "--store", backend.reader), "corrupt", "rm")
+    # Publishing again repairs it.
+    ok(backend.cli("push", small_crate.archive, "--store", backend.writer, "--json"))
+    assert ok(backend.cli("info", small_crate.id, "--store", backend.reader, "--json"))["id"] == (
+        small_crate.id
+    )
+
+
+def test_ambiguous_prefix_lists_the_candidates(backend):
+    if backend.kind == "http":
+        pytest.skip("HTTP stores cannot list, so prefixes are refused (tested above)")
+    store = open_store(backend.writer)
+    ids = ["sha256:" + "ab" * 6 + c * 52 for c in "01"]
+    for crate_id in ids:
+        store.write(record_key(crate_id), json.dumps({"id": crate_id, "archives": []}).encode())
+    err = fails(backend.cli("info", "ab" * 6, "--store", backend.reader), "ambiguous")
+    assert all(i in err for i in ids)
+    fails(backend.cli("info", "cd" * 6, "--store", backend.reader), "no crate")
+
+
+def test_two_clients_shipping_the_same_crate_at_once(backend, small_venv, tmp_path):
+    if backend.kind == "http":
+        pytest.skip("HTTP stores are read-only")
+    cmd = [sys.executable, "-m", "envcrate.cli", "ship", str(small_venv), "--store"]
+    procs = [
+        subprocess.Popen(
+            [*cmd, backend.writer, "--tag", "both", "--json"],
+            env=backend.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
+    assert [r[2] for r in results] == [0, 0], results
+    shipped = [json.loads(r[0]) for r in results]
+    assert shipped[0]["id"] == shipped[1]["id"] and shipped[0]["blob"] == shipped[1]["blob"]
+    store = open_store(backend.reader)
+    record = store.record(shipped[0]["id"])
+    assert [a["blob"] for a in record["archives"]] == [shipped[0]["blob"]]
+    assert store.resolve("both") == shipped[0]["id"]
+    path = store.fetch(shipped[0]["id"], tmp_path)
+    assert file_digest(path) == shipped[0]["blob"]
+
+
+def test_damaged_blob_is_refused_on_fetch(backend, small_crate, tmp_path):
+    ok(backend.cli("push", small_crate.archive, "--store", backend.writer, "--json"))
+    data = bytearray(small_crate.archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    writer = open_store(backend.writer)
+    damaged = tmp_path / "damaged"
+    damaged.write_bytes(bytes(data))
+    writer.upload(blob_key(small_crate.blob), damaged, small_crate.blob, None)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(Exception, match="damaged"):
+        open_store(backend.reader).fetch(small_crate.id, dest)
+    assert list(dest.iterdir()) == []
+
+
+def test_missing_store_objects_are_clear(backend):
+    fails(backend.cli("info", "sha256:" + "0" * 64, "--store", backend.reader), "not in")
+    fails(backend.cli("info", "nothing-here", "--store", backend.reader), "no crate or tag")
+    fails(backend.cli("rm", "nothing-here", "--store", backend.writer), "no crate or tag")
+
+
+def test_default_store_is_envcrate_store_then_user_data(tmp_path, small_crate, monkeypatch):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "ENVCRATE_STORE"}
+    env["XDG_DATA_HOME"] = str(tmp_path / "data")
+    ok(envcrate("push", small_crate.archive, "--json", env=env))
+    assert (tmp_path / "data" / "envcrate" / "store" / record_key(small_crate.id)).is_file()
+    env["ENVCRATE_STORE"] = str(tmp_path / "other")
+    ok(envcrate("push", small_crate.archive, "--json", env=env))
+    assert (tmp_path / "other" / record_key(small_crate.id)).is_file()
+
+
+def test_http_store_refuses_writes_in_the_api(small_crate):
+    store = open_store("http://127.0.0.1:9/store")
+    with pytest.raises(StoreError, match="read-only"):
+        store.publish(small_crate.archive, small_crate.manifest.data, "tar.zst", "x", 1)
