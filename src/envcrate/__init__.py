@@ -8,11 +8,19 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .errors import EnvcrateError  # noqa: E402
-from .manifest import Manifest  # noqa: E402
 
 
 def __getattr__(name: str):
-    # Lazy: importing envcrate stays cheap (no zstandard, no tqdm).
+    # Lazy: importing envcrate stays cheap (the warm ensure path imports
+    # almost nothing: no zstandard, boto3, tqdm, not even dataclasses).
+    if name == "Manifest":
+        from .manifest import Manifest
+
+        return Manifest
+    if name in ("ensure", "Ensured"):
+        from . import cache
+
+        return getattr(cache, name)
     if name in ("pack", "Crate"):
         from . import packer
 
@@ -39,9 +47,11 @@ def __getattr__(name: str):
 __all__ = [
     "Crate",
     "EnvcrateError",
+    "Ensured",
     "Manifest",
     "Shipped",
     "Store",
+    "ensure",
     "open_store",
     "pack",
     "push",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -61,7 +60,38 @@ def _add_store(p: argparse.ArgumentParser) -> None:
     )
 
 
-def parser() -> argparse.ArgumentParser:
+def _add_cache(p: argparse.ArgumentParser, many: bool = True) -> None:
+    p.add_argument(
+        "--cache",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="cache directory, searched in order"
+        + (" (repeatable)" if many else "")
+        + " (default: $ENVCRATE_CACHE, then the user cache directory)",
+    )
+
+
+def _add_ensure_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "ref", metavar="REF", help="crate id, 12+ hex prefix, tag, archive path or archive URL"
+    )
+    _add_store(p)
+    _add_cache(p)
+    p.add_argument("--python", help="base interpreter for a venv crate")
+    p.add_argument("--sha256", metavar="DIGEST", help="blob digest of an archive URL or file")
+    p.add_argument("--events", metavar="FILE", help="append bootstrap events (JSON lines) to FILE")
+
+
+class _Skip:
+    """Stands in for the parsers of the commands not being run: building all
+    of them costs the warm ``ensure`` path about 10 ms."""
+
+    def add_argument(self, *args, **kwargs) -> None:
+        return None
+
+
+def parser(only: str | None = None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="envcrate",
         description="Pack Python environments into content-addressed crates and unpack them anywhere.",
@@ -72,7 +102,12 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("pack", help="pack a venv into a crate archive")
+    def add(name: str, **kwargs):
+        if only is not None and name != only:
+            return _Skip()
+        return sub.add_parser(name, **kwargs)
+
+    p = add("pack", help="pack a venv into a crate archive")
     p.add_argument(
         "env", nargs="?", help="the env's prefix (default: $VIRTUAL_ENV, then $CONDA_PREFIX)"
     )
@@ -83,7 +118,7 @@ def parser() -> argparse.ArgumentParser:
     _add_json(p)
     _add_progress(p)
 
-    p = sub.add_parser("unpack", help="extract and relocate a crate archive into a new directory")
+    p = add("unpack", help="extract and relocate a crate archive into a new directory")
     p.add_argument("archive")
     p.add_argument("dest")
     p.add_argument(
@@ -93,14 +128,14 @@ def parser() -> argparse.ArgumentParser:
     _add_json(p)
     _add_progress(p)
 
-    p = sub.add_parser("push", help="publish a packed archive to a store")
+    p = add("push", help="publish a packed archive to a store")
     p.add_argument("archive")
     _add_store(p)
     p.add_argument("--tag", metavar="NAME", help="also point this tag at the crate")
     _add_json(p)
     _add_progress(p)
 
-    p = sub.add_parser("ship", help="pack an env and publish it, unless the store has it")
+    p = add("ship", help="pack an env and publish it, unless the store has it")
     p.add_argument(
         "env", nargs="?", help="the env's prefix (default: $VIRTUAL_ENV, then $CONDA_PREFIX)"
     )
@@ -110,31 +145,32 @@ def parser() -> argparse.ArgumentParser:
     _add_json(p)
     _add_progress(p)
 
-    p = sub.add_parser("ls", help="list the crates in a store")
+    p = add("ls", help="list the crates in a store, or in caches with --cache")
     _add_store(p)
+    _add_cache(p)
     _add_json(p)
 
-    p = sub.add_parser("info", help="show a crate's manifest (an archive, or a ref in a store)")
+    p = add("info", help="show a crate's manifest (an archive, or a ref in a store)")
     p.add_argument("ref", metavar="REF", help="archive path, crate id, 12+ hex prefix or tag")
     _add_store(p)
+    _add_cache(p)
     p.add_argument("--pins", action="store_true", help="print the pins as requirements")
     _add_json(p)
 
-    p = sub.add_parser("tag", help="point a tag at a crate in a store")
+    p = add("tag", help="point a tag at a crate in a store")
     p.add_argument("ref", metavar="REF")
     p.add_argument("name", metavar="NAME")
     _add_store(p)
     _add_json(p)
 
-    p = sub.add_parser("rm", help="remove a crate from a store")
+    p = add("rm", help="remove a crate from a store, or from caches with --cache")
     p.add_argument("ref", metavar="REF")
     _add_store(p)
+    _add_cache(p)
     p.add_argument("--force", action="store_true", help="remove it even when tagged (and the tags)")
     _add_json(p)
 
-    p = sub.add_parser(
-        "url", help="print a presigned HTTPS URL and the digest of a crate's archive"
-    )
+    p = add("url", help="print a presigned HTTPS URL and the digest of a crate's archive")
     p.add_argument("ref", metavar="REF")
     _add_store(p)
     p.add_argument(
@@ -143,15 +179,48 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["tar.zst", "tar.gz"], help="which archive (default: first)")
     _add_json(p)
 
-    p = sub.add_parser("verify", help="recompute an archive's digests and name the first mismatch")
-    p.add_argument("ref", metavar="ARCHIVE")
+    p = add(
+        "verify",
+        help="recompute an archive's digests, or check an unpacked crate in a cache (--cache)",
+    )
+    p.add_argument("ref", metavar="ARCHIVE|REF")
+    _add_cache(p)
     p.add_argument("--sha256", help="expected blob digest (default: the one in <archive>.json)")
+    _add_json(p)
+
+    p = add("ensure", help="materialise a crate into the cache once; print its prefix")
+    _add_ensure_options(p)
+    p.add_argument("--lease", type=int, metavar="PID", help="keep it from gc while PID runs")
+    _add_json(p)
+    _add_progress(p)
+
+    p = add("activate", help="print shell code that activates a crate (for eval)")
+    _add_ensure_options(p)
+    p.add_argument("--shell", choices=["sh", "bash", "zsh", "fish"], help="default: from $SHELL")
+
+    p = add("run", help="run a command in a crate")
+    _add_ensure_options(p)
+    p.add_argument("--", dest="dashdash", metavar="COMMAND [ARG]...", help="the command to run")
+
+    p = add("gc", help="remove least-recently-used, unleased crates from caches")
+    _add_cache(p)
+    p.add_argument("--max-size", metavar="SIZE", help="shrink each cache below SIZE (e.g. 20G)")
+    p.add_argument(
+        "--unused-for", metavar="DURATION", help="remove crates unused this long (e.g. 30d)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="only report what would be removed")
     _add_json(p)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command: list[str] = []
+    if argv[:1] == ["run"] and "--" in argv:  # everything after -- is the command, untouched
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1 :]
+    args = parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
+    args.argv = command
     try:
         return COMMANDS[args.command](args)
     except EnvcrateError as e:
@@ -173,6 +242,8 @@ def _fail(message: str) -> None:
 
 def _emit(args, obj: dict, text: str) -> int:
     if args.json:
+        import json
+
         print(json.dumps(obj))
     else:
         print(text)
@@ -229,9 +300,18 @@ def cmd_unpack(args) -> int:
 def cmd_info(args) -> int:
     from .unpacker import read_manifest
 
-    if os.path.isfile(args.ref) and not args.store:
+    if os.path.isfile(args.ref) and not args.store and not args.cache:
         manifest = read_manifest(args.ref)
         size, where = os.path.getsize(args.ref), args.ref
+    elif args.cache:
+        from . import cache_admin
+        from .cache import cache_list
+        from .manifest import Manifest
+
+        entry = cache_admin.find(cache_list(args.cache), args.ref)[0]
+        with open(os.path.join(entry["prefix"], ".envcrate", "manifest.json"), "rb") as f:
+            manifest = Manifest.from_bytes(f.read())
+        size, where = entry["size"], entry["prefix"]
     else:
         from .manifest import Manifest
         from .stores import open_store
@@ -292,6 +372,10 @@ def _requirement(pin: dict) -> str:
 
 
 def cmd_verify(args) -> int:
+    if args.cache or (
+        os.path.isdir(args.ref) and os.path.isfile(os.path.join(args.ref, ".envcrate", "ready"))
+    ):
+        return _verify_cache(args)
     from .verify import verify_archive
 
     v = verify_archive(args.ref, args.sha256)
@@ -340,6 +424,8 @@ def cmd_ship(args) -> int:
 
 
 def cmd_ls(args) -> int:
+    if args.cache:
+        return _ls_cache(args)
     from .stores import open_store
 
     store = open_store(args.store)
@@ -359,8 +445,7 @@ def cmd_ls(args) -> int:
                 c["created"],
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print("\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows))
+    _print_table(rows)
     return 0
 
 
@@ -373,6 +458,8 @@ def cmd_tag(args) -> int:
 
 
 def cmd_rm(args) -> int:
+    if args.cache:
+        return _rm_cache(args)
     from .stores import open_store
 
     store = open_store(args.store)
@@ -406,6 +493,183 @@ def cmd_url(args) -> int:
     return _emit(args, obj, f"{url}\n{a['blob']}")
 
 
+def _ensure(args, lease: int | None = None):
+    from .cache import ensure_crate
+
+    return ensure_crate(
+        args.ref,
+        args.store,
+        args.cache,
+        python=args.python,
+        sha256=args.sha256,
+        events=args.events,
+        lease=lease,
+        progress=wanted_progress(args),
+    )
+
+
+def wanted_progress(args) -> bool:
+    from .progress import wanted
+
+    return wanted(getattr(args, "progress", False))
+
+
+def cmd_ensure(args) -> int:
+    done = _ensure(args, args.lease)
+    obj = {"id": done.id, "prefix": str(done.prefix), "state": done.state}
+    obj["seconds"] = round(done.seconds, 6)
+    return _emit(args, obj, str(done.prefix))
+
+
+def _manifest_kind(prefix) -> str:
+    from .cache import read_marker
+
+    return (read_marker(prefix) or {}).get("kind") or "venv"
+
+
+def cmd_activate(args) -> int:
+    from . import activation, leases
+
+    done = _ensure(args)
+    new, unset = activation.environment(done.prefix, _manifest_kind(done.prefix), dict(os.environ))
+    shell = activation.detect_shell(args.shell)
+    lease = (leases.lease_dir(done.cache, done.key), leases.lease_name(""))
+    sys.stdout.write(activation.shell_code(shell, new, unset, lease))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from . import activation
+
+    argv = args.argv
+    if not argv:
+        raise EnvcrateError("no command to run: envcrate run REF -- COMMAND [ARG]...")
+    done = _ensure(
+        args, lease=os.getpid()
+    )  # exec keeps the pid: the lease lasts as long as COMMAND
+    new, unset = activation.environment(done.prefix, _manifest_kind(done.prefix), dict(os.environ))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        activation.exec_in(new, unset, argv)
+    except OSError as e:
+        print(f"envcrate: error: cannot run {argv[0]}: {e.strerror}", file=sys.stderr)
+        return 127
+    return 0  # not reached
+
+
+def cmd_gc(args) -> int:
+    from . import cache_admin
+    from .cache import cache_list
+
+    report = cache_admin.gc(
+        cache_list(args.cache),
+        max_size=cache_admin.parse_size(args.max_size) if args.max_size else None,
+        unused_for=cache_admin.parse_duration(args.unused_for) if args.unused_for else None,
+        dry_run=args.dry_run,
+    )
+    if args.json:
+        return _emit(args, report, "")
+    verb = "would free" if args.dry_run else "freed"
+    for r in report["removed"]:
+        print(f"{'would remove' if args.dry_run else 'removed'} {r['prefix']} ({_size(r['size'])})")
+    for k in report["kept"]:
+        why = f"in use by {', '.join(k['leases'])}" if k.get("leases") else k.get("error", "")
+        print(f"kept {k['prefix']}: {why}")
+    for c in report["cleaned"]:
+        print(f"{'would clean' if args.dry_run else 'cleaned'} {c}")
+    print(f"{verb} {_size(report['freed'])} in {len(report['removed'])} crates")
+    return 0
+
+
+def _ls_cache(args) -> int:
+    import time
+
+    from . import cache_admin
+    from .cache import cache_list
+
+    found = cache_admin.entries(cache_list(args.cache))
+    if args.json:
+        return _emit(args, {"crates": found}, "")
+    rows = [("ID", "TAGS", "NAME", "SIZE", "LAST USE", "IN USE", "PREFIX")]
+    for e in found:
+        rows.append(
+            (
+                e["id"].split(":", 1)[1][:12],
+                ",".join(e["tags"]) or "-",
+                e["name"] or "-",
+                _size(e["size"]),
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_use"])),
+                str(len(e["in_use"])) if e["in_use"] else "-",
+                e["prefix"],
+            )
+        )
+    _print_table(rows)
+    return 0
+
+
+def _rm_cache(args) -> int:
+    from pathlib import Path
+
+    from . import cache_admin
+    from .cache import cache_list
+
+    removed = []
+    for e in cache_admin.find(cache_list(args.cache), args.ref):
+        if e["in_use"]:
+            raise EnvcrateError(
+                f"{e['prefix']} is in use ({', '.join(e['in_use'])}); "
+                "stop those processes or wait, then remove it"
+            )
+        if cache_admin.remove(Path(e["cache"]), e["key"]):
+            removed.append(e["prefix"])
+    if not args.json:
+        for r in removed:
+            print(f"removed {r}", file=sys.stderr)
+    return _emit(args, {"id": e["id"], "removed": removed}, e["id"])
+
+
+def _verify_cache(args) -> int:
+    from pathlib import Path
+
+    from . import cache_admin
+    from .cache import cache_list
+
+    if os.path.isdir(args.ref) and not args.cache:
+        prefixes = [Path(args.ref)]
+    else:
+        prefixes = [Path(e["prefix"]) for e in cache_admin.find(cache_list(args.cache), args.ref)]
+    results = [cache_admin.verify(p) for p in prefixes]
+    bad = [r for r in results if not r["ok"]]
+    if args.json:
+        import json
+
+        print(json.dumps({"ok": not bad, "entries": results}))
+    else:
+        for r in results:
+            if r["ok"]:
+                print(f"ok: {r['prefix']} matches {r['id']}", file=sys.stderr)
+            for what in ("modified", "missing", "extra"):
+                for path in r[what]:
+                    print(f"{what}: {r['prefix']}/{path}")
+    if bad:
+        r = bad[0]
+        first = next(f"{w} {p}" for w in ("modified", "missing", "extra") for p in r[w])
+        n = sum(len(r[w]) for w in ("modified", "missing", "extra"))
+        print(
+            f"envcrate: error: {r['prefix']} differs from crate {r['id']} ({n} paths, first: {first}); "
+            "remove it with `envcrate rm REF --cache DIR` and ensure it again",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print("\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows))
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -425,6 +689,10 @@ COMMANDS = {
     "rm": cmd_rm,
     "url": cmd_url,
     "verify": cmd_verify,
+    "ensure": cmd_ensure,
+    "activate": cmd_activate,
+    "run": cmd_run,
+    "gc": cmd_gc,
 }
 
 

@@ -33,3 +33,29 @@ def read_file(path: str, nofollow: bool = False) -> tuple[bytes, os.stat_result]
             chunks.append(chunk)
     finally:
         os.close(fd)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Remove a directory tree, read-only ones included (its directories are
+    made writable first); a missing path is fine."""
+    import shutil
+    import stat
+
+    def writable(p: str) -> None:
+        try:
+            mode = os.lstat(p).st_mode
+            if stat.S_ISDIR(mode) and mode & stat.S_IRWXU != stat.S_IRWXU:
+                os.chmod(p, stat.S_IMODE(mode) | stat.S_IRWXU)
+        except FileNotFoundError:
+            pass
+
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+        return
+    writable(os.fspath(path))
+    for dirpath, dirnames, _ in os.walk(path):
+        for d in dirnames:
+            writable(os.path.join(dirpath, d))
+    shutil.rmtree(path)

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
+from .ids import normalize_id, short_id  # noqa: F401  (re-exported)
+
 SCHEMA = 1
 META_DIR = ".envcrate"
 MANIFEST_MEMBER = f"{META_DIR}/manifest.json"
 FILES_MEMBER = f"{META_DIR}/files.jsonl"
-
-_HEX = re.compile(r"^(?:sha256:)?([0-9a-f]{12,64})$")
 
 
 @dataclass(frozen=True)
@@ -79,16 +78,6 @@ def sort_key(path: str) -> bytes:
     """Entries are sorted by the bytes of their path, so a directory comes
     right before everything below it."""
     return path.encode("utf-8", "surrogateescape")
-
-
-def normalize_id(text: str) -> str | None:
-    """Return the hex part of a full id or an id prefix (12+ hex), else None."""
-    m = _HEX.match(text.strip().lower())
-    return m.group(1) if m else None
-
-
-def short_id(crate_id: str) -> str:
-    return crate_id.split(":", 1)[-1][:12]
 
 
 @dataclass(frozen=True)

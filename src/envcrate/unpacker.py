@@ -9,17 +9,19 @@ removed, so the destination either holds a complete env or nothing.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from .archive import detect_format, open_stream, read_manifest_bytes
 from .compat import Interpreter, check_host, find_interpreter, require_supported_os
-from .errors import DigestMismatchError, EnvcrateError
+from .errors import ArchiveError, DigestMismatchError, EnvcrateError
 from .extract import extract
-from .fsutil import current_umask
+from .fsutil import current_umask, remove_tree
 from .manifest import Manifest, crate_id_of_table, decode_table
 from .progress import bar
 from .record import blob_of, read_record
@@ -75,10 +77,43 @@ def unpack(
         )
     if blob is None:
         blob = blob_of(read_record(Path(archive + ".json")), detect_format(archive))
-    digest = hashlib.sha256() if blob else None
+    if final.exists():
+        final.rmdir()  # empty, checked above
+    fill(archive, final, manifest, interpreter, blob=blob, progress=progress)
+    return final
 
+
+def _check_blob(archive: str, blob: str) -> None:
+    from .stores import file_digest
+
+    got = file_digest(Path(archive))
+    if got != blob:
+        raise DigestMismatchError(
+            f"{archive} has digest {got}, expected {blob}; the archive is corrupt "
+            "or was replaced: fetch it again"
+        ) from None
+
+
+def fill(
+    archive: str,
+    final: Path,
+    manifest: Manifest,
+    interpreter: Interpreter | None,
+    *,
+    blob: str | None,
+    progress: bool = False,
+    phase: Callable[[str], None] | None = None,
+    seal: Callable[[str], None] | None = None,
+) -> bool:
+    """Extract ``archive`` into a temporary directory beside ``final`` while
+    checking ``blob``, relocate it for ``final``, let ``seal`` finish it, and
+    rename it into place. Returns False when ``final`` appeared meanwhile
+    (another filler won): this copy is then discarded."""
+    phase = phase or (lambda state: None)
+    digest = hashlib.sha256() if blob else None
     tmp = tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.envcrate-")
     try:
+        phase("EXTRACTING")
         opened = open_stream(archive, digest)
         try:
             if Manifest.from_bytes(opened.manifest_bytes).data != manifest.data:
@@ -94,19 +129,32 @@ def unpack(
                 manifest.file_bytes, f"unpacking {manifest.data.get('name', '')}", progress
             ) as tick:
                 extract(opened, rows, tmp, tick)
+        except ArchiveError:
+            if blob:  # say what is wrong with the bytes, not where it showed first
+                _check_blob(archive, blob)
+            raise
         finally:
             opened.close()
-        if digest is not None and "sha256:" + digest.hexdigest() != blob:
-            raise DigestMismatchError(
-                f"{archive} has digest sha256:{digest.hexdigest()}, expected {blob}; the archive is corrupt "
-                "or was replaced: fetch it again"
-            )
+        if digest is not None:
+            phase("VERIFYING")
+            if "sha256:" + digest.hexdigest() != blob:
+                raise DigestMismatchError(
+                    f"{archive} has digest sha256:{digest.hexdigest()}, expected {blob}; the archive "
+                    "is corrupt or was replaced: fetch it again"
+                )
+        phase("RELOCATING")
         relocate(tmp, str(final), manifest, interpreter)
         os.chmod(tmp, 0o755 & ~current_umask())
-        if final.exists():
-            final.rmdir()  # empty, checked above
-        os.rename(tmp, final)
+        if seal is not None:
+            seal(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY) and final.is_dir():
+                remove_tree(tmp)
+                return False
+            raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise
-    return final
+    return True

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import DigestMismatchError, EnvcrateError, NotFoundError, StoreError
 from ..fsutil import unlink_quietly
-from ..manifest import normalize_id, short_id
+from ..ids import normalize_id, short_id
 from ..record import archive_entry, encode_record, with_archive
 
 Progress = Callable[[int], None]

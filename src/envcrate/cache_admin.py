@@ -1,0 +1,313 @@
+"""Looking after a cache: list, show, verify and remove entries, and ``gc``.
+
+An entry is removed by renaming it to a hidden name first (it disappears at
+once for ``ensure``) and then deleting the tree; entries with a live lease
+are never removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from . import leases
+from .cache import read_marker
+from .errors import EnvcrateError, NotFoundError
+from .fsutil import remove_tree
+from .ids import normalize_id
+from .manifest import FILES_MEMBER, decode_table
+
+ABANDONED = 3600.0  # temporary directories and downloads older than this are abandoned
+
+
+def _last_use(cache: Path, key: str, entry: Path) -> float:
+    for p in (cache / "used" / key, entry / ".envcrate" / "ready"):
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            continue
+    return 0.0
+
+
+def _tags(cache: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    try:
+        names = os.listdir(cache / "tags")
+    except OSError:
+        return out
+    for name in names:
+        try:
+            crate_id = (cache / "tags" / name).read_text().strip()
+        except OSError:
+            continue
+        out.setdefault(crate_id, []).append(name)
+    return out
+
+
+def entries(caches: list[Path]) -> list[dict]:
+    """Every ready entry of the caches."""
+    out = []
+    for cache in caches:
+        tags = _tags(cache)
+        try:
+            names = sorted(os.listdir(cache / "e"))
+        except OSError:
+            continue
+        for key in names:
+            if key.startswith("."):
+                continue
+            entry = cache / "e" / key
+            marker = read_marker(entry)
+            if marker is None:
+                continue
+            out.append(
+                {
+                    "id": marker["id"],
+                    "key": key,
+                    "cache": str(cache),
+                    "prefix": str(entry),
+                    "name": marker.get("name"),
+                    "kind": marker.get("kind"),
+                    "interpreter": marker.get("interpreter"),
+                    "size": marker.get("bytes", 0),
+                    "last_use": _last_use(cache, key, entry),
+                    "in_use": leases.holders(cache, key),
+                    "tags": sorted(tags.get(marker["id"], [])),
+                }
+            )
+    return out
+
+
+def find(caches: list[Path], ref: str) -> list[dict]:
+    """Entries matching a crate id, 12+ hex prefix, a tag the cache has seen,
+    or an entry's path."""
+    all_entries = entries(caches)
+    hexd = normalize_id(ref)
+    if hexd is not None:
+        found = [e for e in all_entries if e["id"].split(":", 1)[1].startswith(hexd)]
+    elif os.path.isdir(ref):
+        real = os.path.realpath(ref)
+        found = [e for e in all_entries if os.path.realpath(e["prefix"]) == real]
+    else:
+        found = [e for e in all_entries if ref in e["tags"]]
+    if not found:
+        raise NotFoundError(
+            f"no crate {ref} in {', '.join(map(str, caches))}; `envcrate ls --cache DIR` lists them"
+        )
+    ids = sorted({e["id"] for e in found})
+    if len(ids) > 1:
+        raise EnvcrateError(f"{ref} is ambiguous in the cache: {', '.join(ids)}; give more digits")
+    return found
+
+
+def verify(prefix: Path) -> dict:
+    """Every file of an unpacked crate against its file table (and, for the
+    files relocation rewrote, against the digests recorded then)."""
+    marker = read_marker(prefix) or {}
+    local = marker.get("local", {})
+    with open(prefix / FILES_MEMBER, "rb") as f:
+        rows = decode_table(f.read())
+    modified, missing = [], []
+    expected = set(local)
+    for row in rows:
+        expected.add(row.path)
+        p = prefix / row.path
+        if row.path in local:
+            kind, want = local[row.path]
+            got = _digest_or_target(p)
+            if got != (kind, want):
+                (missing if got is None else modified).append(row.path)
+            continue
+        got = _digest_or_target(p, row.type)
+        if got is None:
+            missing.append(row.path)
+        elif row.type == "f" and (
+            got[1] != row.digest or bool(os.stat(p).st_mode & 0o111) != (row.mode == "755")
+        ):
+            modified.append(row.path)
+        elif row.type == "l" and got[1] != row.digest:
+            modified.append(row.path)
+    for rel, kind in local.items():
+        if rel not in {r.path for r in rows} and _digest_or_target(prefix / rel) != tuple(kind):
+            (missing if not os.path.lexists(prefix / rel) else modified).append(rel)
+    extra = []
+    for dirpath, dirnames, filenames in os.walk(prefix):
+        rel_dir = os.path.relpath(dirpath, prefix)
+        if rel_dir == ".":
+            dirnames[:] = [d for d in dirnames if d != ".envcrate"]
+            rel_dir = ""
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            if rel not in expected:
+                extra.append(rel)
+        for d in dirnames:
+            rel = f"{rel_dir}/{d}" if rel_dir else d
+            if rel not in expected and not os.path.islink(os.path.join(dirpath, d)):
+                extra.append(rel + "/")
+    return {
+        "id": marker.get("id"),
+        "prefix": str(prefix),
+        "modified": sorted(modified),
+        "missing": sorted(missing),
+        "extra": sorted(extra),
+        "ok": not (modified or missing or extra),
+    }
+
+
+def _digest_or_target(p: Path, want_type: str | None = None):
+    try:
+        if os.path.islink(p):
+            return ("l", os.readlink(p)) if want_type in (None, "l") else None
+        if want_type == "d":
+            return ("d", "") if p.is_dir() else None
+        if want_type not in (None, "f") or not p.is_file():
+            return None
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return ("f", h.hexdigest())
+    except OSError:
+        return None
+
+
+def remove(cache: Path, key: str, *, dry_run: bool = False) -> bool:
+    """Remove an entry unless it is leased; True if it was (or would be) removed."""
+    if leases.holders(cache, key):
+        return False
+    if dry_run:
+        return True
+    entry = cache / "e" / key
+    trash = tempfile.mkdtemp(dir=cache / "e", prefix=f".{key}.trash-")
+    try:
+        os.rename(entry, os.path.join(trash, "x"))
+    except FileNotFoundError:
+        os.rmdir(trash)
+        return False
+    remove_tree(trash)
+    for p in (cache / "used" / key,):
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+    return True
+
+
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?)(i?b?)\s*$", re.I)
+_DURATION = re.compile(r"^\s*([0-9.]+)\s*([smhdw]?)\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.match(text)
+    if not m:
+        raise EnvcrateError(f"{text!r} is not a size; write e.g. 500M, 20G or 1T")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def parse_duration(text: str) -> float:
+    m = _DURATION.match(text)
+    if not m:
+        raise EnvcrateError(f"{text!r} is not a duration; write e.g. 90m, 12h, 30d or 2w")
+    scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2).lower()]
+    return float(m.group(1)) * scale
+
+
+def gc(
+    caches: list[Path],
+    *,
+    max_size: int | None = None,
+    unused_for: float | None = None,
+    dry_run: bool = False,
+) -> dict:
+    """Remove least-recently-used entries until each cache is within
+    ``max_size`` and none is unused for longer than ``unused_for``; skip
+    leased ones; clean abandoned temporary directories, downloads and dead
+    leases. Returns what was (or, with ``dry_run``, would be) freed."""
+    now = time.time()
+    removed, kept, cleaned = [], [], []
+    freed = 0
+    for cache in caches:
+        listed = sorted((e for e in entries([cache])), key=lambda e: e["last_use"])
+        total = sum(e["size"] for e in listed)
+        for e in listed:
+            too_old = unused_for is not None and now - e["last_use"] > unused_for
+            too_big = max_size is not None and total > max_size
+            if not (too_old or too_big):
+                continue
+            if e["in_use"]:
+                kept.append({"id": e["id"], "prefix": e["prefix"], "leases": e["in_use"]})
+                continue
+            try:
+                done = remove(cache, e["key"], dry_run=dry_run)
+            except OSError as err:
+                kept.append({"id": e["id"], "prefix": e["prefix"], "error": err.strerror})
+                continue
+            if done:
+                removed.append({"id": e["id"], "prefix": e["prefix"], "size": e["size"]})
+                freed += e["size"]
+                total -= e["size"]
+        cleaned += _clean(cache, now, dry_run)
+    return {
+        "removed": removed,
+        "freed": freed,
+        "kept": kept,
+        "cleaned": cleaned,
+        "dry_run": dry_run,
+    }
+
+
+def _clean(cache: Path, now: float, dry_run: bool) -> list[str]:
+    """Abandoned fill directories, trash, partial downloads, stale holder files."""
+    out = []
+    spots = [(cache / "e", (".envcrate-", ".trash-")), (cache / "dl", (".part", ".tar"))]
+    for directory, marks in spots:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            p = directory / name
+            if not name.startswith(".") or not any(m in name for m in marks):
+                continue
+            try:
+                old = now - p.lstat().st_mtime > ABANDONED or ".trash-" in name
+            except FileNotFoundError:
+                continue
+            if old:
+                out.append(str(p))
+                if not dry_run:
+                    try:
+                        remove_tree(p)
+                    except OSError:
+                        out.pop()
+    try:
+        names = os.listdir(cache / "locks")
+    except OSError:
+        names = []
+    for name in names:
+        p = cache / "locks" / name
+        if name.endswith(".holder"):
+            try:
+                if now - p.stat().st_mtime > ABANDONED:
+                    out.append(str(p))
+                    if not dry_run:
+                        os.unlink(p)
+            except OSError:
+                pass
+    try:
+        keys = os.listdir(cache / "leases")
+    except OSError:
+        keys = []
+    for key in keys:
+        leases.holders(cache, key)  # drops dead leases
+        if not (cache / "e" / key).exists() and not dry_run:
+            try:
+                os.rmdir(cache / "leases" / key)
+            except OSError:
+                pass
+    return out

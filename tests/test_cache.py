@@ -1,0 +1,409 @@
+"""ensure, activate, run, leases and gc on real caches, with many processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import check, envcrate, run
+from servers import HttpServer, wait_for
+from test_stores import fails, ok
+
+from envcrate.stores import blob_key, open_store
+
+CLI = [sys.executable, "-m", "envcrate.cli"]
+
+
+@pytest.fixture
+def shipped(small_crate, tmp_path):
+    """The small crate published in a directory store of this test's own."""
+    store = tmp_path / "store"
+    open_store(store).publish(
+        small_crate.archive,
+        small_crate.manifest.data,
+        "tar.zst",
+        small_crate.blob,
+        small_crate.size,
+        tag="small",
+    )
+    return store
+
+
+@pytest.fixture
+def env(tmp_path) -> dict:
+    """The environment of envcrate subprocesses: no store or cache by default."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("ENVCRATE_", "AWS_"))}
+    e["XDG_CACHE_HOME"] = str(tmp_path / "xdg-cache")
+    e["XDG_DATA_HOME"] = str(tmp_path / "xdg-data")
+    return e
+
+
+def events_of(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_cold_then_warm(shipped, small_crate, tmp_path, env):
+    cache, ev = tmp_path / "cache", tmp_path / "ev.jsonl"
+    args = ["small", "--store", shipped, "--cache", cache, "--events", ev, "--json"]
+    cold = ok(envcrate("ensure", *args, env=env))
+    assert cold["state"] == "READY" and cold["id"] == small_crate.id
+    prefix = Path(cold["prefix"])
+    assert prefix.parent == cache / "e" and len(str(prefix)) - len(str(cache)) == 28
+    out = check([prefix / "bin" / "python", "-c", "import six, sys; print(sys.prefix)"])
+    assert out.stdout.strip() == str(prefix)
+    assert check([prefix / "bin" / "pyflakes", "--version"]).returncode == 0
+
+    warm = ok(envcrate("ensure", *args, env=env))
+    assert warm["state"] == "HIT" and warm["prefix"] == cold["prefix"]
+    plain = envcrate("ensure", small_crate.id, "--cache", cache, env=env)
+    assert plain.returncode == 0 and plain.stdout.splitlines()[-1] == cold["prefix"]
+
+    states = [e["state"] for e in events_of(ev)]
+    assert states == [
+        "RESOLVING", "DOWNLOADING", "EXTRACTING", "VERIFYING", "RELOCATING", "READY",
+        "RESOLVING", "HIT",
+    ]  # fmt: skip
+    # Unpacked crates are read-only on disk.
+    for p in (prefix, prefix / "bin", prefix / "pyvenv.cfg"):
+        assert stat.S_IMODE(p.stat().st_mode) & 0o222 == 0, p
+
+
+def test_32_processes_fill_an_empty_cache_once(shipped, small_crate, tmp_path, env):
+    cache, ev = tmp_path / "cache", tmp_path / "ev.jsonl"
+    procs = [
+        subprocess.Popen(
+            [
+                *CLI,
+                "ensure",
+                "small",
+                "--store",
+                shipped,
+                "--cache",
+                cache,
+                "--events",
+                ev,
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(32)
+    ]
+    results = [(p.communicate(timeout=300), p.returncode) for p in procs]
+    assert all(rc == 0 for _, rc in results), [err for (_, err), rc in results if rc]
+    outs = [json.loads(out) for (out, _), _ in results]
+    assert len({o["prefix"] for o in outs}) == 1
+    assert sum(o["state"] == "READY" for o in outs) == 1
+    assert {o["state"] for o in outs} <= {"READY", "WAITED", "HIT"}
+    states = [e["state"] for e in events_of(ev)]
+    assert states.count("DOWNLOADING") == 1 and states.count("EXTRACTING") == 1
+    assert states.count("FAILED") == 0
+    waiting = [e for e in events_of(ev) if e["state"] == "WAITING"]
+    assert all(w.get("holder") is None or "pid" in w["holder"] for w in waiting)
+    assert [n for n in os.listdir(cache / "e") if n.startswith(".")] == []
+
+
+@pytest.mark.parametrize("phase", ["DOWNLOADING", "EXTRACTING", "RELOCATING"])
+def test_sigkill_at_any_phase_then_ensure_succeeds(phase, shipped, small_crate, tmp_path, env):
+    server = HttpServer(shipped)  # a real download (a directory store is read in place)
+    try:
+        cache, ev = tmp_path / "cache", tmp_path / "ev.jsonl"
+        args = ["small", "--store", server.url, "--cache", cache, "--events", ev, "--json"]
+        victim = subprocess.Popen(
+            [*CLI, "ensure", *args],
+            env=dict(env, ENVCRATE_TEST_STOP_AT=phase),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for(
+                lambda: any(e["state"] == phase for e in events_of(ev)), 60, f"no {phase} event"
+            )
+            wait_for(lambda: _stopped(victim.pid), 10, "the filler did not stop")
+        finally:
+            victim.kill()
+            victim.wait()
+        assert [n for n in os.listdir(cache / "e") if not n.startswith(".")] == []
+
+        again = ok(envcrate("ensure", *args, env=env))
+        assert again["state"] == "READY"
+        verified = envcrate("verify", small_crate.id, "--cache", cache, "--json", env=env)
+        assert json.loads(verified.stdout)["ok"] is True, verified.stdout
+        assert [n for n in os.listdir(cache / "e") if n.startswith(".")] == []
+        assert os.listdir(cache / "dl") == []
+    finally:
+        server.stop()
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_corrupted_blob_fails_and_leaves_nothing(shipped, small_crate, tmp_path, env):
+    blob = shipped / blob_key(small_crate.blob)
+    data = bytearray(blob.read_bytes())
+    data[-100] ^= 0xFF  # inside the seek table: extraction itself succeeds
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    cache, ev = tmp_path / "cache", tmp_path / "ev.jsonl"
+    out = envcrate("ensure", "small", "--store", shipped, "--cache", cache, "--events", ev, env=env)
+    fails(out, "digest")
+    assert out.stdout == ""
+    assert os.listdir(cache / "e") == []
+    failed = [e for e in events_of(ev) if e["state"] == "FAILED"]
+    assert len(failed) == 1 and "digest" in failed[0]["error"]
+
+
+def test_gc_keeps_what_run_holds(shipped, small_crate, tmp_path, env):
+    cache = tmp_path / "cache"
+    go = tmp_path / "go"
+    waiter = (
+        "import os, sys, time\n"
+        "deadline = time.monotonic() + 120\n"
+        f"while not os.path.exists({str(go)!r}) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.02)\n"
+        "sys.exit(7)\n"
+    )
+    held = subprocess.Popen(
+        [*CLI, "run", "small", "--store", shipped, "--cache", cache, "--", "python", "-c", waiter],
+        env=env,
+    )
+    try:
+        wait_for(lambda: list((cache / "leases").glob("*/*")), 60, "run took no lease")
+        report = ok(envcrate("gc", "--cache", cache, "--max-size", "0", "--json", env=env))
+        assert report["removed"] == [] and len(report["kept"]) == 1
+        fails(envcrate("rm", small_crate.id, "--cache", cache, env=env), "in use")
+        assert ok(envcrate("ls", "--cache", cache, "--json", env=env))["crates"][0]["in_use"]
+    finally:
+        go.touch()
+        assert held.wait(timeout=60) == 7  # run passes the status through
+    report = ok(envcrate("gc", "--cache", cache, "--max-size", "0", "--json", env=env))
+    assert [r["id"] for r in report["removed"]] == [small_crate.id]
+    assert ok(envcrate("ls", "--cache", cache, "--json", env=env))["crates"] == []
+
+
+def test_gc_by_age_and_size_lru_first(small_venv, tmp_path, env):
+    from conftest import install, make_venv
+
+    from envcrate import pack
+
+    store = tmp_path / "store"
+    cache = tmp_path / "cache"
+    ids = []
+    for name in ("one", "two"):
+        venv = make_venv(tmp_path / name, ["six"])
+        if name == "two":
+            install(venv, ["pyflakes"])
+        crate = pack(venv, tmp_path)
+        ok(envcrate("push", crate.archive, "--store", store, "--json", env=env))
+        ok(envcrate("ensure", crate.id, "--store", store, "--cache", cache, "--json", env=env))
+        ids.append(crate.id)
+    # "one" was used long ago, "two" just now.
+    old = time.time() - 10 * 86400
+    for used in (cache / "used").iterdir():
+        if used.name.startswith(ids[0].split(":")[1][:16]):
+            os.utime(used, (old, old))
+    dry = ok(envcrate("gc", "--cache", cache, "--unused-for", "7d", "--dry-run", "--json", env=env))
+    assert [r["id"] for r in dry["removed"]] == [ids[0]]
+    assert len(ok(envcrate("ls", "--cache", cache, "--json", env=env))["crates"]) == 2
+    sizes = {
+        c["id"]: c["size"]
+        for c in ok(envcrate("ls", "--cache", cache, "--json", env=env))["crates"]
+    }
+    budget = str(sizes[ids[1]] + 1)
+    done = ok(envcrate("gc", "--cache", cache, "--max-size", budget, "--json", env=env))
+    assert [r["id"] for r in done["removed"]] == [ids[0]] and done["freed"] == sizes[ids[0]]
+    left = ok(envcrate("ls", "--cache", cache, "--json", env=env))["crates"]
+    assert [c["id"] for c in left] == [ids[1]]
+
+
+def test_activate_over_another_active_venv(shipped, small_crate, tmp_path, env):
+    import shutil
+
+    other = tmp_path / "other"
+    check([sys.executable, "-m", "venv", "--without-pip", other])
+    cache = tmp_path / "cache"
+    prefix = ok(
+        envcrate("ensure", "small", "--store", shipped, "--cache", cache, "--json", env=env)
+    )["prefix"]
+    cli = " ".join(f"'{c}'" for c in CLI)
+    script = (
+        f'VIRTUAL_ENV={other}; export VIRTUAL_ENV; PATH="{other}/bin:$PATH"; export PATH\n'
+        "PYTHONPATH=/nowhere; export PYTHONPATH\n"
+        f"out=$({cli} activate small --store {shipped} --cache {cache} --shell SHELL) || exit 9\n"
+        'eval "$out"\n'
+        'python -c "import six, sys; print(sys.prefix)"\n'
+        'echo "VIRTUAL_ENV=$VIRTUAL_ENV PYTHONPATH=${PYTHONPATH-unset}"\n'
+    )
+    shells = [s for s in ("sh", "bash", "dash", "zsh") if shutil.which(s)]
+    for sh in shells:
+        kind = "sh" if sh == "dash" else sh
+        out = run([sh, "-c", script.replace("SHELL", kind)], env=env)
+        assert out.returncode == 0, (sh, out.stderr)
+        assert out.stdout.splitlines() == [prefix, f"VIRTUAL_ENV={prefix} PYTHONPATH=unset"], sh
+    leases = list((cache / "leases").glob("*/*"))
+    assert leases  # the shells registered themselves (they have exited since)
+    if shutil.which("fish"):
+        fish = (
+            f"set -gx VIRTUAL_ENV {other}; set -gx PATH {other}/bin $PATH\n"
+            f"{cli} activate small --store {shipped} --cache {cache} --shell fish | source\n"
+            'python -c "import sys; print(sys.prefix)"\n'
+        )
+        out = run(["fish", "-c", fish], env=env)
+        assert out.stdout.strip() == prefix, out.stderr
+
+    failing = f'out=$({cli} activate no-such-tag --store {shipped} --cache {cache}) && eval "$out"\necho reached=$?\n'
+    out = run(["sh", "-c", failing], env=env)
+    assert out.stdout.strip() == "reached=1"
+    assert out.stderr.count("envcrate: error:") == 1
+
+
+def test_archive_file_and_url_refs_are_warm_the_second_time(shipped, small_crate, tmp_path, env):
+    cache, ev = tmp_path / "cache", tmp_path / "ev.jsonl"
+    by_file = ok(envcrate("ensure", small_crate.archive, "--cache", cache, "--json", env=env))
+    assert by_file["state"] == "READY" and by_file["id"] == small_crate.id
+    assert (
+        ok(envcrate("ensure", small_crate.archive, "--cache", cache, "--json", env=env))["state"]
+        == "HIT"
+    )
+
+    server = HttpServer(shipped)
+    try:
+        url = f"{server.url}/{blob_key(small_crate.blob)}"
+        cache2 = tmp_path / "cache2"
+        fails(envcrate("ensure", url, "--cache", cache2, env=env), "--sha256")
+        args = [url, "--sha256", small_crate.blob, "--cache", cache2, "--events", ev, "--json"]
+        first = ok(envcrate("ensure", *args, env=env))
+        second = ok(envcrate("ensure", *args, env=env))
+        assert (first["state"], second["state"]) == ("READY", "HIT")
+        assert [e["state"] for e in events_of(ev)].count("DOWNLOADING") == 1
+        bad = envcrate("ensure", url, "--sha256", "0" * 64, "--cache", tmp_path / "c3", env=env)
+        fails(bad, "digest")
+    finally:
+        server.stop()
+
+
+def test_caches_are_searched_in_order(shipped, small_crate, tmp_path, env):
+    a, b, c = (tmp_path / n for n in "abc")
+    first = ok(
+        envcrate(
+            "ensure", "small", "--store", shipped, "--cache", a, "--cache", b, "--json", env=env
+        )
+    )
+    assert Path(first["prefix"]).parent.parent == a
+    found = ok(envcrate("ensure", small_crate.id, "--cache", c, "--cache", a, "--json", env=env))
+    assert found["state"] == "HIT" and found["prefix"] == first["prefix"]
+    assert not (c / "e").exists()
+
+
+def test_a_silent_holder_on_another_host_does_not_block(shipped, small_crate, tmp_path, env):
+    """fcntl locks can be node-local on NFS: simulate a lock held here by a
+    process whose heartbeat stopped, as a dead holder on another host looks."""
+    cache, ev = tmp_path / "cache", tmp_path / "ev.jsonl"
+    prefix = ok(
+        envcrate(
+            "ensure", "small", "--store", shipped, "--cache", tmp_path / "probe", "--json", env=env
+        )
+    )["prefix"]
+    key = Path(prefix).name
+    (cache / "locks").mkdir(parents=True)
+    holder = cache / "locks" / f"{key}.holder"
+    holder.write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    old = time.time() - 3600
+    os.utime(holder, (old, old))
+    locker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, filelock, time; l = filelock.FileLock(sys.argv[1]); l.acquire(); "
+            "print('locked', flush=True); time.sleep(300)",
+            str(cache / "locks" / f"{key}.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        done = ok(
+            envcrate(
+                "ensure",
+                "small",
+                "--store",
+                shipped,
+                "--cache",
+                cache,
+                "--events",
+                ev,
+                "--json",
+                env=env,
+            )
+        )
+        assert done["state"] == "READY"
+        waiting = [e for e in events_of(ev) if e["state"] == "WAITING"]
+        assert waiting and waiting[0]["holder"]["host"] == "elsewhere"
+    finally:
+        locker.send_signal(signal.SIGKILL)
+        locker.wait()
+
+
+def test_cache_info_verify_and_rm(shipped, small_crate, tmp_path, env):
+    cache = tmp_path / "cache"
+    prefix = Path(
+        ok(envcrate("ensure", "small", "--store", shipped, "--cache", cache, "--json", env=env))[
+            "prefix"
+        ]
+    )
+    info = ok(envcrate("info", "small", "--cache", cache, "--json", env=env))
+    assert info["id"] == small_crate.id
+    listed = ok(envcrate("ls", "--cache", cache, "--json", env=env))["crates"]
+    assert listed[0]["tags"] == ["small"] and listed[0]["prefix"] == str(prefix)
+    assert ok(envcrate("verify", small_crate.id, "--cache", cache, "--json", env=env))["ok"]
+
+    target = next(prefix.glob("lib/python*/site-packages/six.py"))
+    target.parent.chmod(0o755)
+    target.chmod(0o644)
+    target.write_text(target.read_text() + "\n# changed\n")
+    (target.parent / "extra.py").write_text("")
+    os.unlink(next(prefix.glob("lib/python*/site-packages/pyflakes/api.py")))
+    out = envcrate("verify", small_crate.id, "--cache", cache, "--json", env=env)
+    assert out.returncode == 1
+    report = json.loads(out.stdout)["entries"][0]
+    assert [p.rsplit("/", 1)[-1] for p in report["modified"]] == ["six.py"]
+    assert [p.rsplit("/", 1)[-1] for p in report["missing"]] == ["api.py"]
+    assert [p.rsplit("/", 1)[-1] for p in report["extra"]] == ["extra.py"]
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        ok(
+            envcrate(
+                "ensure",
+                "small",
+                "--store",
+                shipped,
+                "--cache",
+                cache,
+                "--lease",
+                str(sleeper.pid),
+                "--json",
+                env=env,
+            )
+        )
+        fails(envcrate("rm", "small", "--cache", cache, env=env), "in use")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    ok(envcrate("rm", "small", "--cache", cache, "--json", env=env))
+    assert not prefix.exists()
+    fails(envcrate("info", "small", "--cache", cache, env=env), "no crate")
