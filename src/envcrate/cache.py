@@ -204,7 +204,7 @@ def ensure_crate(
             if found is not None:
                 c, key, _ = found
                 return _done(ev, Ensured(crate_id, c / "e" / key, "HIT", c, key, 0), start, lease)
-        done = _fill(source, caches, python, ev, progress)
+        done = _fill(source, crate_id, caches, python, ev, progress)
         return _done(ev, done, start, lease)
     except BaseException as e:
         if isinstance(e, (EnvcrateError, OSError)):
@@ -369,6 +369,8 @@ class _StoreCrate(_Source):
     def manifest(self, dl, ev):
         from .manifest import Manifest
 
+        if self.record is not None:
+            return Manifest({k: v for k, v in self.record.items() if k != "archives"})
         self.record = self.store.record(self.crate_id)
         if self.record is None:
             raise NotFoundError(f"crate {self.crate_id} is not in {self.store.url}")
@@ -412,32 +414,47 @@ def _unlink(path) -> None:
 # --------------------------------------------------------------------------- filling
 
 
-def _fill(source: _Source, caches: list[Path], python: str | None, ev: Events, progress):
+def _fill(
+    source: _Source,
+    crate_id: str | None,
+    caches: list[Path],
+    python: str | None,
+    ev: Events,
+    progress: bool,
+) -> Ensured:
     from .compat import check_host, require_supported_os
     from .unpacker import interpreter_for
 
     require_supported_os()
     cache = writable_cache(caches)
     dl = cache / "dl"
-    _make_dirs(cache, dl)
-    manifest = source.manifest(dl, ev)
-    ev.crate = manifest.id
-    check_host(manifest.platform)
-    interpreter = interpreter_for(manifest, python)
-    interp_path = interpreter.executable if interpreter is not None else None
-    key = entry_key(manifest.id, interp_path)
-    found = find_ready(caches, manifest.id, interp_path or python)
-    if found is not None:
-        c, k, _ = found
-        return Ensured(manifest.id, c / "e" / k, "HIT", c, k, 0)
-    _make_dirs(cache, cache / "e")
-    _make_dirs(cache, cache / "locks")
-    entry = cache / "e" / key
-    with _EntryLock(cache, key, ev) as lock:
-        if read_marker(entry) is not None:
-            return Ensured(manifest.id, entry, "WAITED" if lock.waited else "HIT", cache, key, 0)
+    for d in (dl, cache / "e", cache / "locks"):
+        _make_dirs(cache, d)
+    if crate_id is None:  # an archive file or URL not seen before: its manifest names it
+        crate_id = source.manifest(dl, ev).id
+        ev.crate = crate_id
+    name = crate_id.split(":", 1)[1][:16]
+
+    def ready():
+        return find_ready(caches, crate_id, python)
+
+    # One lock per crate, taken before the interpreter is probed: the
+    # processes that only wait never start a Python to probe.
+    with _CrateLock(cache, name, ev, ready) as lock:
+        found = ready()
+        if found is None:
+            manifest = source.manifest(dl, ev)
+            check_host(manifest.platform)
+            interpreter = interpreter_for(manifest, python)
+            interp_path = interpreter.executable if interpreter is not None else None
+            found = find_ready(caches, crate_id, interp_path)  # --python named a venv's python
+        if found is not None:
+            c, k, _ = found
+            return Ensured(crate_id, c / "e" / k, "WAITED" if lock.waited else "HIT", c, k, 0)
+        key = entry_key(crate_id, interp_path)
+        entry = cache / "e" / key
         if lock.held:
-            _clean_abandoned(cache, key)
+            _clean_abandoned(cache, name)
         _clean_dead_downloads(dl)
         path, blob, downloaded = source.archive(dl, ev, progress)
         try:
@@ -457,9 +474,8 @@ def _fill(source: _Source, caches: list[Path], python: str | None, ev: Events, p
             if downloaded:
                 _unlink(path)
         if blob:
-            _index_blob(cache, blob, manifest.id)
-        state = "READY" if placed else "WAITED"
-        return Ensured(manifest.id, entry, state, cache, key, 0)
+            _index_blob(cache, blob, crate_id)
+        return Ensured(crate_id, entry, "READY" if placed else "WAITED", cache, key, 0)
 
 
 def _index_blob(cache: Path, blob: str, crate_id: str) -> None:
@@ -519,13 +535,13 @@ def make_read_only(root: str) -> None:
         os.chmod(dirpath, 0o555)
 
 
-def _clean_abandoned(cache: Path, key: str) -> None:
-    """Leftovers of killed fillers of this entry (we hold its lock)."""
+def _clean_abandoned(cache: Path, name: str) -> None:
+    """Leftovers of killed fillers of this crate (we hold its lock)."""
     from .fsutil import remove_tree
 
-    for name in os.listdir(cache / "e"):
-        if name.startswith(f".{key}.envcrate-"):
-            remove_tree(cache / "e" / name)
+    for entry in os.listdir(cache / "e"):
+        if entry.startswith(f".{name}") and ".envcrate-" in entry:
+            remove_tree(cache / "e" / entry)
 
 
 def _me() -> str:
@@ -558,17 +574,18 @@ def _clean_dead_downloads(dl: Path) -> None:
             pass
 
 
-class _EntryLock:
-    """The entry's fcntl lock (filelock), plus a holder file whose mtime is a
-    heartbeat, for waiters on other hosts or where fcntl locks are node-local."""
+class _CrateLock:
+    """The crate's fcntl lock (filelock), plus a holder file whose mtime is a
+    heartbeat, for waiters on other hosts or where fcntl locks are node-local.
+    ``ready()`` tells the waiters that they may stop waiting."""
 
-    def __init__(self, cache: Path, key: str, ev: Events):
+    def __init__(self, cache: Path, key: str, ev: Events, ready):
         import threading
 
         self.cache = cache
         self.key = key
         self.ev = ev
-        self.entry = cache / "e" / key
+        self.ready = ready
         self.lock_path = cache / "locks" / f"{key}.lock"
         self.holder_path = cache / "locks" / f"{key}.holder"
         self.held = False
@@ -576,12 +593,12 @@ class _EntryLock:
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
-    def __enter__(self) -> _EntryLock:
+    def __enter__(self) -> _CrateLock:
         from filelock import FileLock, Timeout
 
         self._lock = FileLock(str(self.lock_path), mode=0o666)
         while True:
-            if read_marker(self.entry) is not None:
+            if self.ready() is not None:
                 return self
             try:
                 self._lock.acquire(timeout=0.2, poll_interval=0.02)
@@ -596,7 +613,7 @@ class _EntryLock:
                     # A silent holder (another host died, or fcntl locks are
                     # node-local here): fill ourselves; the rename decides.
                     break
-        if read_marker(self.entry) is None:
+        if self.ready() is None:
             import threading
 
             self._write_holder()
