@@ -327,8 +327,8 @@ def test_a_silent_holder_on_another_host_does_not_block(shipped, small_crate, tm
         [
             sys.executable,
             "-c",
-            "import sys, filelock, time; l = filelock.FileLock(sys.argv[1]); l.acquire(); "
-            "print('locked', flush=True); time.sleep(300)",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(300)",
             str(cache / "locks" / f"{key}.lock"),
         ],
         stdout=subprocess.PIPE,

@@ -11,6 +11,7 @@ discards its copy. Layout: ``cache_layout.md``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -422,10 +423,6 @@ def _fill(
     ev: Events,
     progress: bool,
 ) -> Ensured:
-    from .compat import check_host, require_supported_os
-    from .unpacker import interpreter_for
-
-    require_supported_os()
     cache = writable_cache(caches)
     dl = cache / "dl"
     for d in (dl, cache / "e", cache / "locks"):
@@ -443,6 +440,10 @@ def _fill(
     with _CrateLock(cache, name, ev, ready) as lock:
         found = ready()
         if found is None:
+            from .compat import check_host, require_supported_os
+            from .unpacker import interpreter_for
+
+            require_supported_os()
             manifest = source.manifest(dl, ev)
             check_host(manifest.platform)
             interpreter = interpreter_for(manifest, python)
@@ -575,7 +576,7 @@ def _clean_dead_downloads(dl: Path) -> None:
 
 
 class _CrateLock:
-    """The crate's fcntl lock (filelock), plus a holder file whose mtime is a
+    """The crate's POSIX record lock (fcntl.lockf, which NFS forwards to lockd), plus a holder file whose mtime is a
     heartbeat, for waiters on other hosts or where fcntl locks are node-local.
     ``ready()`` tells the waiters that they may stop waiting."""
 
@@ -594,17 +595,22 @@ class _CrateLock:
         self._beat: threading.Thread | None = None
 
     def __enter__(self) -> _CrateLock:
-        from filelock import FileLock, Timeout
+        # fcntl directly rather than filelock: importing filelock costs each of
+        # the hundreds of processes that may start at once about 50 ms.
+        import fcntl
 
-        self._lock = FileLock(str(self.lock_path), mode=0o666)
+        self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         while True:
             if self.ready() is not None:
                 return self
             try:
-                self._lock.acquire(timeout=0.2, poll_interval=0.02)
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self.held = True
                 break
-            except Timeout:
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                time.sleep(0.1)
                 holder = self._holder()
                 if not self.waited:
                     self.waited = True
@@ -650,4 +656,7 @@ class _CrateLock:
             self._beat.join()
             _unlink(self.holder_path)
         if self.held:
-            self._lock.release()
+            import fcntl
+
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
