@@ -42,6 +42,17 @@ PIP = "python -m venv + pip install -r pins"
 UV = "uv venv + uv pip install -r pins (cold uv cache)"
 
 
+_IN_PROCESS = (
+    "import sys, time, statistics, envcrate\n"
+    "ref, cache = sys.argv[1], sys.argv[2]\n"
+    "envcrate.ensure(ref, None, cache)\n"
+    "laps = []\n"
+    "for _ in range(1000):\n"
+    "    t = time.perf_counter(); envcrate.ensure(ref, None, cache); laps.append(time.perf_counter() - t)\n"
+    "print(statistics.median(laps) * 1000)\n"
+)
+
+
 def timed_many(cmd: list, n: int, env: dict) -> float:
     start = time.perf_counter()
     procs = [
@@ -108,6 +119,14 @@ def main() -> None:
                 )
                 times.setdefault(PASS, []).append(timed([sys.executable, "-c", "pass"], env=env)[0])
             print(f"round {i + 1}/{args.rounds} done", file=sys.stderr)
+        inproc = subprocess.run(
+            [sys.executable, "-c", _IN_PROCESS, manifest.id, str(warm_cache)],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        in_process_ms = float(inproc.stdout)
 
         pins = tmp / "pins.txt"
         out = subprocess.run(
@@ -155,8 +174,9 @@ def main() -> None:
     for name, against in rows:
         if name in med and against in med:
             print(f"| {name} | {med[name]:.3f} | {med[name] / med[against]:.2f}x | {against} |")
+    print(f"\nenvcrate.ensure() in-process, warm: {in_process_ms:.3f} ms (median of 1000 calls)")
     if UV in med:
-        print(f"\ncold ensure / uv install: {med[COLD] / med[UV]:.2f}x")
+        print(f"cold ensure / uv install: {med[COLD] / med[UV]:.2f}x")
     print(time.strftime("measured %Y-%m-%d", time.gmtime()))
 
 

@@ -407,3 +407,31 @@ def test_cache_info_verify_and_rm(shipped, small_crate, tmp_path, env):
     ok(envcrate("rm", "small", "--cache", cache, "--json", env=env))
     assert not prefix.exists()
     fails(envcrate("info", "small", "--cache", cache, env=env), "no crate")
+
+
+def test_gc_cleans_what_killed_processes_left(tmp_path, env):
+    cache = tmp_path / "cache"
+    old = time.time() - 2 * 3600
+    leftovers = [
+        cache / "e" / ".0123456789abcdef-00000000.envcrate-abc",
+        cache / "dl" / ".ab.vm-999999.part",
+        cache / "locks" / "0123456789abcdef.lock",
+        cache / "locks" / "0123456789abcdef.holder",
+    ]
+    fresh = cache / "e" / ".fedcba9876543210-00000000.envcrate-new"  # a fill in progress
+    for p in leftovers + [fresh]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.name.endswith("-abc") or p == fresh:
+            (p / "lib").mkdir(parents=True)
+            (p / "lib").chmod(0o555)
+        else:
+            p.write_text("")
+    for p in leftovers:
+        os.utime(p, (old, old))
+    dry = ok(envcrate("gc", "--cache", cache, "--dry-run", "--json", env=env))
+    assert sorted(dry["cleaned"]) == sorted(map(str, leftovers))
+    assert all(os.path.lexists(p) for p in leftovers)
+    done = ok(envcrate("gc", "--cache", cache, "--json", env=env))
+    assert sorted(done["cleaned"]) == sorted(map(str, leftovers))
+    assert not any(os.path.lexists(p) for p in leftovers)
+    assert fresh.is_dir()

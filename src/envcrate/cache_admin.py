@@ -261,6 +261,34 @@ def gc(
     }
 
 
+def _unused_lock(cache: Path, lock: Path, now: float) -> bool:
+    """An old lock file of a crate that is not in this cache (a lock only
+    saves duplicate work, so removing one is harmless)."""
+    head = lock.name[: -len(".lock")]
+    try:
+        if now - lock.stat().st_mtime < ABANDONED:
+            return False
+        return not any(n.startswith(head) for n in os.listdir(cache / "e") if not n.startswith("."))
+    except OSError:
+        return False
+
+
+def _unlink_if_free(lock: Path) -> None:
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(lock)
+    except OSError:
+        pass  # held by a filler right now
+    finally:
+        os.close(fd)
+
+
 def _clean(cache: Path, now: float, dry_run: bool) -> list[str]:
     """Abandoned fill directories, trash, partial downloads, stale holder files."""
     out = []
@@ -291,6 +319,10 @@ def _clean(cache: Path, now: float, dry_run: bool) -> list[str]:
         names = []
     for name in names:
         p = cache / "locks" / name
+        if name.endswith(".lock") and _unused_lock(cache, p, now):
+            out.append(str(p))
+            if not dry_run:
+                _unlink_if_free(p)
         if name.endswith(".holder"):
             try:
                 if now - p.stat().st_mtime > ABANDONED:
