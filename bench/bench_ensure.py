@@ -10,6 +10,10 @@ directory store, then runs interleaved rounds of
 - 32 concurrent cold ensures into one new cache      |  a single cold ensure
 - warm:  envcrate ensure ID (the console script)     |  python -c pass
 
+envcrate runs from a venv of its own (bench/work/tool-venv, reinstalled from
+this checkout each run), as users install it, and `python -c pass` is that
+venv's Python.
+
 and, --installs times (they need the package index and take minutes):
 `python -m venv` + `pip install -r <pins>` and `uv venv` + `uv pip install -r
 <pins>` with a cold uv cache. Every cold run goes to a fresh directory; all
@@ -53,6 +57,33 @@ _IN_PROCESS = (
 )
 
 
+def tool_venv(work: Path, env: dict) -> Path:
+    """envcrate installed as a user installs it: a venv of its own (start-up
+    then does not pay for whatever the developer's Python loads from .pth
+    files), reinstalled from this checkout on every run."""
+    venv = work / "tool-venv"
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    subprocess.run(
+        [
+            venv / "bin" / "python",
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--force-reinstall",
+            "--no-deps",
+            ROOT,
+        ],
+        check=True,
+        env=env,
+    )
+    subprocess.run(
+        [venv / "bin" / "python", "-m", "pip", "install", "-q", ROOT], check=True, env=env
+    )
+    return venv / "bin" / "python"
+
+
 def timed_many(cmd: list, n: int, env: dict) -> float:
     start = time.perf_counter()
     procs = [
@@ -84,10 +115,10 @@ def main() -> None:
     from envcrate.unpacker import read_manifest
 
     manifest = read_manifest(archive)
-    script = Path(sys.executable).with_name("envcrate")
-    envcrate = [script] if script.exists() else [sys.executable, "-m", "envcrate.cli"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENVCRATE_")}
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # measure with bytecode caches, as installed
+    python = tool_venv(args.work, env)
+    envcrate = [python.with_name("envcrate")]
 
     times: dict[str, list[float]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="envcrate-bench-ensure-", dir=args.work))
@@ -117,10 +148,10 @@ def main() -> None:
                 times.setdefault(WARM, []).append(
                     timed([*ensure, "--cache", warm_cache], env=env)[0]
                 )
-                times.setdefault(PASS, []).append(timed([sys.executable, "-c", "pass"], env=env)[0])
+                times.setdefault(PASS, []).append(timed([python, "-c", "pass"], env=env)[0])
             print(f"round {i + 1}/{args.rounds} done", file=sys.stderr)
         inproc = subprocess.run(
-            [sys.executable, "-c", _IN_PROCESS, manifest.id, str(warm_cache)],
+            [python, "-c", _IN_PROCESS, manifest.id, str(warm_cache)],
             check=True,
             capture_output=True,
             text=True,

@@ -51,7 +51,7 @@ def _tags(cache: Path) -> dict[str, list[str]]:
 def entries(caches: list[Path]) -> list[dict]:
     """Every ready entry of the caches."""
     out = []
-    for cache in caches:
+    for cache in map(Path, caches):
         tags = _tags(cache)
         try:
             names = sorted(os.listdir(cache / "e"))
@@ -231,7 +231,7 @@ def gc(
     now = time.time()
     removed, kept, cleaned = [], [], []
     freed = 0
-    for cache in caches:
+    for cache in map(Path, caches):
         listed = sorted((e for e in entries([cache])), key=lambda e: e["last_use"])
         total = sum(e["size"] for e in listed)
         for e in listed:

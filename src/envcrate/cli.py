@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from .errors import EnvcrateError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # argparse is imported only when a parser is built
+    import argparse
 
 
 def _add_json(p: argparse.ArgumentParser) -> None:
@@ -92,6 +95,8 @@ class _Skip:
 
 
 def parser(only: str | None = None) -> argparse.ArgumentParser:
+    import argparse
+
     ap = argparse.ArgumentParser(
         prog="envcrate",
         description="Pack Python environments into content-addressed crates and unpack them anywhere.",
@@ -219,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["run"] and "--" in argv:  # everything after -- is the command, untouched
         cut = argv.index("--")
         argv, command = argv[:cut], argv[cut + 1 :]
-    args = parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
+    args = _fast_ensure_args(argv)
+    if args is None:
+        args = parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     args.argv = command
     try:
         return COMMANDS[args.command](args)
@@ -233,6 +240,51 @@ def main(argv: list[str] | None = None) -> int:
         what = "disk full" if e.errno == 28 else (e.strerror or str(e))
         _fail(f"{what}{where}; free space or fix the path and try again")
     return 1
+
+
+class _Args:
+    def __init__(self, **values) -> None:
+        self.__dict__.update(values)
+
+
+_ENSURE_VALUES = {"--store", "--cache", "--python", "--sha256", "--events", "--lease"}
+
+
+def _fast_ensure_args(argv: list[str]):
+    """``ensure`` arguments parsed without argparse (whose imports cost the
+    warm path about 10 ms), for the plain forms only; anything else (help,
+    mistakes, unusual spellings) returns None and goes through argparse."""
+    if argv[:1] != ["ensure"]:
+        return None
+    values: dict = {"store": None, "cache": [], "python": None, "sha256": None, "events": None}
+    values.update(lease=None, json=False, progress=None, command="ensure", ref=None)
+    rest = argv[1:]
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg in _ENSURE_VALUES and i + 1 < len(rest):
+            key, value = arg[2:], rest[i + 1]
+            if key == "cache":
+                values["cache"].append(value)
+            elif key == "lease":
+                if not value.isdigit():
+                    return None
+                values["lease"] = int(value)
+            else:
+                values[key] = value
+            i += 2
+        elif arg == "--json":
+            values["json"] = True
+            i += 1
+        elif arg == "--progress":
+            values["progress"] = True
+            i += 1
+        elif not arg.startswith("-") and values["ref"] is None:
+            values["ref"] = arg
+            i += 1
+        else:
+            return None
+    return _Args(**values) if values["ref"] is not None else None
 
 
 def _fail(message: str) -> None:
@@ -516,9 +568,9 @@ def wanted_progress(args) -> bool:
 
 def cmd_ensure(args) -> int:
     done = _ensure(args, args.lease)
-    obj = {"id": done.id, "prefix": str(done.prefix), "state": done.state}
+    obj = {"id": done.id, "prefix": done.path, "state": done.state}
     obj["seconds"] = round(done.seconds, 6)
-    return _emit(args, obj, str(done.prefix))
+    return _emit(args, obj, done.path)
 
 
 def _manifest_kind(prefix) -> str:

@@ -12,7 +12,6 @@ its lease itself (its ``$$`` is known only there).
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -28,15 +27,15 @@ def boot_id() -> str:
 
 
 def this_host() -> str:
-    return socket.gethostname().split(".")[0].replace("/", "_") or "host"
+    return os.uname().nodename.split(".")[0].replace("/", "_") or "host"
 
 
 def lease_name(pid: int | str) -> str:
     return f"{this_host()}.{boot_id()}.{pid}"
 
 
-def lease_dir(cache: Path, key: str) -> Path:
-    return cache / "leases" / key
+def lease_dir(cache, key: str) -> Path:
+    return Path(cache, "leases", key)
 
 
 def add(cache: Path, key: str, pid: int) -> Path:

@@ -1,11 +1,11 @@
-"""Progress bars on stderr for long work (only on a terminal or when asked)."""
+"""Progress bars on stderr for long work (only on a terminal or when asked).
+
+Cheap to import: the warm ``ensure`` path imports it (no contextlib, no
+typing, tqdm only when a bar is shown)."""
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
-from typing import Callable
 
 
 def wanted(flag: bool | None) -> bool:
@@ -13,21 +13,33 @@ def wanted(flag: bool | None) -> bool:
     return bool(flag) or (flag is None and sys.stderr.isatty())
 
 
-@contextlib.contextmanager
-def bar(total: int, desc: str, enabled: bool) -> Iterator[Callable[[int], None] | None]:
-    if not enabled:
-        yield None
-        return
-    from tqdm import tqdm
+class bar:
+    """``with bar(total, desc, enabled) as tick:`` gives ``tick(n)`` to report
+    progress, or None when no bar is shown."""
 
-    with tqdm(
-        total=total,
-        desc=desc,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        file=sys.stderr,
-        mininterval=0.25,
-        leave=False,
-    ) as t:
-        yield t.update
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total = total
+        self.desc = desc
+        self.enabled = enabled
+        self._bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=self.total,
+            desc=self.desc,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+            mininterval=0.25,
+            leave=False,
+        )
+        return self._bar.update
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,517 @@
+"""Filling the cache: the cold half of ``ensure`` (see :mod:`envcrate.cache`).
+
+One process per crate takes the crate's lock, fetches the archive, extracts,
+verifies and relocates it into a temporary directory beside the final entry,
+writes the ready marker last and renames it into place; the others wait and
+return the same entry. The rename, not the lock, decides: a filler that finds
+the entry already there discards its copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from pathlib import Path
+
+from .cache import READY, Ensured, cached_ids, entry_key, find_ready
+from .errors import EnvcrateError, NotFoundError
+from .events import Events
+from .ids import normalize_id
+
+HEARTBEAT = 2.0  # seconds between a filler's holder-file touches
+STALE = 30.0  # a holder silent this long (e.g. on a dead host) is ignored
+
+
+def _cache_modes(cache: Path) -> tuple[int, bool]:
+    import stat
+
+    try:
+        shared = bool(cache.stat().st_mode & stat.S_IWGRP)
+    except OSError:
+        shared = False
+    return (0o2775 if shared else 0o755), shared
+
+
+def make_dirs(cache: Path, path: Path) -> None:
+    """Create ``path`` under ``cache``; a group-writable cache gives its group
+    write access and set-group-id to every directory it creates."""
+    cache.mkdir(parents=True, exist_ok=True)
+    mode, shared = _cache_modes(cache)
+    missing = []
+    d = path
+    while d != cache and not d.is_dir():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        if shared:
+            os.chmod(d, mode)
+
+
+def writable_cache(caches: list[Path]) -> Path:
+    for cache in caches:
+        probe = cache
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if os.access(probe, os.W_OK | os.X_OK) and (
+            not (cache / "e").exists() or os.access(cache / "e", os.W_OK | os.X_OK)
+        ):
+            return cache
+    raise EnvcrateError(
+        f"no writable cache among {', '.join(map(str, caches))}; "
+        "pass a writable --cache DIR (or set ENVCRATE_CACHE)"
+    )
+
+
+def ensure_cold(
+    ref: str,
+    store,
+    caches: list[str],
+    python: str | None,
+    sha256: str | None,
+    ev: Events,
+    progress: bool,
+) -> Ensured:
+    """Resolve ``ref`` fully (asking the store if need be) and fill the cache."""
+    paths = [Path(c) for c in caches]
+    crate_id, source = _resolve(ref, store, paths, sha256)
+    ev.crate = crate_id
+    if crate_id is not None:
+        found = find_ready(caches, crate_id, python)
+        if found is not None:
+            c, key, _ = found
+            return Ensured(crate_id, os.path.join(c, "e", key), "HIT", c, key, 0)
+    return _fill(source, crate_id, paths, python, ev, progress)
+
+
+def _resolve(ref: str, store, caches: list[Path], sha256: str | None):
+    """(crate id or None, a source that can produce the archive)."""
+    if os.path.isfile(ref):
+        try:  # the record beside a packed archive names the crate: no need to open it
+            with open(ref + ".json", "rb") as f:
+                crate_id = json.loads(f.read()).get("id")
+        except (OSError, ValueError, AttributeError):
+            crate_id = None
+        return (crate_id if isinstance(crate_id, str) else None), _ArchiveFile(ref, sha256)
+    if ref.startswith(("http://", "https://", "file://")):
+        if not sha256:
+            raise EnvcrateError(
+                f"{ref.split('?', 1)[0]} is an archive URL: give its digest with --sha256"
+            )
+        blob = sha256 if sha256.startswith("sha256:") else "sha256:" + sha256
+        for c in caches:
+            try:
+                known = (c / "blobs" / blob.split(":", 1)[1]).read_text().strip()
+            except OSError:
+                continue
+            if normalize_id(known):
+                return known, _ArchiveUrl(ref, blob)
+        return None, _ArchiveUrl(ref, blob)
+    hexd = normalize_id(ref)
+    if hexd is not None:
+        if len(hexd) == 64:
+            return "sha256:" + hexd, _StoreCrate(store, "sha256:" + hexd)
+        local = cached_ids([str(c) for c in caches], hexd)
+        if len(local) == 1:
+            return local[0], _StoreCrate(store, local[0])
+    from .stores import open_store
+
+    opened = open_store(store)
+    crate_id = opened.resolve(ref)
+    if hexd is None:
+        _remember_tag(caches, ref, crate_id)
+    return crate_id, _StoreCrate(opened, crate_id)
+
+
+def _remember_tag(caches: list[Path], tag: str, crate_id: str) -> None:
+    for c in caches:
+        try:
+            make_dirs(c, c / "tags")
+            (c / "tags" / tag).write_text(crate_id + "\n")
+            return
+        except OSError:
+            continue
+
+
+# ---------------------------------------------------------------- sources of archives
+
+
+class _Source:
+    def manifest(self, dl: Path, ev: Events):
+        raise NotImplementedError
+
+    def archive(self, dl: Path, ev: Events, progress: bool) -> tuple[str, str | None, bool]:
+        """(archive path, expected blob digest, whether the path is a download)."""
+        raise NotImplementedError
+
+
+class _ArchiveFile(_Source):
+    def __init__(self, path: str, sha256: str | None):
+        self.path = os.path.abspath(path)
+        self.blob = None
+        if sha256:
+            self.blob = sha256 if sha256.startswith("sha256:") else "sha256:" + sha256
+
+    def manifest(self, dl, ev):
+        from .unpacker import read_manifest
+
+        return read_manifest(self.path)
+
+    def archive(self, dl, ev, progress):
+        if self.blob is None:
+            from .archive import detect_format
+            from .record import blob_of, read_record
+
+            self.blob = blob_of(read_record(Path(self.path + ".json")), detect_format(self.path))
+        return self.path, self.blob, False
+
+
+class _ArchiveUrl(_Source):
+    def __init__(self, url: str, blob: str):
+        self.url = url
+        self.blob = blob
+        self.path: str | None = None
+
+    def _download(self, dl: Path, ev: Events, progress: bool) -> str:
+        if self.path is None:
+            if self.url.startswith("file://"):
+                from urllib.parse import unquote, urlparse
+
+                self.path = unquote(urlparse(self.url).path)
+                return self.path
+            from .progress import bar
+            from .stores.http import download_url
+
+            ev.emit("DOWNLOADING", url=self.url.split("?", 1)[0])
+            name = f".{self.blob.split(':', 1)[1]}.{_me()}.tar"
+            with bar(0, "downloading", progress) as tick:
+                self.path = str(download_url(self.url, dl, name, self.blob, tick))
+        return self.path
+
+    def manifest(self, dl, ev):
+        from .unpacker import read_manifest
+
+        return read_manifest(self._download(dl, ev, False))
+
+    def archive(self, dl, ev, progress):
+        path = self._download(dl, ev, progress)
+        return path, self.blob, not self.url.startswith("file://")
+
+
+class _StoreCrate(_Source):
+    def __init__(self, store, crate_id: str):
+        self._store = store
+        self.crate_id = crate_id
+        self.record: dict | None = None
+
+    @property
+    def store(self):
+        if not hasattr(self._store, "record"):
+            from .stores import open_store
+
+            self._store = open_store(self._store)
+        return self._store
+
+    def manifest(self, dl, ev):
+        from .manifest import Manifest
+
+        if self.record is not None:
+            return Manifest({k: v for k, v in self.record.items() if k != "archives"})
+        self.record = self.store.record(self.crate_id)
+        if self.record is None:
+            raise NotFoundError(f"crate {self.crate_id} is not in {self.store.url}")
+        return Manifest({k: v for k, v in self.record.items() if k != "archives"})
+
+    def archive(self, dl, ev, progress):
+        from .archive import FORMATS
+        from .stores import blob_key
+
+        archives = sorted(
+            self.record.get("archives", []), key=lambda a: FORMATS.index(a.get("format", "tar.gz"))
+        )
+        if not archives:
+            raise NotFoundError(f"{self.crate_id} has no archive in {self.store.url}")
+        a = archives[0]
+        root = getattr(self.store, "root", None)
+        if root is not None:  # a directory store: read the blob in place
+            ev.emit("DOWNLOADING", bytes=a.get("size"), store=self.store.url)
+            return str(root / blob_key(a["blob"])), a["blob"], False
+        from .progress import bar
+
+        tmp = dl / f".{a['blob'].split(':', 1)[1]}.{_me()}.part"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+            ev.emit("DOWNLOADING", bytes=a.get("size"), store=self.store.url)
+            with bar(a.get("size", 0), "downloading", progress) as tick:
+                self.store.download(blob_key(a["blob"]), tmp, tick)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return str(tmp), a["blob"], True
+
+
+def _unlink(path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# --------------------------------------------------------------------------- filling
+
+
+def _fill(
+    source: _Source,
+    crate_id: str | None,
+    caches: list[Path],
+    python: str | None,
+    ev: Events,
+    progress: bool,
+) -> Ensured:
+    cache = writable_cache(caches)
+    dl = cache / "dl"
+    for d in (dl, cache / "e", cache / "locks"):
+        make_dirs(cache, d)
+    if crate_id is None:  # an archive file or URL not seen before: its manifest names it
+        crate_id = source.manifest(dl, ev).id
+        ev.crate = crate_id
+    name = crate_id.split(":", 1)[1][:16]
+
+    names = [str(c) for c in caches]
+
+    def ready():
+        return find_ready(names, crate_id, python)
+
+    # One lock per crate, taken before the interpreter is probed: the
+    # processes that only wait never start a Python to probe.
+    with _CrateLock(cache, name, ev, ready) as lock:
+        found = ready()
+        if found is None:
+            from .compat import check_host, require_supported_os
+            from .unpacker import interpreter_for
+
+            require_supported_os()
+            manifest = source.manifest(dl, ev)
+            check_host(manifest.platform)
+            interpreter = interpreter_for(manifest, python)
+            interp_path = interpreter.executable if interpreter is not None else None
+            found = find_ready(names, crate_id, interp_path)  # --python named a venv's python
+        if found is not None:
+            c, k, _ = found
+            return Ensured(
+                crate_id, os.path.join(c, "e", k), "WAITED" if lock.waited else "HIT", c, k, 0
+            )
+        key = entry_key(crate_id, interp_path)
+        entry = cache / "e" / key
+        if lock.held:
+            _clean_abandoned(cache, name)
+        _clean_dead_downloads(dl)
+        path, blob, downloaded = source.archive(dl, ev, progress)
+        try:
+            from .unpacker import fill
+
+            placed = fill(
+                path,
+                entry,
+                manifest,
+                interpreter,
+                blob=blob,
+                progress=progress,
+                phase=ev.emit,
+                seal=lambda tmp: _seal(tmp, manifest, blob, interp_path),
+            )
+        finally:
+            if downloaded:
+                _unlink(path)
+        if blob:
+            _index_blob(cache, blob, crate_id)
+        return Ensured(crate_id, str(entry), "READY" if placed else "WAITED", str(cache), key, 0)
+
+
+def _index_blob(cache: Path, blob: str, crate_id: str) -> None:
+    """Remember blob digest -> crate, so an archive URL is a warm hit next time."""
+    try:
+        make_dirs(cache, cache / "blobs")
+        path = cache / "blobs" / blob.split(":", 1)[1]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(crate_id + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _seal(tmp: str, manifest, blob: str | None, interpreter: str | None) -> None:
+    """Write the ready marker (with the digests of what relocation changed,
+    for ``verify``), then make the tree read-only."""
+    import hashlib
+    import socket
+
+    local = {}
+    changed = {r["path"] for r in manifest.prefix_files} | {"pyvenv.cfg"}
+    if manifest.kind == "venv":
+        changed |= {link["path"] for link in manifest.venv.get("base_links", [])}
+    for rel in sorted(changed):
+        p = os.path.join(tmp, rel)
+        if os.path.islink(p):
+            local[rel] = ["l", os.readlink(p)]
+        elif os.path.isfile(p):
+            with open(p, "rb") as f:
+                local[rel] = ["f", hashlib.sha256(f.read()).hexdigest()]
+    marker = {
+        "id": manifest.id,
+        "blob": blob,
+        "name": manifest.data.get("name"),
+        "kind": manifest.kind,
+        "interpreter": interpreter,
+        "bytes": manifest.file_bytes,
+        "host": socket.gethostname(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "local": local,
+    }
+    with open(os.path.join(tmp, READY), "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write(f"{manifest.id}\n{interpreter or ''}\n")  # read by the warm path (cache.read_ready)
+        json.dump(marker, f, sort_keys=True)
+    make_read_only(tmp)
+
+
+def make_read_only(root: str) -> None:
+    import stat
+
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode):
+                os.chmod(p, 0o555 if st.st_mode & 0o111 else 0o444)
+        os.chmod(dirpath, 0o555)
+
+
+def _clean_abandoned(cache: Path, name: str) -> None:
+    """Leftovers of killed fillers of this crate (we hold its lock)."""
+    from .fsutil import remove_tree
+
+    for entry in os.listdir(cache / "e"):
+        if entry.startswith(f".{name}") and ".envcrate-" in entry:
+            remove_tree(cache / "e" / entry)
+
+
+def _me() -> str:
+    """``<host>-<pid>``: names a download so that only its own host judges it."""
+    from .leases import this_host
+
+    return f"{this_host().replace('.', '_')}-{os.getpid()}"
+
+
+def _clean_dead_downloads(dl: Path) -> None:
+    """Partial downloads (``.<blob>.<host>-<pid>.part``) of this host's
+    processes that are gone."""
+    try:
+        names = os.listdir(dl)
+    except OSError:
+        return
+    host = _me().rsplit("-", 1)[0]
+    for name in names:
+        parts = name.split(".")
+        if len(parts) != 4 or parts[3] not in ("part", "tar"):
+            continue
+        who, _, pid = parts[2].rpartition("-")
+        if who != host or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _unlink(dl / name)
+        except OSError:
+            pass
+
+
+class _CrateLock:
+    """The crate's POSIX record lock (fcntl.lockf, which NFS forwards to lockd), plus a holder file whose mtime is a
+    heartbeat, for waiters on other hosts or where fcntl locks are node-local.
+    ``ready()`` tells the waiters that they may stop waiting."""
+
+    def __init__(self, cache: Path, key: str, ev: Events, ready):
+        import threading
+
+        self.cache = cache
+        self.key = key
+        self.ev = ev
+        self.ready = ready
+        self.lock_path = cache / "locks" / f"{key}.lock"
+        self.holder_path = cache / "locks" / f"{key}.holder"
+        self.held = False
+        self.waited = False
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def __enter__(self) -> _CrateLock:
+        # fcntl directly rather than filelock: importing filelock costs each of
+        # the hundreds of processes that may start at once about 50 ms.
+        import fcntl
+
+        self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        while True:
+            if self.ready() is not None:
+                return self
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.held = True
+                break
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                time.sleep(0.1)
+                holder = self._holder()
+                if not self.waited:
+                    self.waited = True
+                    self.ev.emit("WAITING", holder=holder)
+                if holder is not None and time.time() - holder["beat"] > STALE:
+                    # A silent holder (another host died, or fcntl locks are
+                    # node-local here): fill ourselves; the rename decides.
+                    break
+        if self.ready() is None:
+            import threading
+
+            self._write_holder()
+            self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+            self._beat.start()
+        return self
+
+    def _holder(self) -> dict | None:
+        try:
+            with open(self.holder_path, "rb") as f:
+                info = json.loads(f.read())
+            info["beat"] = os.stat(self.holder_path).st_mtime
+            return info
+        except (OSError, ValueError):
+            return None
+
+    def _write_holder(self) -> None:
+        import socket
+
+        tmp = self.holder_path.with_name(f".{self.holder_path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        os.replace(tmp, self.holder_path)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT):
+            try:
+                os.utime(self.holder_path)
+            except OSError:
+                pass
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+            _unlink(self.holder_path)
+        if self.held:
+            import fcntl
+
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
