@@ -109,8 +109,11 @@ def extract(
     rows: list[FileRow],
     dest: str,
     progress: Callable[[int], None] | None = None,
+    read_only: bool = False,
 ) -> None:
-    """Extract the entries of ``opened`` into the existing empty ``dest``."""
+    """Extract the entries of ``opened`` into the existing empty ``dest``;
+    ``read_only`` creates files without write bits (a cache entry: cheaper
+    than a chmod of every file afterwards)."""
     progress = progress or (lambda n: None)
     root = os.fsencode(dest)
     meta = root + b"/" + MANIFEST_MEMBER.split("/")[0].encode()
@@ -153,7 +156,8 @@ def extract(
                 pieces: list[memoryview] = []
                 stream.pipe(member.size, pieces.append)
                 stream.skip(tar.padding(member.size))
-                writers.add(full, 0o755 if row.mode == "755" else 0o644, pieces, member.size)
+                mode = 0o755 if row.mode == "755" else 0o644
+                writers.add(full, mode & ~0o222 if read_only else mode, pieces, member.size)
                 progress(member.size)
             elif member.type == tar.SYMLINK:
                 target = member.linkname

@@ -324,6 +324,7 @@ def _fill(
                 progress=progress,
                 phase=ev.emit,
                 seal=lambda tmp: _seal(tmp, manifest, blob, interp_path),
+                read_only=True,
             )
         finally:
             if downloaded:
@@ -380,13 +381,15 @@ def _seal(tmp: str, manifest, blob: str | None, interpreter: str | None) -> None
 
 
 def make_read_only(root: str) -> None:
+    """Directories ``0555``, and files without write bits (files extracted
+    for the cache already are: only the few written since are changed)."""
     import stat
 
     for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames:
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
-            if stat.S_ISREG(st.st_mode):
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o222:
                 os.chmod(p, 0o555 if st.st_mode & 0o111 else 0o444)
         os.chmod(dirpath, 0o555)
 

@@ -104,6 +104,7 @@ def fill(
     progress: bool = False,
     phase: Callable[[str], None] | None = None,
     seal: Callable[[str], None] | None = None,
+    read_only: bool = False,
 ) -> bool:
     """Extract ``archive`` into a temporary directory beside ``final`` while
     checking ``blob``, relocate it for ``final``, let ``seal`` finish it, and
@@ -128,7 +129,7 @@ def fill(
             with bar(
                 manifest.file_bytes, f"unpacking {manifest.data.get('name', '')}", progress
             ) as tick:
-                extract(opened, rows, tmp, tick)
+                extract(opened, rows, tmp, tick, read_only=read_only)
         except ArchiveError:
             if blob:  # say what is wrong with the bytes, not where it showed first
                 _check_blob(archive, blob)
