@@ -435,3 +435,33 @@ def test_gc_cleans_what_killed_processes_left(tmp_path, env):
     assert sorted(done["cleaned"]) == sorted(map(str, leftovers))
     assert not any(os.path.lexists(p) for p in leftovers)
     assert fresh.is_dir()
+
+
+def test_ensure_from_s3(seaweed, s3_env, small_crate, tmp_path):
+    url = f"s3://{seaweed.bucket()}/{tmp_path.name}"
+    ok(
+        envcrate(
+            "push", small_crate.archive, "--store", url, "--tag", "s3-small", "--json", env=s3_env
+        )
+    )
+    cache, ev = tmp_path / "cache", tmp_path / "ev.jsonl"
+    done = ok(
+        envcrate(
+            "ensure",
+            "s3-small",
+            "--store",
+            url,
+            "--cache",
+            cache,
+            "--events",
+            ev,
+            "--json",
+            env=s3_env,
+        )
+    )
+    assert done["state"] == "READY" and done["id"] == small_crate.id
+    assert check([Path(done["prefix"]) / "bin" / "python", "-c", "import six"]).returncode == 0
+    assert [e["state"] for e in events_of(ev)].count("DOWNLOADING") == 1
+    assert os.listdir(cache / "dl") == []
+    again = ok(envcrate("ensure", small_crate.id, "--cache", cache, "--json", env=s3_env))
+    assert again["state"] == "HIT"
