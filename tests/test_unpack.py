@@ -152,7 +152,7 @@ def test_python_mismatch_is_a_clear_error(small_crate, tmp_path):
 def test_no_interpreter_found_says_how_to_pass_one(small_crate, tmp_path, monkeypatch):
     import envcrate.compat as compat
 
-    monkeypatch.setattr(compat, "probe", lambda path: None)
+    monkeypatch.setattr(compat, "probe", lambda path, memo=None: None)
     with pytest.raises(IncompatibleError, match="--python PATH"):
         unpack(small_crate.archive, tmp_path / "x")
 

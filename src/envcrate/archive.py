@@ -605,15 +605,30 @@ class _Producer(threading.Thread):
             self._put(e)
 
     def _framed(self, f: BinaryIO, table) -> None:
+        """Independent frames: two are decompressed at once (zstandard releases
+        the GIL), handed on in order; reading and hashing stay sequential."""
         import zstandard
 
-        d = zstandard.ZstdDecompressor()
-        for csize, dsize in table:
-            data = self._read(f, csize)
-            if len(data) != csize:
-                raise ArchiveError("the archive is truncated")
-            if not self._put(d.decompress(data, max_output_size=dsize)):
-                return
+        local = threading.local()
+
+        def decompress(data: bytes, dsize: int) -> bytes:
+            d = getattr(local, "d", None)
+            if d is None:
+                d = local.d = zstandard.ZstdDecompressor()
+            return d.decompress(data, max_output_size=dsize)
+
+        with ThreadPoolExecutor(2, thread_name_prefix="envcrate-unzstd") as pool:
+            pending: deque[Future] = deque()
+            for csize, dsize in table:
+                data = self._read(f, csize)
+                if len(data) != csize:
+                    raise ArchiveError("the archive is truncated")
+                pending.append(pool.submit(decompress, data, dsize))
+                if len(pending) > 2 and not self._put(pending.popleft().result()):
+                    return
+            while pending:
+                if not self._put(pending.popleft().result()):
+                    return
 
     def _streamed_zstd(self, f: BinaryIO) -> None:
         import zstandard

@@ -7,6 +7,7 @@ be at least the highest ``GLIBC_x.y`` the env's ELF files reference).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -104,7 +105,13 @@ _PROBE = (
 )
 
 
-def probe(path: str) -> Interpreter | None:
+def probe(path: str, memo: str | None = None) -> Interpreter | None:
+    """What the interpreter at ``path`` is (by running it), or None if it
+    does not run. With ``memo`` (a directory), the answer is kept there and
+    reused while the interpreter's file is unchanged: the cache's fillers
+    skip starting a Python."""
+    if memo is not None:
+        return _memo_probe(path, memo)
     try:
         out = subprocess.run([path, "-I", "-c", _PROBE], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
@@ -118,7 +125,41 @@ def probe(path: str) -> Interpreter | None:
     return Interpreter(exe, impl, version, abiflags, base, base_exec)
 
 
-def find_interpreter(python: dict, explicit: str | None, hints: list[str]) -> Interpreter:
+def _memo_probe(path: str, memo: str) -> Interpreter | None:
+    import hashlib
+
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+    except OSError:
+        return None
+    sig = [real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    spot = os.path.join(
+        memo, hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    )
+    try:
+        with open(spot) as f:
+            kept = json.load(f)
+        if kept["sig"] == sig:
+            return Interpreter(*kept["it"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    it = probe(path)
+    if it is not None:
+        try:
+            os.makedirs(memo, exist_ok=True)
+            tmp = f"{spot}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump({"sig": sig, "it": list(dataclasses.astuple(it))}, f)
+            os.replace(tmp, spot)
+        except OSError:
+            pass
+    return it
+
+
+def find_interpreter(
+    python: dict, explicit: str | None, hints: list[str], memo: str | None = None
+) -> Interpreter:
     """A base interpreter matching the crate's ``python`` record: ``explicit``
     (``--python``) if given, else the original paths in ``hints``, then
     ``python3.X``, ``python3`` and ``python`` on PATH."""
@@ -136,7 +177,7 @@ def find_interpreter(python: dict, explicit: str | None, hints: list[str]) -> In
         )
 
     if explicit:
-        it = probe(explicit)
+        it = probe(explicit, memo)
         if it is None:
             raise IncompatibleError(
                 f"--python {explicit} does not run; pass a working {needed} interpreter"
@@ -156,7 +197,7 @@ def find_interpreter(python: dict, explicit: str | None, hints: list[str]) -> In
         if not cand or not os.path.exists(cand):
             continue
         tried.append(cand)
-        it = probe(cand)
+        it = probe(cand, memo)
         if fits(it):
             return it
     raise IncompatibleError(

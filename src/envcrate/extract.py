@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 from typing import Callable
 
 from . import tar
@@ -38,8 +39,23 @@ def _write_file(path: bytes, data: bytes, mode: int = 0o644) -> None:
         os.close(fd)
 
 
-def _write_batch(batch: list[tuple[bytes, int, list[memoryview]]]) -> None:
+def _make_dir(path: bytes) -> None:
+    try:
+        os.mkdir(path, 0o755)
+    except FileNotFoundError:  # a parent the archive did not list
+        os.makedirs(path, 0o755, exist_ok=True)
+    except FileExistsError:  # made already by another writer's makedirs
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise ArchiveError(
+                f"archive member {os.fsdecode(path)} is listed as a directory and a file"
+            ) from None
+
+
+def _write_batch(batch: list[tuple[bytes, int, list[memoryview] | None]]) -> None:
     for path, mode, pieces in batch:
+        if pieces is None:
+            _make_dir(path)
+            continue
         try:
             fd = os.open(path, _FLAGS, mode)
         except FileNotFoundError:  # a parent the archive did not list; no links exist yet
@@ -57,8 +73,10 @@ class _Writers:
 
     Creating a file costs a syscall that releases the GIL; with the parsing
     on the calling thread and decompression on another, two writers keep both
-    cores busy. Directories are made by the caller before any file in them is
-    handed over, and links only after :meth:`finish`.
+    cores busy. Directories go through the writers too (a mkdir can cost
+    hundreds of microseconds); a writer that finds a file's directory missing
+    because another writer has not made it yet makes it itself. Links are made
+    only after :meth:`finish`.
     """
 
     BATCH_FILES = 64
@@ -73,6 +91,11 @@ class _Writers:
         self._pending: deque = deque()
         self._batch: list = []
         self._bytes = 0
+
+    def add_dir(self, path: bytes) -> None:
+        self._batch.append((path, 0o755, None))
+        if len(self._batch) >= self.BATCH_FILES:
+            self._submit()
 
     def add(self, path: bytes, mode: int, pieces: list[memoryview], size: int) -> None:
         self._batch.append((path, mode, pieces))
@@ -118,8 +141,9 @@ def extract(
     root = os.fsencode(dest)
     meta = root + b"/" + MANIFEST_MEMBER.split("/")[0].encode()
     os.mkdir(meta, 0o755)
-    _write_file(root + b"/" + MANIFEST_MEMBER.encode(), opened.manifest_bytes)
-    _write_file(root + b"/" + FILES_MEMBER.encode(), opened.table_bytes)
+    meta_mode = 0o444 if read_only else 0o644
+    _write_file(root + b"/" + MANIFEST_MEMBER.encode(), opened.manifest_bytes, meta_mode)
+    _write_file(root + b"/" + FILES_MEMBER.encode(), opened.table_bytes, meta_mode)
 
     stream = opened.stream
     links: list[tuple[bytes, bytes]] = []
@@ -144,10 +168,7 @@ def extract(
                     raise ArchiveError(
                         f"archive member {path} is a directory, the file table says {row.type}"
                     )
-                try:
-                    os.mkdir(full, 0o755)
-                except FileNotFoundError:
-                    os.makedirs(full, 0o755)
+                writers.add_dir(full)
             elif member.type in (tar.REGULAR, b"\0"):
                 if row.type != "f" or row.size != member.size:
                     raise ArchiveError(

@@ -298,7 +298,7 @@ def _fill(
             require_supported_os()
             manifest = source.manifest(dl, ev)
             check_host(manifest.platform)
-            interpreter = interpreter_for(manifest, python)
+            interpreter = interpreter_for(manifest, python, str(cache / "pythons"))
             interp_path = interpreter.executable if interpreter is not None else None
             found = find_ready(names, crate_id, interp_path)  # --python named a venv's python
         if found is not None:
@@ -377,21 +377,31 @@ def _seal(tmp: str, manifest, blob: str | None, interpreter: str | None) -> None
     with open(os.path.join(tmp, READY), "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write(f"{manifest.id}\n{interpreter or ''}\n")  # read by the warm path (cache.read_ready)
         json.dump(marker, f, sort_keys=True)
-    make_read_only(tmp)
+    copies = (
+        [link["path"] for link in manifest.venv.get("base_links", [])]
+        if manifest.kind == "venv"
+        else []
+    )
+    make_read_only(tmp, [READY, *copies])
 
 
-def make_read_only(root: str) -> None:
-    """Directories ``0555``, and files without write bits (files extracted
-    for the cache already are: only the few written since are changed)."""
-    import stat
+def make_read_only(root: str, files: list[str] = ()) -> None:
+    """Directories ``0555`` (found by ``d_type``, no stat per file); of the
+    files only ``files`` are changed: the extracted ones have no write bits
+    already, and relocation keeps the mode of what it rewrites."""
+    for rel in files:
+        p = os.path.join(root, rel)
+        if os.path.isfile(p) and not os.path.islink(p):
+            os.chmod(p, 0o555 if os.stat(p).st_mode & 0o111 else 0o444)
 
-    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
-        for name in filenames:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o222:
-                os.chmod(p, 0o555 if st.st_mode & 0o111 else 0o444)
-        os.chmod(dirpath, 0o555)
+    def visit(d: str) -> None:
+        with os.scandir(d) as it:
+            subdirs = [e.path for e in it if e.is_dir(follow_symlinks=False)]
+        for sub in subdirs:
+            visit(sub)
+        os.chmod(d, 0o555)
+
+    visit(root)
 
 
 def _clean_abandoned(cache: Path, name: str) -> None:

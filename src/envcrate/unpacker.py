@@ -32,8 +32,11 @@ def read_manifest(archive: str | os.PathLike) -> Manifest:
     return Manifest.from_bytes(read_manifest_bytes(os.fspath(archive)))
 
 
-def interpreter_for(manifest: Manifest, python: str | None) -> Interpreter | None:
-    """The base interpreter a venv crate will use (None for conda crates)."""
+def interpreter_for(
+    manifest: Manifest, python: str | None, memo: str | None = None
+) -> Interpreter | None:
+    """The base interpreter a venv crate will use (None for conda crates);
+    ``memo``: see :func:`compat.probe`."""
     if manifest.kind != "venv":
         return None
     venv = manifest.venv
@@ -43,7 +46,7 @@ def interpreter_for(manifest: Manifest, python: str | None) -> Interpreter | Non
     version = ".".join(manifest.python.get("version", "").split(".")[:2])
     if cfg.get("home"):
         hints.append(os.path.join(cfg["home"], f"python{version}"))
-    return find_interpreter(manifest.python, python, [h for h in hints if h])
+    return find_interpreter(manifest.python, python, [h for h in hints if h], memo)
 
 
 def unpack(
