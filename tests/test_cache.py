@@ -324,7 +324,7 @@ def test_a_silent_holder_on_another_host_does_not_block(shipped, small_crate, tm
     key = Path(prefix).name.split("-")[0]  # the crate's lock: <16 hex of the id>
     (cache / "locks").mkdir(parents=True)
     holder = cache / "locks" / f"{key}.holder"
-    holder.write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    holder.write_text("elsewhere\n1\n")
     old = time.time() - 3600
     os.utime(holder, (old, old))
     locker = subprocess.Popen(

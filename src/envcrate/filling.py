@@ -10,7 +10,6 @@ the entry already there discards its copy.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import time
 from pathlib import Path
@@ -92,6 +91,8 @@ def ensure_cold(
 def _resolve(ref: str, store, caches: list[Path], sha256: str | None):
     """(crate id or None, a source that can produce the archive)."""
     if os.path.isfile(ref):
+        import json
+
         try:  # the record beside a packed archive names the crate: no need to open it
             with open(ref + ".json", "rb") as f:
                 crate_id = json.loads(f.read()).get("id")
@@ -374,6 +375,8 @@ def _seal(tmp: str, manifest, blob: str | None, interpreter: str | None) -> None
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "local": local,
     }
+    import json
+
     with open(os.path.join(tmp, READY), "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write(f"{manifest.id}\n{interpreter or ''}\n")  # read by the warm path (cache.read_ready)
         json.dump(marker, f, sort_keys=True)
@@ -496,19 +499,19 @@ class _CrateLock:
         return self
 
     def _holder(self) -> dict | None:
+        """{"host", "pid", "beat"} of the filler; the file is two plain lines
+        (waiters do not import json for it)."""
         try:
             with open(self.holder_path, "rb") as f:
-                info = json.loads(f.read())
-            info["beat"] = os.stat(self.holder_path).st_mtime
-            return info
+                host, pid = f.read().decode("utf-8", "replace").split("\n")[:2]
+                beat = os.fstat(f.fileno()).st_mtime
+            return {"host": host, "pid": int(pid), "beat": beat}
         except (OSError, ValueError):
             return None
 
     def _write_holder(self) -> None:
-        import socket
-
         tmp = self.holder_path.with_name(f".{self.holder_path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        tmp.write_text(f"{os.uname().nodename}\n{os.getpid()}\n")
         os.replace(tmp, self.holder_path)
 
     def _heartbeat(self) -> None:
