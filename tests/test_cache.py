@@ -469,3 +469,17 @@ def test_ensure_from_s3(seaweed, s3_env, small_crate, tmp_path):
     assert os.listdir(cache / "dl") == []
     again = ok(envcrate("ensure", small_crate.id, "--cache", cache, "--json", env=s3_env))
     assert again["state"] == "HIT"
+
+
+def test_group_shared_cache(shipped, tmp_path, env):
+    cache = tmp_path / "shared"
+    cache.mkdir()
+    cache.chmod(0o2775)
+    prefix = Path(
+        ok(envcrate("ensure", "small", "--store", shipped, "--cache", cache, "--json", env=env))[
+            "prefix"
+        ]
+    )
+    for d in ("e", "locks", "used", "dl"):
+        assert stat.S_IMODE((cache / d).stat().st_mode) & 0o2070 == 0o2070, d
+    assert stat.S_IMODE(prefix.stat().st_mode) == 0o555  # readable by the group, writable by none
