@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_pack_unpack import ensure_reference, timed  # noqa: E402
+from bench_pack_unpack import ensure_reference, timed, tool_venv  # noqa: E402
 
 COLD = "envcrate ensure (cold, directory store)"
 TAR = "tar -I zstd -xf"
@@ -55,33 +55,6 @@ _IN_PROCESS = (
     "    t = time.perf_counter(); envcrate.ensure(ref, None, cache); laps.append(time.perf_counter() - t)\n"
     "print(statistics.median(laps) * 1000)\n"
 )
-
-
-def tool_venv(work: Path, env: dict) -> Path:
-    """envcrate installed as a user installs it: a venv of its own (start-up
-    then does not pay for whatever the developer's Python loads from .pth
-    files), reinstalled from this checkout on every run."""
-    venv = work / "tool-venv"
-    if not (venv / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-    subprocess.run(
-        [
-            venv / "bin" / "python",
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--force-reinstall",
-            "--no-deps",
-            ROOT,
-        ],
-        check=True,
-        env=env,
-    )
-    subprocess.run(
-        [venv / "bin" / "python", "-m", "pip", "install", "-q", ROOT], check=True, env=env
-    )
-    return venv / "bin" / "python"
 
 
 def timed_many(cmd: list, n: int, env: dict) -> float:

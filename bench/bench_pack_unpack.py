@@ -9,7 +9,9 @@ interleaved rounds of
 - pack:   envcrate pack  |  venv-pack -o x.tar.gz  |  tar -I 'zstd -T0 -3' -cf
 - unpack: envcrate unpack (extract + relocate)  |  tar -I zstd -xf  |  tar -xzf
 
-and prints medians, ratios, archive sizes and peak memory. Every extraction
+and prints medians, ratios, archive sizes and peak memory. envcrate runs from
+a venv of its own (bench/work/tool-venv, reinstalled from this checkout), as
+users install it. Every extraction
 goes to a fresh directory, all deleted at the end (deleting between runs
 slows file creation on this machine's filesystem and would measure that).
 Timings drift on shared machines: only the ratios within one run mean much.
@@ -47,6 +49,33 @@ def timed(cmd: list, **kw) -> tuple[float, int]:
     return elapsed, usage.ru_maxrss
 
 
+def tool_venv(work: Path, env: dict) -> Path:
+    """envcrate installed as a user installs it: a venv of its own (start-up
+    then does not pay for whatever the developer's Python loads from .pth
+    files), reinstalled from this checkout on every run."""
+    venv = work / "tool-venv"
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    subprocess.run(
+        [
+            venv / "bin" / "python",
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--force-reinstall",
+            "--no-deps",
+            ROOT,
+        ],
+        check=True,
+        env=env,
+    )
+    subprocess.run(
+        [venv / "bin" / "python", "-m", "pip", "install", "-q", ROOT], check=True, env=env
+    )
+    return venv / "bin" / "python"
+
+
 def ensure_reference(work: Path) -> Path:
     ref = work / "ref"
     if not (ref / "pyvenv.cfg").exists():
@@ -77,7 +106,9 @@ def main() -> None:
     files, size = du(ref)
     runs = work / f"run-{os.getpid()}"
     runs.mkdir()
-    envcrate = [sys.executable, "-m", "envcrate.cli"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENVCRATE_")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: with bytecode caches
+    envcrate = [tool_venv(args.work, env).with_name("envcrate")]
     venv_pack = shutil.which("venv-pack") or "venv-pack"
 
     times: dict[str, list[float]] = {}
@@ -95,12 +126,12 @@ def main() -> None:
             d = runs / f"r{i}"
             d.mkdir()
             a = d / "envcrate.tar.zst"
-            record(PACK, timed([*envcrate, "pack", ref, "-o", a]), a)
+            record(PACK, timed([*envcrate, "pack", ref, "-o", a], env=env), a)
             v = d / "venv-pack.tar.gz"
             record(VENV_PACK, timed([venv_pack, "-p", ref, "-o", v, "-q"]), v)
             t = d / "tar.tar.zst"
             record(TAR_ZSTD, timed(["tar", "-C", ref, "-I", "zstd -T0 -3", "-cf", t, "."]), t)
-            record(UNPACK, timed([*envcrate, "unpack", a, d / "u-envcrate"]))
+            record(UNPACK, timed([*envcrate, "unpack", a, d / "u-envcrate"], env=env))
             (d / "u-tar").mkdir()
             record(UNTAR_ZSTD, timed(["tar", "-I", "zstd", "-xf", t, "-C", d / "u-tar"]))
             (d / "u-gz").mkdir()
