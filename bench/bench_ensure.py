@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_pack_unpack import ensure_reference, timed, tool_venv  # noqa: E402
+from bench_pack_unpack import reference_archive, timed, tool_venv  # noqa: E402
 
 COLD = "envcrate ensure (cold, directory store)"
 TAR = "tar -I zstd -xf"
@@ -76,14 +76,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    ref = ensure_reference(args.work)
-    archive = args.work / "ref.tar.zst"
-    if not archive.exists():
-        subprocess.run(
-            [sys.executable, "-m", "envcrate.cli", "pack", ref, "-o", archive],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+    archive = reference_archive(args.work)
     from envcrate.stores import open_store
     from envcrate.unpacker import read_manifest
 

@@ -84,6 +84,19 @@ def ensure_reference(work: Path) -> Path:
     return ref
 
 
+def reference_archive(work: Path) -> Path:
+    """The reference venv packed once (the store and cache benchmarks use it)."""
+    archive = work / "ref.tar.zst"
+    if not archive.exists():
+        ref = ensure_reference(work)
+        subprocess.run(
+            [sys.executable, "-m", "envcrate.cli", "pack", ref, "-o", archive],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return archive
+
+
 def du(path: Path) -> tuple[int, int]:
     files = size = 0
     for dirpath, _, names in os.walk(path):

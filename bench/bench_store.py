@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_pack_unpack import ensure_reference, timed  # noqa: E402
+from bench_pack_unpack import reference_archive, timed  # noqa: E402
 from servers import SeaweedFS  # noqa: E402
 
 PUSH = "envcrate push"
@@ -46,14 +45,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    ref = ensure_reference(args.work)
-    archive = args.work / "ref.tar.zst"
-    if not archive.exists():
-        subprocess.run(
-            [sys.executable, "-m", "envcrate.cli", "pack", ref, "-o", archive],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+    archive = reference_archive(args.work)
     from envcrate.stores import blob_key, file_digest
     from envcrate.unpacker import read_manifest
 
