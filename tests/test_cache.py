@@ -374,6 +374,11 @@ def test_cache_info_verify_and_rm(shipped, small_crate, tmp_path, env):
     listed = ok(envcrate("ls", "--cache", cache, "--json", env=env))["crates"]
     assert listed[0]["tags"] == ["small"] and listed[0]["prefix"] == str(prefix)
     assert ok(envcrate("verify", small_crate.id, "--cache", cache, "--json", env=env))["ok"]
+    # Without --cache: the default caches ($ENVCRATE_CACHE here).
+    assert ok(
+        envcrate("verify", small_crate.id, "--json", env=dict(env, ENVCRATE_CACHE=str(cache)))
+    )["ok"]
+    fails(envcrate("verify", str(tmp_path / "none.tar.zst"), env=env), "no archive")
 
     target = next(prefix.glob("lib/python*/site-packages/six.py"))
     target.parent.chmod(0o755)

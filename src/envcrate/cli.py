@@ -424,10 +424,10 @@ def _requirement(pin: dict) -> str:
 
 
 def cmd_verify(args) -> int:
-    if args.cache or (
-        os.path.isdir(args.ref) and os.path.isfile(os.path.join(args.ref, ".envcrate", "ready"))
-    ):
-        return _verify_cache(args)
+    if args.cache or not os.path.isfile(args.ref):
+        return _verify_cache(
+            args
+        )  # REF in the caches (default ones without --cache), or an entry's path
     from .verify import verify_archive
 
     v = verify_archive(args.ref, args.sha256)
@@ -687,7 +687,11 @@ def _verify_cache(args) -> int:
     from . import cache_admin
     from .cache import cache_list
 
+    if args.ref.endswith((".tar.zst", ".tar.gz")) and not args.cache:
+        raise EnvcrateError(f"no archive at {args.ref}")
     if os.path.isdir(args.ref) and not args.cache:
+        if not os.path.isfile(os.path.join(args.ref, ".envcrate", "files.jsonl")):
+            raise EnvcrateError(f"{args.ref} is not an unpacked crate (no .envcrate/files.jsonl)")
         prefixes = [Path(args.ref)]
     else:
         prefixes = [Path(e["prefix"]) for e in cache_admin.find(cache_list(args.cache), args.ref)]
