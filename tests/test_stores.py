@@ -4,8 +4,10 @@ SeaweedFS server) and HTTP (a local web server over a directory store)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import envcrate
@@ -204,3 +206,21 @@ def test_http_store_refuses_writes_in_the_api(small_crate):
     store = open_store("http://127.0.0.1:9/store")
     with pytest.raises(StoreError, match="read-only"):
         store.publish(small_crate.archive, small_crate.manifest.data, "tar.zst", "x", 1)
+
+
+def test_ship_cleans_what_killed_writers_left_in_a_directory_store(small_venv, tmp_path):
+    store = tmp_path / "store"
+    old = time.time() - 2 * 3600
+    stale = [store / ".envcrate-ship-abc", store / "crates" / ".x.json.abc.tmp"]
+    fresh = store / ".envcrate-ship-new"  # a ship in progress
+    for p in stale + [fresh]:
+        if p.suffix == ".tmp":
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text("")
+        else:
+            (p / "sub").mkdir(parents=True)
+    for p in stale:
+        os.utime(p, (old, old))
+    ok(envcrate("ship", small_venv, "--store", store, "--json"))
+    assert not any(os.path.lexists(p) for p in stale)
+    assert fresh.is_dir()

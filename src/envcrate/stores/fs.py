@@ -157,6 +157,35 @@ class FsStore(Store):
             raise self._fail(e, f"remove {key}") from None
 
     def staging_dir(self) -> Path:
-        """A directory on the store's filesystem for archives about to be moved in."""
+        """A directory on the store's filesystem for archives about to be moved
+        in; staging directories and temporary files that killed writers left
+        more than an hour ago are removed on the way."""
         self._make_dirs(self.root)
+        self._clean_abandoned()
         return self.root
+
+    def _clean_abandoned(self, age: float = 3600.0) -> None:
+        import time
+
+        from ..fsutil import remove_tree
+
+        now = time.time()
+        spots = [self.root] + [self.root / d for d in ("crates", "tags")]
+        spots += list((self.root / "blobs" / "sha256").glob("??"))
+        for d in spots:
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for name in names:
+                if not (
+                    name.startswith(".envcrate-ship-")
+                    or (name.startswith(".") and name.endswith(".tmp"))
+                ):
+                    continue
+                p = d / name
+                try:
+                    if now - p.lstat().st_mtime > age:
+                        remove_tree(p)
+                except OSError:
+                    pass  # another user's, or gone already
