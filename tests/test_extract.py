@@ -85,7 +85,7 @@ def test_hostile_archive_is_refused(tmp_path, case):
     archive = _crate(tmp_path / "evil.tar.zst", [_file("ok.txt")] + CASES[case])
     dest = tmp_path / "out" / "dest"
     with pytest.raises(UnsafeArchiveError):
-        unpack(archive, dest)
+        unpack(archive, dest, python=sys.executable)
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -94,5 +94,5 @@ def test_well_formed_crafted_archive_extracts(tmp_path):
         tmp_path / "ok.tar.zst",
         [_file("a/b.txt", b"hello"), _link("c", "a/b.txt"), _file("pyvenv.cfg", b"version = 3\n")],
     )
-    dest = unpack(archive, tmp_path / "dest")
+    dest = unpack(archive, tmp_path / "dest", python=sys.executable)
     assert (dest / "c").read_bytes() == b"hello"
