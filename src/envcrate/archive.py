@@ -113,6 +113,14 @@ class BodyResult:
     size: int  # uncompressed bytes of archived files
 
 
+def row_of(entry: Entry, size: int = 0, digest: str = "") -> FileRow:
+    """The file-table row of an entry as archived (for a file: its archived
+    size and content sha256). Packing and ``identify`` both use it, so they
+    agree on the crate id."""
+    target = entry.target if entry.type == "l" else digest
+    return FileRow(entry.type, entry.path, "%o" % entry.mode, size, target)
+
+
 class BodyWriter:
     """Writes the sorted entries as compressed frames to ``out``."""
 
@@ -206,13 +214,13 @@ class BodyWriter:
         if entry.type == "d":
             self._begin_member()
             self._put(tar.header(name, tar.DIRECTORY, 0o755))
-            self.rows.append(FileRow("d", entry.path, "755"))
+            self.rows.append(row_of(entry))
             self.digests.append("")
         elif entry.type == "l":
             self._begin_member()
             target = entry.target.encode("utf-8", "surrogateescape")
             self._put(tar.header(name, tar.SYMLINK, 0o777, 0, target))
-            self.rows.append(FileRow("l", entry.path, "777", 0, entry.target))
+            self.rows.append(row_of(entry))
             self.digests.append(entry.target)
         elif data is not None:
             self._add_file(entry, name, len(data), data=data)
@@ -225,10 +233,9 @@ class BodyWriter:
 
     def _add_file(self, entry: Entry, name: bytes, size: int, data: bytes | None = None) -> None:
         self._begin_member()
-        mode = entry.mode
-        self._put(tar.header(name, tar.REGULAR, mode, size))
+        self._put(tar.header(name, tar.REGULAR, entry.mode, size))
         row = len(self.rows)
-        self.rows.append(FileRow("f", entry.path, "%o" % mode, size))
+        self.rows.append(row_of(entry, size))
         self.digests.append("")
         scanner = self.scanner
         if scanner is not None:

@@ -7,7 +7,6 @@ are never removed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 from . import leases
 from .cache import read_marker
 from .errors import EnvcrateError, NotFoundError
-from .fsutil import remove_tree
+from .fsutil import remove_tree, sha256_file
 from .ids import normalize_id
 from .manifest import FILES_MEMBER, decode_table
 
@@ -166,11 +165,7 @@ def _digest_or_target(p: Path, want_type: str | None = None):
             return ("d", "") if p.is_dir() else None
         if want_type not in (None, "f") or not p.is_file():
             return None
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        return ("f", h.hexdigest())
+        return ("f", sha256_file(p)[0])
     except OSError:
         return None
 

@@ -359,20 +359,23 @@ def _index_blob(cache: Path, blob: str, crate_id: str) -> None:
 def _seal(tmp: str, manifest, blob: str | None, interpreter: str | None) -> None:
     """Write the ready marker (with the digests of what relocation changed,
     for ``verify``), then make the tree read-only."""
-    import hashlib
     import socket
 
+    from .fsutil import sha256_file
+
     local = {}
-    changed = {r["path"] for r in manifest.prefix_files} | {"pyvenv.cfg"}
-    if manifest.kind == "venv":
-        changed |= {link["path"] for link in manifest.venv.get("base_links", [])}
+    copies = (
+        [link["path"] for link in manifest.venv.get("base_links", [])]
+        if manifest.kind == "venv"
+        else []
+    )
+    changed = {r["path"] for r in manifest.prefix_files} | {"pyvenv.cfg", *copies}
     for rel in sorted(changed):
         p = os.path.join(tmp, rel)
         if os.path.islink(p):
             local[rel] = ["l", os.readlink(p)]
         elif os.path.isfile(p):
-            with open(p, "rb") as f:
-                local[rel] = ["f", hashlib.sha256(f.read()).hexdigest()]
+            local[rel] = ["f", sha256_file(p)[0]]
     marker = {
         "id": manifest.id,
         "blob": blob,
@@ -389,11 +392,6 @@ def _seal(tmp: str, manifest, blob: str | None, interpreter: str | None) -> None
     with open(os.path.join(tmp, READY), "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write(f"{manifest.id}\n{interpreter or ''}\n")  # read by the warm path (cache.read_ready)
         json.dump(marker, f, sort_keys=True)
-    copies = (
-        [link["path"] for link in manifest.venv.get("base_links", [])]
-        if manifest.kind == "venv"
-        else []
-    )
     make_read_only(tmp, [READY, *copies])
 
 

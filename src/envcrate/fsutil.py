@@ -35,6 +35,21 @@ def read_file(path: str, nofollow: bool = False) -> tuple[bytes, os.stat_result]
         os.close(fd)
 
 
+def sha256_file(path: str | os.PathLike) -> tuple[str, int]:
+    """The sha256 (hex) of a file's content and its size, read in 4 MiB pieces."""
+    import hashlib
+
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        buf = bytearray(4 << 20)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return h.hexdigest(), size
+
+
 def remove_tree(path: str | os.PathLike) -> None:
     """Remove a directory tree, read-only ones included (its directories are
     made writable first); a missing path is fine."""

@@ -24,12 +24,13 @@ from .archive import (
     assemble,
     format_of_name,
     prefetch,
+    row_of,
 )
 from .compat import host_platform, libc_record, require_supported_os
 from .envs import SourceEnv, load_env
 from .errors import EnvcrateError
-from .fsutil import current_umask, unlink_quietly
-from .manifest import SCHEMA, FileRow, Manifest, crate_id_of_table, encode_table, short_id
+from .fsutil import current_umask, sha256_file, unlink_quietly
+from .manifest import SCHEMA, Manifest, crate_id_of_table, encode_table, short_id
 from .progress import bar
 from .record import write_record
 from .scan import Scanner
@@ -144,34 +145,20 @@ def identify(source: SourceEnv) -> str:
 
     rows = []
     for entry, data in prefetch(source.entries):
-        if entry.type == "d":
-            rows.append(FileRow("d", entry.path, "755"))
-        elif entry.type == "l":
-            rows.append(FileRow("l", entry.path, "777", 0, entry.target))
-        else:
-            if data is None:
-                h, size = _hash_file(entry.source)
-            else:
-                h, size = hashlib.sha256(data).hexdigest(), len(data)
-            if data is None and size != entry.size:
-                raise EnvcrateError(f"{entry.source} changed while it was being read; try again")
-            rows.append(FileRow("f", entry.path, "%o" % entry.mode, size, h))
+        if entry.type != "f":
+            rows.append(row_of(entry))
+            continue
+        if data is not None:
+            rows.append(row_of(entry, len(data), hashlib.sha256(data).hexdigest()))
+            continue
+        try:
+            digest, size = sha256_file(entry.source)
+        except OSError as e:
+            raise EnvcrateError(f"cannot read {entry.source}: {e.strerror}") from None
+        if size != entry.size:
+            raise EnvcrateError(f"{entry.source} changed while it was being read; try again")
+        rows.append(row_of(entry, size, digest))
     return crate_id_of_table(encode_table(rows))
-
-
-def _hash_file(path: str) -> tuple[str, int]:
-    import hashlib
-
-    h = hashlib.sha256()
-    size = 0
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(8 << 20):
-                h.update(chunk)
-                size += len(chunk)
-    except OSError as e:
-        raise EnvcrateError(f"cannot read {path}: {e.strerror}") from None
-    return h.hexdigest(), size
 
 
 def _write_body(

@@ -10,7 +10,6 @@ size, keys, delete); crates, records, refs and tags are handled here, once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import DigestMismatchError, EnvcrateError, NotFoundError, StoreError
-from ..fsutil import unlink_quietly
+from ..fsutil import sha256_file, unlink_quietly
 from ..ids import normalize_id, short_id
 from ..record import archive_entry, encode_record, with_archive
 
@@ -318,10 +317,5 @@ class Store:
 
 
 def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        buf = bytearray(4 << 20)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return "sha256:" + h.hexdigest()
+    """The blob digest of a file: ``sha256:<hex>``."""
+    return "sha256:" + sha256_file(path)[0]
