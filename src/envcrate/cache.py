@@ -16,7 +16,7 @@ import time
 
 from .errors import EnvcrateError
 from .events import Events
-from .ids import normalize_id
+from .ids import blob_digest, normalize_id
 
 READY = ".envcrate/ready"  # the marker inside an entry, written last
 STAMP_EVERY = 60.0  # last-use stamps are refreshed at most this often
@@ -176,7 +176,7 @@ def ensure_crate(
     caches = cache_list(cache)
     ev.emit("RESOLVING", ref=ref)
     try:
-        crate_id = _known_id(ref, caches, sha256)
+        crate_id = known_id(ref, caches, sha256)
         found = find_ready(caches, crate_id, python) if crate_id else None
         if found is not None:
             c, key, _ = found
@@ -184,7 +184,7 @@ def ensure_crate(
         else:
             from .filling import ensure_cold
 
-            done = ensure_cold(ref, store, caches, python, sha256, ev, progress)
+            done = ensure_cold(ref, crate_id, store, caches, python, sha256, ev, progress)
         return _done(ev, done, start, lease)
     except BaseException as e:
         if isinstance(e, (EnvcrateError, OSError)):
@@ -204,7 +204,7 @@ def _done(ev: Events, done: Ensured, start: float, lease: int | None) -> Ensured
     return done
 
 
-def _known_id(ref: str, caches: list[str], sha256: str | None) -> str | None:
+def known_id(ref: str, caches: list[str], sha256: str | None) -> str | None:
     """The crate id of ``ref`` if it can be known without a store: a full id,
     a prefix of a crate in the caches, an archive with its record beside it,
     an archive URL whose digest was seen before."""
@@ -221,7 +221,7 @@ def _known_id(ref: str, caches: list[str], sha256: str | None) -> str | None:
         except (OSError, ValueError, AttributeError):
             return None
     if ref.startswith(("http://", "https://", "file://")) and sha256:
-        blob = sha256.split(":", 1)[-1]
+        blob = blob_digest(sha256).split(":", 1)[1]
         for c in caches:
             try:
                 with open(os.path.join(c, "blobs", blob)) as f:

@@ -365,12 +365,12 @@ def cmd_info(args) -> int:
             manifest = Manifest.from_bytes(f.read())
         size, where = entry["size"], entry["prefix"]
     else:
-        from .manifest import Manifest
+        from .record import manifest_of
         from .stores import open_store
 
         store = open_store(args.store)
         record = store.record(store.resolve(args.ref))
-        manifest = Manifest({k: v for k, v in record.items() if k != "archives"})
+        manifest = manifest_of(record)
         archives = record.get("archives", [])
         size = min((a.get("size", 0) for a in archives), default=0)
         where = f"{store.url} ({', '.join(a.get('format', '?') for a in archives)})"

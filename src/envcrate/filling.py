@@ -14,10 +14,11 @@ import os
 import time
 from pathlib import Path
 
-from .cache import READY, Ensured, cached_ids, entry_key, find_ready
+from .cache import READY, Ensured, entry_key, find_ready
 from .errors import EnvcrateError, NotFoundError
 from .events import Events
-from .ids import normalize_id
+from .fsutil import unlink_quietly
+from .ids import blob_digest, normalize_id
 
 HEARTBEAT = 2.0  # seconds between a filler's holder-file touches
 STALE = 30.0  # a holder silent this long (e.g. on a dead host) is ignored
@@ -69,6 +70,7 @@ def writable_cache(caches: list[Path]) -> Path:
 
 def ensure_cold(
     ref: str,
+    crate_id: str | None,
     store,
     caches: list[str],
     python: str | None,
@@ -76,11 +78,15 @@ def ensure_cold(
     ev: Events,
     progress: bool,
 ) -> Ensured:
-    """Resolve ``ref`` fully (asking the store if need be) and fill the cache."""
+    """Fill the cache for ``ref``, whose crate id the warm path found (and
+    found not ready) or could not know without the store."""
     paths = [Path(c) for c in caches]
-    crate_id, source = _resolve(ref, store, paths, sha256)
-    ev.crate = crate_id
-    if crate_id is not None:
+    source = _source(ref, crate_id, store, sha256)
+    if crate_id is None and isinstance(source, _StoreCrate):
+        crate_id = source.crate_id  # resolved in the store just now: maybe ready after all
+        ev.crate = crate_id
+        if normalize_id(ref) is None:
+            _remember_tag(paths, ref, crate_id)
         found = find_ready(caches, crate_id, python)
         if found is not None:
             c, key, _ = found
@@ -88,45 +94,23 @@ def ensure_cold(
     return _fill(source, crate_id, paths, python, ev, progress)
 
 
-def _resolve(ref: str, store, caches: list[Path], sha256: str | None):
-    """(crate id or None, a source that can produce the archive)."""
+def _source(ref: str, crate_id: str | None, store, sha256: str | None) -> _Source:
+    """Where the archive of ``ref`` comes from (a ref that names neither an
+    archive nor a known crate is resolved in the store)."""
     if os.path.isfile(ref):
-        import json
-
-        try:  # the record beside a packed archive names the crate: no need to open it
-            with open(ref + ".json", "rb") as f:
-                crate_id = json.loads(f.read()).get("id")
-        except (OSError, ValueError, AttributeError):
-            crate_id = None
-        return (crate_id if isinstance(crate_id, str) else None), _ArchiveFile(ref, sha256)
+        return _ArchiveFile(ref, sha256)
     if ref.startswith(("http://", "https://", "file://")):
         if not sha256:
             raise EnvcrateError(
                 f"{ref.split('?', 1)[0]} is an archive URL: give its digest with --sha256"
             )
-        blob = sha256 if sha256.startswith("sha256:") else "sha256:" + sha256
-        for c in caches:
-            try:
-                known = (c / "blobs" / blob.split(":", 1)[1]).read_text().strip()
-            except OSError:
-                continue
-            if normalize_id(known):
-                return known, _ArchiveUrl(ref, blob)
-        return None, _ArchiveUrl(ref, blob)
-    hexd = normalize_id(ref)
-    if hexd is not None:
-        if len(hexd) == 64:
-            return "sha256:" + hexd, _StoreCrate(store, "sha256:" + hexd)
-        local = cached_ids([str(c) for c in caches], hexd)
-        if len(local) == 1:
-            return local[0], _StoreCrate(store, local[0])
+        return _ArchiveUrl(ref, blob_digest(sha256))
+    if crate_id is not None:
+        return _StoreCrate(store, crate_id)
     from .stores import open_store
 
     opened = open_store(store)
-    crate_id = opened.resolve(ref)
-    if hexd is None:
-        _remember_tag(caches, ref, crate_id)
-    return crate_id, _StoreCrate(opened, crate_id)
+    return _StoreCrate(opened, opened.resolve(ref))
 
 
 def _remember_tag(caches: list[Path], tag: str, crate_id: str) -> None:
@@ -154,9 +138,7 @@ class _Source:
 class _ArchiveFile(_Source):
     def __init__(self, path: str, sha256: str | None):
         self.path = os.path.abspath(path)
-        self.blob = None
-        if sha256:
-            self.blob = sha256 if sha256.startswith("sha256:") else "sha256:" + sha256
+        self.blob = blob_digest(sha256) if sha256 else None
 
     def manifest(self, dl, ev):
         from .unpacker import read_manifest
@@ -165,10 +147,9 @@ class _ArchiveFile(_Source):
 
     def archive(self, dl, ev, progress):
         if self.blob is None:
-            from .archive import detect_format
-            from .record import blob_of, read_record
+            from .record import recorded_blob
 
-            self.blob = blob_of(read_record(Path(self.path + ".json")), detect_format(self.path))
+            self.blob = recorded_blob(self.path)
         return self.path, self.blob, False
 
 
@@ -212,21 +193,19 @@ class _StoreCrate(_Source):
 
     @property
     def store(self):
-        if not hasattr(self._store, "record"):
-            from .stores import open_store
+        from .stores import open_store
 
-            self._store = open_store(self._store)
+        self._store = open_store(self._store)
         return self._store
 
     def manifest(self, dl, ev):
-        from .manifest import Manifest
+        from .record import manifest_of
 
-        if self.record is not None:
-            return Manifest({k: v for k, v in self.record.items() if k != "archives"})
-        self.record = self.store.record(self.crate_id)
         if self.record is None:
-            raise NotFoundError(f"crate {self.crate_id} is not in {self.store.url}")
-        return Manifest({k: v for k, v in self.record.items() if k != "archives"})
+            self.record = self.store.record(self.crate_id)
+            if self.record is None:
+                raise NotFoundError(f"crate {self.crate_id} is not in {self.store.url}")
+        return manifest_of(self.record)
 
     def archive(self, dl, ev, progress):
         from .archive import FORMATS
@@ -251,16 +230,9 @@ class _StoreCrate(_Source):
             with bar(a.get("size", 0), "downloading", progress) as tick:
                 self.store.download(blob_key(a["blob"]), tmp, tick)
         except BaseException:
-            _unlink(tmp)
+            unlink_quietly(tmp)
             raise
         return str(tmp), a["blob"], True
-
-
-def _unlink(path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 # --------------------------------------------------------------------------- filling
@@ -329,7 +301,7 @@ def _fill(
             )
         finally:
             if downloaded:
-                _unlink(path)
+                unlink_quietly(path)
         if blob:
             _index_blob(cache, blob, crate_id)
         return Ensured(crate_id, str(entry), "READY" if placed else "WAITED", str(cache), key, 0)
@@ -448,7 +420,7 @@ def _clean_dead_downloads(dl: Path) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            _unlink(dl / name)
+            unlink_quietly(dl / name)
         except OSError:
             pass
 
@@ -532,7 +504,7 @@ class _CrateLock:
         self._stop.set()
         if self._beat is not None:
             self._beat.join()
-            _unlink(self.holder_path)
+            unlink_quietly(self.holder_path)
         if self.held:
             import fcntl
 

@@ -19,3 +19,9 @@ def normalize_id(text: str) -> str | None:
 
 def short_id(crate_id: str) -> str:
     return crate_id.split(":", 1)[-1][:12]
+
+
+def blob_digest(text: str) -> str:
+    """``sha256:<hex>`` from a digest given with or without its prefix."""
+    text = text.strip()
+    return text if text.startswith("sha256:") else "sha256:" + text

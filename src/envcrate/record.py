@@ -55,6 +55,22 @@ def read_record(path: Path) -> dict | None:
         return None
 
 
+def recorded_blob(archive: str | os.PathLike, fmt: str | None = None) -> str | None:
+    """The blob digest recorded beside a packed archive (``<archive>.json``),
+    if there is one; ``fmt`` defaults to the archive's own format."""
+    archive = os.fspath(archive)
+    if fmt is None:
+        from .archive import detect_format
+
+        fmt = detect_format(archive)
+    return blob_of(read_record(Path(archive + ".json")), fmt)
+
+
+def manifest_of(record: dict) -> Manifest:
+    """The manifest a crate record (``crates/<id>.json``) carries."""
+    return Manifest({k: v for k, v in record.items() if k != "archives"})
+
+
 def blob_of(record: dict | None, fmt: str) -> str | None:
     for a in (record or {}).get("archives", []):
         if a.get("format") == fmt:

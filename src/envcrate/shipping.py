@@ -19,7 +19,7 @@ from .envs import load_env
 from .errors import DigestMismatchError, EnvcrateError
 from .packer import identify, pack_source, resolve_format
 from .progress import bar
-from .record import blob_of, read_record
+from .record import recorded_blob
 from .stores import Store, check_tag, file_digest, open_store
 
 
@@ -45,7 +45,7 @@ def push(
 ) -> Shipped:
     """Publish a packed archive: blob, then record, then tag."""
     start = time.monotonic()
-    store = store if isinstance(store, Store) else open_store(store)
+    store = open_store(store)
     if tag is not None:
         check_tag(tag)
     path = Path(archive)
@@ -54,7 +54,7 @@ def push(
 
     manifest = read_manifest(path)
     blob = file_digest(path)
-    recorded = blob_of(read_record(Path(str(path) + ".json")), fmt)
+    recorded = recorded_blob(path, fmt)
     if recorded and recorded != blob:
         raise DigestMismatchError(
             f"{path} has digest {blob} but was packed as {recorded}; it changed since: pack again"
@@ -80,8 +80,8 @@ def ship(
 ) -> Shipped:
     """Pack ``env`` and publish it, unless the store already has the crate."""
     start = time.monotonic()
-    store = store if isinstance(store, Store) else open_store(store)
-    store._read_only()
+    store = open_store(store)
+    store.require_writable()
     if tag is not None:
         check_tag(tag)
     fmt = resolve_format(format, None)

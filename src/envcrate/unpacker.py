@@ -17,14 +17,14 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .archive import detect_format, open_stream, read_manifest_bytes
+from .archive import open_stream, read_manifest_bytes
 from .compat import Interpreter, check_host, find_interpreter, require_supported_os
 from .errors import ArchiveError, DigestMismatchError, EnvcrateError
 from .extract import extract
 from .fsutil import current_umask, remove_tree
 from .manifest import Manifest, crate_id_of_table, decode_table
 from .progress import bar
-from .record import blob_of, read_record
+from .record import recorded_blob
 from .relocate import relocate
 
 
@@ -79,7 +79,7 @@ def unpack(
             f"{free >> 20} MiB are free"
         )
     if blob is None:
-        blob = blob_of(read_record(Path(archive + ".json")), detect_format(archive))
+        blob = recorded_blob(archive)
     if final.exists():
         final.rmdir()  # empty, checked above
     fill(archive, final, manifest, interpreter, blob=blob, progress=progress)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
-from .archive import detect_format, iter_rows, open_stream
+from .archive import iter_rows, open_stream
 from .errors import DigestMismatchError
 from .manifest import Manifest, crate_id_of_table, decode_table, encode_table
-from .record import blob_of, read_record
+from .record import recorded_blob
 
 
 @dataclass(frozen=True)
@@ -26,7 +25,7 @@ def verify_archive(archive: str | os.PathLike, blob: str | None = None) -> Verif
     :class:`DigestMismatchError` naming the first mismatch."""
     archive = os.fspath(archive)
     if blob is None:
-        blob = blob_of(read_record(Path(archive + ".json")), detect_format(archive))
+        blob = recorded_blob(archive)
     digest = hashlib.sha256()
     opened = open_stream(archive, digest)
     try:

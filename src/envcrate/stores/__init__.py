@@ -26,9 +26,11 @@ def default_store_url() -> str:
     return str(Path(user_data_dir("envcrate", appauthor=False)) / "store")
 
 
-def open_store(url: str | os.PathLike | None = None) -> Store:
+def open_store(url: str | os.PathLike | Store | None = None) -> Store:
     """The store at ``url``: ``s3://bucket/prefix``, ``http(s)://...``,
-    ``file:///path`` or a directory path."""
+    ``file:///path`` or a directory path (a Store is returned as it is)."""
+    if isinstance(url, Store):
+        return url
     url = os.fspath(url) if url is not None else default_store_url()
     scheme = urlparse(url).scheme
     if scheme == "s3":

@@ -92,7 +92,7 @@ class Store:
     def presign(self, key: str, expires: int) -> str:
         raise StoreError(f"{self.url} cannot make presigned URLs; use an s3:// store")
 
-    def _read_only(self) -> None:
+    def require_writable(self) -> None:
         if not self.writable:
             raise StoreError(
                 f"{self.url} is read-only (HTTP); push to the filesystem or S3 store it serves"
@@ -149,7 +149,7 @@ class Store:
 
         Two publishers of the same crate race harmlessly: the blob key is its
         content, and the record is merged and read back until it lists ours."""
-        self._read_only()
+        self.require_writable()
         if tag is not None:
             check_tag(tag)
         crate_id = manifest["id"]
@@ -233,7 +233,7 @@ class Store:
         return crate_id
 
     def set_tag(self, ref: str, name: str) -> str:
-        self._read_only()
+        self.require_writable()
         check_tag(name)
         crate_id = self.resolve(ref)
         self.write(tag_key(name), encode_record({"crate": crate_id}))
@@ -264,7 +264,7 @@ class Store:
 
     def remove(self, ref: str, force: bool = False) -> dict:
         """Unpublish a crate: tags (only with ``force``), record, then blobs."""
-        self._read_only()
+        self.require_writable()
         crate_id = self.resolve(ref)
         tagged = sorted(t for t, c in self.tags().items() if c == crate_id)
         if tagged and not force:

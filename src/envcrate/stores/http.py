@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import DigestMismatchError, NotFoundError, StoreError
 from ..fsutil import unlink_quietly
+from ..ids import blob_digest
 from .base import Progress, Store
 
 _TIMEOUT = 60
@@ -77,13 +78,13 @@ class HttpStore(Store):
         return self._ask(key, "GET", lambda resp: resp.read())
 
     def write(self, key: str, data: bytes) -> None:
-        self._read_only()
+        self.require_writable()
 
     def upload(self, key, path, digest, progress, move=False) -> None:
-        self._read_only()
+        self.require_writable()
 
     def delete(self, key: str) -> None:
-        self._read_only()
+        self.require_writable()
 
     def download(self, key: str, dest: Path, progress: Progress | None) -> None:
         with open(dest, "wb") as out:
@@ -109,7 +110,7 @@ def download_url(
     """Fetch a single archive URL into ``dest_dir/name``, checking it against
     the blob digest ``sha256`` while it streams; nothing is left under the
     final name unless it matches."""
-    want = sha256 if sha256.startswith("sha256:") else "sha256:" + sha256
+    want = blob_digest(sha256)
     final = Path(dest_dir) / name
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{name}.", suffix=".part")
     digest = hashlib.sha256()
