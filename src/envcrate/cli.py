@@ -531,14 +531,7 @@ def cmd_url(args) -> int:
             f"{store.url} cannot hand out URLs; use an s3:// store (or an https:// one)"
         )
     crate_id = store.resolve(args.ref)
-    archives = [
-        a
-        for a in (store.record(crate_id) or {}).get("archives", [])
-        if args.format in (None, a.get("format"))
-    ]
-    if not archives:
-        raise EnvcrateError(f"{crate_id} has no {args.format} archive in {store.url}")
-    a = archives[0]
+    _, a = store.listed_archive(crate_id, args.format)
     url = store.presign(blob_key(a["blob"]), args.expires)
     obj = {"id": crate_id, "url": url, "blob": a["blob"], "size": a["size"], "format": a["format"]}
     obj["expires"] = args.expires

@@ -133,6 +133,17 @@ class Store:
                 return a
         return None
 
+    def listed_archive(self, crate_id: str, fmt: str | None = None) -> tuple[dict, dict]:
+        """(record, archive entry) of a published crate: the ``fmt`` archive,
+        or the first listed; NotFoundError when there is none."""
+        rec = self.record(crate_id)
+        if rec is None:
+            raise NotFoundError(f"crate {crate_id} is not in {self.url}")
+        archives = [a for a in rec.get("archives", []) if fmt in (None, a.get("format"))]
+        if not archives:
+            raise NotFoundError(f"{crate_id} has no {fmt} archive in {self.url}")
+        return rec, archives[0]
+
     def publish(
         self,
         archive: Path,
@@ -163,16 +174,13 @@ class Store:
                 current = self.record(crate_id)
             except StoreError:
                 current = None  # a corrupt record is replaced
-            listed = any(
+            if any(
                 a.get("format") == fmt and a.get("blob") == blob
                 for a in (current or {}).get("archives", [])
-            )
-            if not listed:
-                self.write(
-                    record_key(crate_id), encode_record(with_archive(current, manifest, entry))
-                )
-                continue  # read back: another publisher may have written at the same time
-            break
+            ):
+                break
+            self.write(record_key(crate_id), encode_record(with_archive(current, manifest, entry)))
+            # and read back: another publisher may have written at the same time
         else:
             raise StoreError(
                 f"could not publish {crate_id} to {self.url}: its record kept changing; try again"
@@ -291,13 +299,7 @@ class Store:
         """Download the crate's archive into ``dest_dir`` (``fmt``, or the first
         listed), check its digest, and return its path; nothing is left under
         the final name unless it matches."""
-        rec = self.record(crate_id)
-        if rec is None:
-            raise NotFoundError(f"crate {crate_id} is not in {self.url}")
-        archives = [a for a in rec.get("archives", []) if fmt in (None, a.get("format"))]
-        if not archives:
-            raise NotFoundError(f"{crate_id} has no {fmt} archive in {self.url}")
-        a = archives[0]
+        rec, a = self.listed_archive(crate_id, fmt)
         final = Path(dest_dir) / f"{rec.get('name', 'env')}-{short_id(crate_id)}.{a['format']}"
         fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{final.name}.", suffix=".part")
         os.close(fd)
