@@ -141,9 +141,9 @@ def stamp(cache: str, key: str) -> None:
         try:
             from pathlib import Path
 
-            from .filling import make_dirs
+            from .fsutil import make_dirs_under
 
-            make_dirs(Path(cache), Path(cache, "used"))
+            make_dirs_under(Path(cache), Path(cache, "used"))
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o664))
         except OSError:
             pass

@@ -17,40 +17,11 @@ from pathlib import Path
 from .cache import READY, Ensured, entry_key, find_ready
 from .errors import EnvcrateError, NotFoundError
 from .events import Events
-from .fsutil import unlink_quietly
+from .fsutil import make_dirs_under, unlink_quietly
 from .ids import blob_digest, normalize_id
 
 HEARTBEAT = 2.0  # seconds between a filler's holder-file touches
 STALE = 30.0  # a holder silent this long (e.g. on a dead host) is ignored
-
-
-def _cache_modes(cache: Path) -> tuple[int, bool]:
-    import stat
-
-    try:
-        shared = bool(cache.stat().st_mode & stat.S_IWGRP)
-    except OSError:
-        shared = False
-    return (0o2775 if shared else 0o755), shared
-
-
-def make_dirs(cache: Path, path: Path) -> None:
-    """Create ``path`` under ``cache``; a group-writable cache gives its group
-    write access and set-group-id to every directory it creates."""
-    cache.mkdir(parents=True, exist_ok=True)
-    mode, shared = _cache_modes(cache)
-    missing = []
-    d = path
-    while d != cache and not d.is_dir():
-        missing.append(d)
-        d = d.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir()
-        except FileExistsError:
-            continue
-        if shared:
-            os.chmod(d, mode)
 
 
 def writable_cache(caches: list[Path]) -> Path:
@@ -116,7 +87,7 @@ def _source(ref: str, crate_id: str | None, store, sha256: str | None) -> _Sourc
 def _remember_tag(caches: list[Path], tag: str, crate_id: str) -> None:
     for c in caches:
         try:
-            make_dirs(c, c / "tags")
+            make_dirs_under(c, c / "tags")
             (c / "tags" / tag).write_text(crate_id + "\n")
             return
         except OSError:
@@ -249,7 +220,7 @@ def _fill(
     cache = writable_cache(caches)
     dl = cache / "dl"
     for d in (dl, cache / "e", cache / "locks"):
-        make_dirs(cache, d)
+        make_dirs_under(cache, d)
     if crate_id is None:  # an archive file or URL not seen before: its manifest names it
         crate_id = source.manifest(dl, ev).id
         ev.crate = crate_id
@@ -319,7 +290,7 @@ def _probe_memo() -> str:
 def _index_blob(cache: Path, blob: str, crate_id: str) -> None:
     """Remember blob digest -> crate, so an archive URL is a warm hit next time."""
     try:
-        make_dirs(cache, cache / "blobs")
+        make_dirs_under(cache, cache / "blobs")
         path = cache / "blobs" / blob.split(":", 1)[1]
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(crate_id + "\n")

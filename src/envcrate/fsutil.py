@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def current_umask() -> int:
@@ -33,6 +34,36 @@ def read_file(path: str, nofollow: bool = False) -> tuple[bytes, os.stat_result]
             chunks.append(chunk)
     finally:
         os.close(fd)
+
+
+def group_shared(root: str | os.PathLike) -> bool:
+    """Whether ``root`` is group-writable: a directory a project group shares."""
+    import stat
+
+    try:
+        return bool(os.stat(root).st_mode & stat.S_IWGRP)
+    except OSError:
+        return False
+
+
+def make_dirs_under(root: Path, path: Path) -> None:
+    """Create ``path`` below ``root`` (and ``root`` itself if missing). Below a
+    group-shared root every new directory is ``2775``: the group can write
+    in it and inherits it (set-group-id); otherwise ``0755 & ~umask``."""
+    root.mkdir(parents=True, exist_ok=True)
+    shared = group_shared(root)
+    missing = []
+    d = path
+    while d != root and not d.is_dir():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(0o755)
+        except FileExistsError:
+            continue
+        if shared:
+            os.chmod(d, 0o2775)
 
 
 def sha256_file(path: str | os.PathLike) -> tuple[str, int]:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import tempfile
 from pathlib import Path
 
 from ..errors import NotFoundError, StoreError
-from ..fsutil import current_umask, unlink_quietly
+from ..fsutil import current_umask, group_shared, make_dirs_under, unlink_quietly
 from .base import Progress, Store
 
 
@@ -37,43 +36,22 @@ class FsStore(Store):
             return StoreError(f"cannot {doing} in the store {self.url}: disk full; free space")
         return StoreError(f"cannot {doing} in the store {self.url}: {e.strerror or e}")
 
-    def _modes(self) -> tuple[int, int]:
-        """(file mode, directory mode) for new objects."""
-        umask = current_umask()
-        try:
-            shared = bool(self.root.stat().st_mode & stat.S_IWGRP)
-        except OSError:
-            shared = False
-        file_mode = (0o644 & ~umask) | (0o064 if shared else 0)
-        dir_mode = (0o755 & ~umask) | (0o2775 if shared else 0)
-        return file_mode & 0o7777, dir_mode
-
-    def _make_dirs(self, path: Path) -> None:
-        missing = []
-        d = path
-        while not d.is_dir():
-            missing.append(d)
-            d = d.parent
-        _, dir_mode = self._modes() if self.root.is_dir() else (0, 0o755 & ~current_umask())
-        for d in reversed(missing):
-            try:
-                d.mkdir()
-            except FileExistsError:
-                continue
-            os.chmod(d, dir_mode)
+    def _file_mode(self) -> int:
+        """``0644 & ~umask``; group read/write too in a group-shared store."""
+        return (0o644 & ~current_umask()) | (0o064 if group_shared(self.root) else 0)
 
     def _place(self, key: str, fill) -> None:
         """Create ``key`` through a temporary file in its directory."""
         final = self._path(key)
         try:
-            self._make_dirs(final.parent)
+            make_dirs_under(self.root, final.parent)
             fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
         except OSError as e:
             raise self._fail(e, f"write {key}") from None
         try:
             try:
                 fill(fd, tmp)
-                os.chmod(tmp, self._modes()[0])
+                os.chmod(tmp, self._file_mode())
                 os.replace(tmp, final)
             except OSError as e:
                 raise self._fail(e, f"write {key}") from None
@@ -160,7 +138,7 @@ class FsStore(Store):
         """A directory on the store's filesystem for archives about to be moved
         in; staging directories and temporary files that killed writers left
         more than an hour ago are removed on the way."""
-        self._make_dirs(self.root)
+        make_dirs_under(self.root, self.root)
         self._clean_abandoned()
         return self.root
 
