@@ -41,6 +41,17 @@ def own_seaweed(tmp_path, monkeypatch):
     server.stop()
 
 
+def _killer(server: SeaweedFS, seen: list):
+    """A progress callback that records byte counts and kills the server at the first."""
+
+    def kill_after_first_bytes(n: int) -> None:
+        seen.append(n)
+        if len(seen) == 1:
+            server.kill()
+
+    return kill_after_first_bytes
+
+
 def _one_line(e: Exception, *words: str) -> None:
     text = str(e)
     assert "\n" not in text, text
@@ -52,11 +63,7 @@ def test_upload_cut_by_server_loss_leaves_nothing_and_retry_succeeds(own_seaweed
     url = f"s3://{own_seaweed.bucket()}/crates"
     store = open_store(url)
     sent = []
-
-    def kill_after_first_bytes(n: int) -> None:
-        sent.append(n)
-        if len(sent) == 1:
-            own_seaweed.kill()
+    kill_after_first_bytes = _killer(own_seaweed, sent)
 
     with pytest.raises(StoreError) as err:
         store.publish(
@@ -101,11 +108,7 @@ def test_download_cut_by_server_loss_leaves_nothing_and_retry_succeeds(
     dest = tmp_path / "dest"
     dest.mkdir()
     got = []
-
-    def kill_after_first_bytes(n: int) -> None:
-        got.append(n)
-        if len(got) == 1:
-            own_seaweed.kill()
+    kill_after_first_bytes = _killer(own_seaweed, got)
 
     with pytest.raises(StoreError) as err:
         store.fetch(big_crate.id, dest, progress=kill_after_first_bytes)

@@ -74,12 +74,7 @@ def pack(
     start = time.monotonic()
     require_supported_os()
     format = resolve_format(format, output)
-    source = load_env(
-        None if env is None else os.fspath(env),
-        tuple(exclude),
-        allow_editable,
-        allow_system_site_packages,
-    )
+    source = load_env(env, exclude, allow_editable, allow_system_site_packages)
     return pack_source(
         source, output, format=format, level=level, threads=threads, progress=progress, start=start
     )

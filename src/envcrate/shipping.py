@@ -85,12 +85,7 @@ def ship(
     if tag is not None:
         check_tag(tag)
     fmt = resolve_format(format, None)
-    source = load_env(
-        None if env is None else os.fspath(env),
-        tuple(exclude),
-        allow_editable,
-        allow_system_site_packages,
-    )
+    source = load_env(env, exclude, allow_editable, allow_system_site_packages)
     crate_id = identify(source)
     have = store.archive(crate_id, fmt)
     if have is not None:

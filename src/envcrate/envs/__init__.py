@@ -24,12 +24,15 @@ def resolve_env_path(env: str | None) -> str:
 
 
 def load_env(
-    env: str | None,
-    exclude: tuple[str, ...] = (),
+    env: str | os.PathLike | None,
+    exclude=(),
     allow_editable: bool = False,
     allow_system_site_packages: bool = False,
 ) -> SourceEnv:
-    prefix = resolve_env_path(env)
+    """The source env at ``env`` (default: the active one); ``exclude`` is
+    any iterable of globs."""
+    prefix = resolve_env_path(None if env is None else os.fspath(env))
+    exclude = tuple(exclude)
     if os.path.isfile(os.path.join(prefix, "pyvenv.cfg")):
         from . import venv
 
