@@ -198,7 +198,7 @@ def test_editable_installs_are_refused_then_allowed(tmp_path, kind):
     assert line.startswith("envcrate: error:") and "\n" not in line and "--allow-editable" in line
     assert ("mypkg" in line) or ("six" in line) or ("extra.pth" in line)
     assert not list(tmp_path.glob("*.tar.zst"))
-    crate = pack(venv, tmp_path, allow_editable=True)
+    crate = pack(venv, tmp_path, allow=["editable"])
     assert crate.manifest.data["flags"]["editable"]
 
 
@@ -207,7 +207,7 @@ def test_system_site_packages_refused_then_allowed(tmp_path):
     check([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", venv])
     with pytest.raises(SourceEnvError, match="--allow-system-site-packages"):
         pack(venv, tmp_path)
-    crate = pack(venv, tmp_path, allow_system_site_packages=True)
+    crate = pack(venv, tmp_path, allow=["system-site-packages"])
     assert crate.manifest.data["flags"]["system_site_packages"] is True
 
 

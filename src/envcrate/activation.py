@@ -3,19 +3,30 @@ shell code (``activate``) or for a command (``run``)."""
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SHELLS = ("sh", "bash", "zsh", "fish")
 _UNSET = ("PYTHONHOME", "PYTHONPATH")
 
 
-def environment(
-    prefix: Path, kind: str, environ: dict[str, str]
-) -> tuple[dict[str, str], list[str]]:
-    """(variables to set, variables to unset) to run in ``prefix``: its bin/
-    first on PATH, without the bin/ of an env that is active now (whether or
-    not its ``deactivate`` exists)."""
+@dataclass
+class Activation:
+    """What running in an env takes: variables to set and to unset, and (for
+    conda envs) the ``etc/conda/activate.d`` scripts to source, by shell."""
+
+    set: dict[str, str]
+    unset: list[str]
+    scripts: dict[str, list[str]] = field(default_factory=dict)  # "sh"/"fish" -> paths
+
+
+def environment(prefix: Path, kind: str, environ: dict[str, str]) -> Activation:
+    """How to run in ``prefix``: its bin/ first on PATH, without the bin/ of an
+    env that is active now (whether or not its ``deactivate`` exists). Conda
+    envs also get CONDA_PREFIX, the variables of ``conda-meta/state`` and
+    their activate.d scripts."""
     drop = {str(prefix / "bin")}
     for var in ("VIRTUAL_ENV", "CONDA_PREFIX"):
         if environ.get(var):
@@ -23,12 +34,45 @@ def environment(
     path = [p for p in environ.get("PATH", "").split(os.pathsep) if p and p not in drop]
     new = {"PATH": os.pathsep.join([str(prefix / "bin"), *path])}
     unset = list(_UNSET)
+    scripts: dict[str, list[str]] = {}
     if kind == "conda":
         new["CONDA_PREFIX"] = str(prefix)
+        new["CONDA_DEFAULT_ENV"] = str(prefix)
         unset.append("VIRTUAL_ENV")
+        new.update(_state_vars(prefix))
+        scripts = _activate_scripts(prefix)
     else:
         new["VIRTUAL_ENV"] = str(prefix)
-    return new, unset
+    return Activation(new, [k for k in unset if k not in new], scripts)
+
+
+def _state_vars(prefix: Path) -> dict[str, str]:
+    """The variables ``conda env config vars set`` recorded in
+    ``conda-meta/state``."""
+    try:
+        with open(prefix / "conda-meta" / "state", encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    env_vars = state.get("env_vars") if isinstance(state, dict) else None
+    if not isinstance(env_vars, dict):
+        return {}
+    return {str(k): str(v) for k, v in env_vars.items() if str(k).isidentifier()}
+
+
+def _activate_scripts(prefix: Path) -> dict[str, list[str]]:
+    """``etc/conda/activate.d`` scripts, sorted as conda sources them."""
+    d = prefix / "etc" / "conda" / "activate.d"
+    try:
+        names = sorted(os.listdir(d))
+    except OSError:
+        return {}
+    out: dict[str, list[str]] = {}
+    for name in names:
+        kind = {".sh": "sh", ".fish": "fish"}.get(os.path.splitext(name)[1])
+        if kind and (d / name).is_file():
+            out.setdefault(kind, []).append(str(d / name))
+    return out
 
 
 def detect_shell(explicit: str | None) -> str:
@@ -46,9 +90,10 @@ def _fish_q(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def shell_code(shell: str, new: dict[str, str], unset: list[str], lease: tuple[Path, str]) -> str:
+def shell_code(shell: str, act: Activation, lease: tuple[Path, str]) -> str:
     """Code for ``eval``; the evaluating shell registers its own lease (its
     pid is known only there)."""
+    new, unset = act.set, act.unset
     lease_dir, lease_stem = lease
     if shell == "fish":
         lines = []
@@ -64,6 +109,7 @@ def shell_code(shell: str, new: dict[str, str], unset: list[str], lease: tuple[P
             f"mkdir -p {_fish_q(str(lease_dir))} 2>/dev/null; "
             f"and touch {_fish_q(str(lease_dir / lease_stem))}$fish_pid"
         )
+        lines += [f"source {_fish_q(script)}" for script in act.scripts.get("fish", [])]
         return "\n".join(lines) + "\n"
     lines = [f"{k}={_sq(v)}; export {k}" for k, v in new.items()]
     lines.append("unset " + " ".join(unset))
@@ -72,14 +118,21 @@ def shell_code(shell: str, new: dict[str, str], unset: list[str], lease: tuple[P
         f'mkdir -p {_sq(str(lease_dir))} 2>/dev/null && : > {_sq(str(lease_dir / lease_stem))}"$$"'
     )
     lines.append("hash -r 2>/dev/null || true")
+    lines += [f". {_sq(script)}" for script in act.scripts.get("sh", [])]
     return "\n".join(lines) + "\n"
 
 
-def exec_in(new: dict[str, str], unset: list[str], argv: list[str]) -> None:
+def exec_in(act: Activation, argv: list[str]) -> None:
     """Replace this process with ``argv`` running in the env: its exit status
-    is the command's, and a lease on this pid lasts exactly as long."""
+    is the command's, and a lease on this pid lasts exactly as long. A conda
+    env's activate.d scripts are sourced by ``/bin/sh``, which then execs
+    the command (same pid)."""
     env = dict(os.environ)
-    env.update(new)
-    for k in unset:
+    env.update(act.set)
+    for k in act.unset:
         env.pop(k, None)
+    scripts = act.scripts.get("sh")
+    if scripts:
+        code = "".join(f". {_sq(s)} || exit $?\n" for s in scripts) + 'exec "$@"\n'
+        argv = ["/bin/sh", "-c", code, "sh", *argv]
     os.execvpe(argv[0], argv, env)

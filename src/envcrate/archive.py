@@ -239,7 +239,7 @@ class BodyWriter:
         self.digests.append("")
         scanner = self.scanner
         if scanner is not None:
-            scanner.begin(entry.path, entry.source, size, entry.scan)
+            scanner.begin(entry, size)
         fd = -1
         if data is None:
             try:

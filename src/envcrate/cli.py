@@ -45,13 +45,14 @@ def _add_pack_options(p: argparse.ArgumentParser) -> None:
         help="leave out matching paths (repeatable)",
     )
     p.add_argument(
-        "--allow-editable", action="store_true", help="pack editable/out-of-env installs anyway"
+        "--name", metavar="NAME", help="the conda env of this name (found without running conda)"
     )
-    p.add_argument(
-        "--allow-system-site-packages",
-        action="store_true",
-        help="pack a venv that sees system site-packages",
-    )
+    from .envs import ALLOWANCES
+
+    for what, text in ALLOWANCES.items():
+        p.add_argument(
+            f"--allow-{what}", dest="allow", action="append_const", const=what, help=text
+        )
 
 
 def _add_store(p: argparse.ArgumentParser) -> None:
@@ -112,7 +113,7 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
             return _Skip()
         return sub.add_parser(name, **kwargs)
 
-    p = add("pack", help="pack a venv into a crate archive")
+    p = add("pack", help="pack a venv or conda env into a crate archive")
     p.add_argument(
         "env", nargs="?", help="the env's prefix (default: $VIRTUAL_ENV, then $CONDA_PREFIX)"
     )
@@ -159,7 +160,14 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="REF", help="archive path, crate id, 12+ hex prefix or tag")
     _add_store(p)
     _add_cache(p)
-    p.add_argument("--pins", action="store_true", help="print the pins as requirements")
+    p.add_argument(
+        "--pins",
+        nargs="?",
+        const="all",
+        choices=["all", "pip", "conda"],
+        help="print the pins: pip requirements; for conda crates an @EXPLICIT list "
+        "(with the pip requirements as comments unless 'conda' or 'pip' is given)",
+    )
     _add_json(p)
 
     p = add("tag", help="point a tag at a crate in a store")
@@ -310,8 +318,8 @@ def _pack_options(args) -> dict:
         level=args.level,
         threads=args.threads,
         exclude=tuple(args.exclude),
-        allow_editable=args.allow_editable,
-        allow_system_site_packages=args.allow_system_site_packages,
+        allow=tuple(args.allow or ()),
+        name=args.name,
         progress=wanted(args.progress),
     )
 
@@ -376,8 +384,11 @@ def cmd_info(args) -> int:
         where = f"{store.url} ({', '.join(a.get('format', '?') for a in archives)})"
     m = manifest.data
     if args.pins:
-        lines = [_requirement(p) for p in manifest.pins]
-        return _emit(args, {"id": manifest.id, "pins": manifest.pins}, "\n".join(lines))
+        from .pins import pins_text
+
+        return _emit(
+            args, {"id": manifest.id, "pins": manifest.pins}, pins_text(manifest.pins, args.pins)
+        )
     if args.json:
         return _emit(args, dict(m, archive_size=size), "")
     py = m.get("python") or {}
@@ -407,20 +418,11 @@ def cmd_info(args) -> int:
         rows.append(("packed with", ", ".join(f"--allow-{k.replace('_', '-')}" for k in flags)))
     width = max(len(k) for k, _ in rows)
     text = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-    text += "\n" + "\n".join(f"  {_requirement(p)}" for p in manifest.pins)
+    from .pins import requirement
+
+    text += "\n" + "\n".join(f"  {requirement(p)}" for p in manifest.pins)
     print(text)
     return 0
-
-
-def _requirement(pin: dict) -> str:
-    source = pin.get("source") or {}
-    if source.get("type") in ("url", "local"):
-        return f"{pin['name']} @ {source['url']}"
-    if source.get("type") == "vcs":
-        return (
-            f"{pin['name']} @ {source.get('vcs', 'git')}+{source['url']}@{source.get('commit', '')}"
-        )
-    return f"{pin['name']}=={pin['version']}"
 
 
 def cmd_verify(args) -> int:
@@ -576,10 +578,10 @@ def cmd_activate(args) -> int:
     from . import activation, leases
 
     done = _ensure(args)
-    new, unset = activation.environment(done.prefix, _manifest_kind(done.prefix), dict(os.environ))
+    act = activation.environment(done.prefix, _manifest_kind(done.prefix), dict(os.environ))
     shell = activation.detect_shell(args.shell)
     lease = (leases.lease_dir(done.cache, done.key), leases.lease_name(""))
-    sys.stdout.write(activation.shell_code(shell, new, unset, lease))
+    sys.stdout.write(activation.shell_code(shell, act, lease))
     return 0
 
 
@@ -592,11 +594,11 @@ def cmd_run(args) -> int:
     done = _ensure(
         args, lease=os.getpid()
     )  # exec keeps the pid: the lease lasts as long as COMMAND
-    new, unset = activation.environment(done.prefix, _manifest_kind(done.prefix), dict(os.environ))
+    act = activation.environment(done.prefix, _manifest_kind(done.prefix), dict(os.environ))
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        activation.exec_in(new, unset, argv)
+        activation.exec_in(act, argv)
     except OSError as e:
         print(f"envcrate: error: cannot run {argv[0]}: {e.strerror}", file=sys.stderr)
         return 127

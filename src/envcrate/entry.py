@@ -23,6 +23,10 @@ class Entry:
     target: str = ""
     loader: Callable[[], bytes | None] | None = None
     scan: bool = True  # look for prefixes in this file
+    # A prefix placeholder the archived bytes are known to embed (conda's
+    # has_prefix) and how to replace it: "text" or "binary".
+    placeholder: str | None = None
+    placeholder_mode: str = "text"
 
     @property
     def mode(self) -> int:

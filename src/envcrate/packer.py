@@ -64,17 +64,19 @@ def pack(
     level: int | None = None,
     threads: int | None = None,
     exclude: tuple[str, ...] = (),
-    allow_editable: bool = False,
-    allow_system_site_packages: bool = False,
+    allow=(),
+    name: str | None = None,
     progress: bool = False,
 ) -> Crate:
-    """Pack a venv (default: the active one) into ``output`` (a file, a
-    directory, or the current directory) and return the :class:`Crate`.
-    ``format`` defaults to the one ``output``'s name ends with, else tar.zst."""
+    """Pack a venv or conda env (default: the active one; ``name``: the conda
+    env of that name) into ``output`` (a file, a directory, or the current
+    directory) and return the :class:`Crate`. ``format`` defaults to the one
+    ``output``'s name ends with, else tar.zst. ``allow`` lists what to pack
+    anyway that is refused by default (``envcrate.envs.ALLOWANCES``)."""
     start = time.monotonic()
     require_supported_os()
     format = resolve_format(format, output)
-    source = load_env(env, exclude, allow_editable, allow_system_site_packages)
+    source = load_env(env, exclude, allow, name)
     return pack_source(
         source, output, format=format, level=level, threads=threads, progress=progress, start=start
     )

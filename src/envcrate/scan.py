@@ -29,11 +29,15 @@ class Scanner:
         self._overlap = max((len(n) for n in self.needles), default=1) - 1
         self.findings = Findings()
 
-    def begin(self, path: str, source: str | None, size: int, scan: bool) -> None:
-        self._path = path
-        self._source = source
+    def begin(self, entry, size: int) -> None:
+        """Start on ``entry`` (an :class:`~envcrate.entry.Entry`), whose
+        archived content has ``size`` bytes."""
+        self._path = entry.path
+        self._source = entry.source
         self._size = size
-        self._scan = scan and bool(self.needles)
+        self._scan = entry.scan and bool(self.needles)
+        self._known = entry.placeholder
+        self._known_mode = entry.placeholder_mode
         self._found: set[bytes] = set()
         self._nul = False
         self._tail = b""
@@ -53,6 +57,10 @@ class Scanner:
             return
         if not self._nul and buf.find(b"\0", start, end) >= 0:
             self._nul = True
+        if self._known:
+            self.findings.prefix_files.append(
+                {"path": self._path, "placeholder": self._known, "mode": self._known_mode}
+            )
         for needle in self.needles:
             if needle in self._found:
                 continue
@@ -71,6 +79,10 @@ class Scanner:
             with open(self._source, "rb") as f:
                 fd = f.fileno()
                 self.findings.glibc |= glibc_needs(lambda off, n: os.pread(fd, n, off))
+        if self._known:
+            self.findings.prefix_files.append(
+                {"path": self._path, "placeholder": self._known, "mode": self._known_mode}
+            )
         for needle in self.needles:
             if needle in self._found:
                 self.findings.prefix_files.append(

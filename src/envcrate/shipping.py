@@ -74,8 +74,8 @@ def ship(
     level: int | None = None,
     threads: int | None = None,
     exclude: tuple[str, ...] = (),
-    allow_editable: bool = False,
-    allow_system_site_packages: bool = False,
+    allow=(),
+    name: str | None = None,
     progress: bool = False,
 ) -> Shipped:
     """Pack ``env`` and publish it, unless the store already has the crate."""
@@ -85,7 +85,7 @@ def ship(
     if tag is not None:
         check_tag(tag)
     fmt = resolve_format(format, None)
-    source = load_env(env, exclude, allow_editable, allow_system_site_packages)
+    source = load_env(env, exclude, allow, name)
     crate_id = identify(source)
     have = store.archive(crate_id, fmt)
     if have is not None:

@@ -23,27 +23,53 @@ def resolve_env_path(env: str | None) -> str:
     return path
 
 
+# What packing refuses unless allowed (``--allow-<name>``), and what that packs.
+ALLOWANCES = {
+    "editable": "pack editable/out-of-env installs anyway",
+    "system-site-packages": "pack a venv that sees system site-packages",
+    "missing-files": "pack a conda env whose managed files were deleted or overwritten",
+    "missing-cache": "pack a conda env whose package cache is gone (its files as they are)",
+}
+
+
 def load_env(
     env: str | os.PathLike | None,
     exclude=(),
-    allow_editable: bool = False,
-    allow_system_site_packages: bool = False,
+    allow=(),
+    name: str | None = None,
 ) -> SourceEnv:
-    """The source env at ``env`` (default: the active one); ``exclude`` is
-    any iterable of globs."""
+    """The source env at ``env`` (default: the active one), or the conda env
+    called ``name``; ``exclude`` is any iterable of globs, ``allow`` any of
+    :data:`ALLOWANCES`."""
+    allow = set(allow)
+    unknown = allow.difference(ALLOWANCES)
+    if unknown:
+        raise ValueError(f"unknown allowances {sorted(unknown)}; choose from {list(ALLOWANCES)}")
+    if name is not None:
+        if env is not None:
+            raise SourceEnvError("give the env's path or --name, not both")
+        from .conda import find_named
+
+        env = find_named(name)
     prefix = resolve_env_path(None if env is None else os.fspath(env))
     exclude = tuple(exclude)
     if os.path.isfile(os.path.join(prefix, "pyvenv.cfg")):
         from . import venv
 
-        return venv.load(prefix, exclude, allow_editable, allow_system_site_packages)
+        return venv.load(prefix, exclude, "editable" in allow, "system-site-packages" in allow)
     if os.path.isdir(os.path.join(prefix, "conda-meta")):
-        raise SourceEnvError(
-            f"{prefix} is a conda environment; packing conda environments is not supported yet"
+        from . import conda
+
+        return conda.load(
+            prefix,
+            exclude,
+            allow_editable="editable" in allow,
+            allow_missing_files="missing-files" in allow,
+            allow_missing_cache="missing-cache" in allow,
         )
     raise SourceEnvError(
         f"{prefix} is neither a venv (no pyvenv.cfg) nor a conda env (no conda-meta/)"
     )
 
 
-__all__ = ["SourceEnv", "load_env", "resolve_env_path"]
+__all__ = ["ALLOWANCES", "SourceEnv", "load_env", "resolve_env_path"]

@@ -15,17 +15,14 @@ the crate id depends on the host for:
 
 from __future__ import annotations
 
-import _imp
-import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 from ..entry import Entry
 from ..errors import SourceEnvError
-from ..fsutil import read_file
-from .base import SourceEnv, walk
+from .base import SourceEnv, pyc_loader, walk
+from .dists import dist_pins, editable_installs, env_python
 
 RELOCATED_CFG_KEYS = (
     "home",
@@ -36,14 +33,6 @@ RELOCATED_CFG_KEYS = (
     "base-executable",
 )
 _INTERPRETER_NAME = re.compile(r"^(python|pypy|𝜋thon)(\d+(\.\d+)?)?t?$")
-
-_PYTHON_INFO = (
-    "import json, sys, sysconfig;"
-    "print(json.dumps({'implementation': sys.implementation.name,"
-    "'version': '%d.%d.%d' % sys.version_info[:3],"
-    "'abiflags': getattr(sys, 'abiflags', ''),"
-    "'soabi': sysconfig.get_config_var('SOABI') or ''}))"
-)
 
 
 def read_cfg(prefix: str) -> list[tuple[str, str, str]]:
@@ -95,12 +84,12 @@ def load(
             entry.loader = _cfg_loader(cfg)
             entry.scan = False
         elif entry.path.endswith(".pyc") and "/__pycache__/" in entry.path:
-            entry.loader = _pyc_loader(entry.source)
+            entry.loader = pyc_loader(entry.source)
             entry.scan = False
         entries.append(entry)
 
     site_dirs = sorted(Path(prefix).glob("lib/*/site-packages"))
-    editable = _editable_installs(site_dirs, prefix, real)
+    editable = editable_installs(site_dirs, prefix, real)
     if editable and not allow_editable:
         raise SourceEnvError(
             "editable or out-of-env installs will not exist where the crate is unpacked: "
@@ -112,7 +101,7 @@ def load(
         prefix=prefix,
         real_prefix=real,
         entries=entries,
-        pins=[p for d in site_dirs for p in _pins(d)],
+        pins=[p for d in site_dirs for p in dist_pins(d)],
         python=_python_info(prefix, cfg_values, site_dirs),
         extra={
             "venv": {
@@ -140,151 +129,10 @@ def _cfg_loader(cfg: list[tuple[str, str, str]]):
     return load
 
 
-def _pyc_loader(path: str):
-    """Rewrite a timestamp pyc as an unchecked-hash pyc; drop it when stale."""
-
-    def load() -> bytes | None:
-        data, _ = read_file(path)
-        if len(data) < 16:
-            return data
-        flags = int.from_bytes(data[4:8], "little")
-        if flags & 1:  # already hash-based: make it unchecked
-            return data[:4] + b"\x01\0\0\0" + data[8:]
-        cache_dir, base = os.path.split(path)
-        source = os.path.join(os.path.dirname(cache_dir), base.split(".", 1)[0] + ".py")
-        try:
-            code, st = read_file(source)
-        except OSError:
-            return data  # sourceless: leave as is
-        if data[8:12] != (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") or data[12:16] != (
-            len(code) & 0xFFFFFFFF
-        ).to_bytes(4, "little"):
-            return None  # stale: the interpreter would not have used it either
-        # The pyc's own magic number keys the hash, as importlib does.
-        return (
-            data[:4]
-            + b"\x01\0\0\0"
-            + _imp.source_hash(int.from_bytes(data[:4], "little"), code)
-            + data[16:]
-        )
-
-    return load
-
-
-def _editable_installs(site_dirs: list[Path], prefix: str, real: str) -> list[str]:
-    found = []
-    inside = (prefix.rstrip("/") + "/", real.rstrip("/") + "/")
-    for site in site_dirs:
-        for p in sorted(site.iterdir()):
-            name = p.name
-            if name.startswith("__editable__") and name.endswith((".pth", "_finder.py")):
-                if name.endswith(".pth"):
-                    found.append(f"{_dist_of_editable(name)} (PEP 660 editable, {name})")
-            elif name.endswith(".egg-link"):
-                found.append(f"{name[: -len('.egg-link')]} (egg-link)")
-            elif name.endswith(".pth"):
-                for line in p.read_text(errors="replace").splitlines():
-                    line = line.strip()
-                    if not line or line.startswith(("#", "import ", "import\t")):
-                        continue
-                    if os.path.isabs(line) and not (line + "/").startswith(inside):
-                        found.append(f"{name} (adds {line}, outside the env)")
-            elif name.endswith(".dist-info"):
-                direct = p / "direct_url.json"
-                if direct.is_file():
-                    try:
-                        info = json.loads(direct.read_text())
-                    except ValueError:
-                        continue
-                    if (info.get("dir_info") or {}).get("editable"):
-                        found.append(f"{_dist_name(p)} (editable from {info.get('url', '?')})")
-    return found
-
-
-def _dist_of_editable(name: str) -> str:
-    core = name[len("__editable__") :].lstrip("_.").rsplit(".pth", 1)[0]
-    return core.split("-", 1)[0]
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.strip():
-                    break
-                key, sep, value = line.partition(":")
-                if sep and key in ("Name", "Version") and key not in out:
-                    out[key] = value.strip()
-    except OSError:
-        pass
-    return out
-
-
-def _dist_name(dist_info: Path) -> str:
-    return _metadata(dist_info / "METADATA").get("Name") or dist_info.name.split("-", 1)[0]
-
-
-def _pins(site: Path) -> list[dict]:
-    pins = []
-    for p in sorted(site.iterdir()):
-        if p.name.endswith(".dist-info"):
-            meta = _metadata(p / "METADATA")
-        elif p.name.endswith(".egg-info"):
-            meta = _metadata(p / "PKG-INFO" if p.is_dir() else p)
-        else:
-            continue
-        if not meta.get("Name"):
-            continue
-        pin = {
-            "kind": "pypi",
-            "name": meta["Name"],
-            "version": meta.get("Version", ""),
-            "source": {"type": "index"},
-        }
-        installer = p / "INSTALLER"
-        if installer.is_file():
-            pin["installer"] = installer.read_text(errors="replace").strip()
-        direct = p / "direct_url.json"
-        if direct.is_file():
-            try:
-                pin["source"] = _source_of(json.loads(direct.read_text()))
-            except ValueError:
-                pass
-        pins.append(pin)
-    return pins
-
-
-def _source_of(direct: dict) -> dict:
-    url = direct.get("url", "")
-    if "vcs_info" in direct:
-        vcs = direct["vcs_info"]
-        return {"type": "vcs", "url": url, "vcs": vcs.get("vcs"), "commit": vcs.get("commit_id")}
-    source: dict = {"type": "local" if url.startswith("file:") else "url", "url": url}
-    archive = direct.get("archive_info") or {}
-    hashes = dict(archive.get("hashes") or {})
-    if not hashes and "=" in archive.get("hash", ""):
-        algo, _, value = archive["hash"].partition("=")
-        hashes[algo] = value
-    if hashes:
-        source["hashes"] = hashes
-    if (direct.get("dir_info") or {}).get("editable"):
-        source["editable"] = True
-    return source
-
-
 def _python_info(prefix: str, cfg: dict[str, str], site_dirs: list[Path]) -> dict:
-    try:
-        out = subprocess.run(
-            [os.path.join(prefix, "bin", "python"), "-I", "-c", _PYTHON_INFO],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if out.returncode == 0:
-            return json.loads(out.stdout)
-    except (OSError, subprocess.TimeoutExpired, ValueError):
-        pass
+    found = env_python(prefix)
+    if found is not None:
+        return found
     # The base interpreter is gone or broken: read what pyvenv.cfg and lib/ say.
     version = cfg.get("version") or cfg.get("version_info") or ""
     m = re.match(r"(\d+\.\d+(\.\d+)?)", version)
