@@ -43,6 +43,7 @@ class Pkg:
     executables: set = field(default_factory=set)
     depends: list = field(default_factory=list)
     noarch_python: bool = False
+    mtimes: dict = field(default_factory=dict)  # path -> mtime (default: a fixed one)
 
     @property
     def subdir(self) -> str:
@@ -53,12 +54,12 @@ class Pkg:
         return f"{self.name}-{self.version}-{self.build}.conda"
 
 
-def _tar_zst(members: list[tuple[str, object, int]]) -> bytes:
+def _tar_zst(members: list[tuple[str, object, int]], mtimes: dict | None = None) -> bytes:
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, content, mode in members:
             info = tarfile.TarInfo(name)
-            info.mtime = 1_700_000_000
+            info.mtime = (mtimes or {}).get(name, 1_700_000_000)
             if isinstance(content, tuple):
                 info.type = tarfile.SYMTYPE
                 info.linkname = content[1]
@@ -122,7 +123,7 @@ def build(pkg: Pkg, channel: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
         z.writestr("metadata.json", json.dumps({"conda_pkg_format_version": 2}))
-        z.writestr(f"pkg-{stem}.tar.zst", _tar_zst(members))
+        z.writestr(f"pkg-{stem}.tar.zst", _tar_zst(members, pkg.mtimes))
         z.writestr(f"info-{stem}.tar.zst", _tar_zst([(k, v, 0o644) for k, v in info.items()]))
     return out
 
