@@ -364,9 +364,15 @@ def test_editable_install_in_a_conda_env_is_refused(channel, pkgs_dir, tmp_path)
     assert pack(env, tmp_path, allow=["editable"]).manifest.data["flags"]["editable"]
 
 
-def test_conda_crates_ship_and_ensure_from_a_store(conda_crate, tmp_path):
+def test_conda_crates_ship_and_ensure_from_a_store(conda_crate, conda_env, tmp_path):
+    from envcrate.envs import load_env
+    from envcrate.packer import identify
+
+    assert identify(load_env(conda_env)) == conda_crate.id  # what ship asks the store with
     store = tmp_path / "store"
     ok(envcrate("push", conda_crate.archive, "--store", store))
+    shipped = ok(envcrate("ship", conda_env, "--store", store, "--json"))
+    assert json.loads(shipped.stdout)["uploaded"] is False
     prefix = ok(
         envcrate("ensure", short_id(conda_crate.id), "--store", store, "--cache", tmp_path / "c")
     ).stdout.strip()

@@ -5,6 +5,9 @@ verifies and relocates it into a temporary directory beside the final entry,
 writes the ready marker last and renames it into place; the others wait and
 return the same entry. The rename, not the lock, decides: a filler that finds
 the entry already there discards its copy.
+
+Up to the lock, paths are plain strings (no pathlib, no json): every process
+that only waits runs this much, hundreds of them at once.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-from pathlib import Path
 
 from .cache import READY, Ensured, entry_key, find_ready
 from .errors import EnvcrateError, NotFoundError
@@ -24,13 +26,14 @@ HEARTBEAT = 2.0  # seconds between a filler's holder-file touches
 STALE = 30.0  # a holder silent this long (e.g. on a dead host) is ignored
 
 
-def writable_cache(caches: list[Path]) -> Path:
+def writable_cache(caches: list[str]) -> str:
     for cache in caches:
         probe = cache
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
+        while not os.path.exists(probe) and probe != os.path.dirname(probe):
+            probe = os.path.dirname(probe)
+        e = os.path.join(cache, "e")
         if os.access(probe, os.W_OK | os.X_OK) and (
-            not (cache / "e").exists() or os.access(cache / "e", os.W_OK | os.X_OK)
+            not os.path.exists(e) or os.access(e, os.W_OK | os.X_OK)
         ):
             return cache
     raise EnvcrateError(
@@ -51,18 +54,18 @@ def ensure_cold(
 ) -> Ensured:
     """Fill the cache for ``ref``, whose crate id the warm path found (and
     found not ready) or could not know without the store."""
-    paths = [Path(c) for c in caches]
+    caches = [os.path.abspath(c) for c in caches]
     source = _source(ref, crate_id, store, sha256)
     if crate_id is None and isinstance(source, _StoreCrate):
         crate_id = source.crate_id  # resolved in the store just now: maybe ready after all
         ev.crate = crate_id
         if normalize_id(ref) is None:
-            _remember_tag(paths, ref, crate_id)
+            _remember_tag(caches, ref, crate_id)
         found = find_ready(caches, crate_id, python)
         if found is not None:
             c, key, _ = found
             return Ensured(crate_id, os.path.join(c, "e", key), "HIT", c, key, 0)
-    return _fill(source, crate_id, paths, python, ev, progress)
+    return _fill(source, crate_id, caches, python, ev, progress)
 
 
 def _source(ref: str, crate_id: str | None, store, sha256: str | None) -> _Source:
@@ -84,11 +87,12 @@ def _source(ref: str, crate_id: str | None, store, sha256: str | None) -> _Sourc
     return _StoreCrate(opened, opened.resolve(ref))
 
 
-def _remember_tag(caches: list[Path], tag: str, crate_id: str) -> None:
+def _remember_tag(caches: list[str], tag: str, crate_id: str) -> None:
     for c in caches:
         try:
-            make_dirs_under(c, c / "tags")
-            (c / "tags" / tag).write_text(crate_id + "\n")
+            make_dirs_under(c, os.path.join(c, "tags"))
+            with open(os.path.join(c, "tags", tag), "w") as f:
+                f.write(crate_id + "\n")
             return
         except OSError:
             continue
@@ -98,10 +102,10 @@ def _remember_tag(caches: list[Path], tag: str, crate_id: str) -> None:
 
 
 class _Source:
-    def manifest(self, dl: Path, ev: Events):
+    def manifest(self, dl: str, ev: Events):
         raise NotImplementedError
 
-    def archive(self, dl: Path, ev: Events, progress: bool) -> tuple[str, str | None, bool]:
+    def archive(self, dl: str, ev: Events, progress: bool) -> tuple[str, str | None, bool]:
         """(archive path, expected blob digest, whether the path is a download)."""
         raise NotImplementedError
 
@@ -130,7 +134,7 @@ class _ArchiveUrl(_Source):
         self.blob = blob
         self.path: str | None = None
 
-    def _download(self, dl: Path, ev: Events, progress: bool) -> str:
+    def _download(self, dl: str, ev: Events, progress: bool) -> str:
         if self.path is None:
             if self.url.startswith("file://"):
                 from urllib.parse import unquote, urlparse
@@ -191,10 +195,10 @@ class _StoreCrate(_Source):
         root = getattr(self.store, "root", None)
         if root is not None:  # a directory store: read the blob in place
             ev.emit("DOWNLOADING", bytes=a.get("size"), store=self.store.url)
-            return str(root / blob_key(a["blob"])), a["blob"], False
+            return os.path.join(root, blob_key(a["blob"])), a["blob"], False
         from .progress import bar
 
-        tmp = dl / f".{a['blob'].split(':', 1)[1]}.{_me()}.part"
+        tmp = os.path.join(dl, f".{a['blob'].split(':', 1)[1]}.{_me()}.part")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
             ev.emit("DOWNLOADING", bytes=a.get("size"), store=self.store.url)
@@ -212,24 +216,22 @@ class _StoreCrate(_Source):
 def _fill(
     source: _Source,
     crate_id: str | None,
-    caches: list[Path],
+    caches: list[str],
     python: str | None,
     ev: Events,
     progress: bool,
 ) -> Ensured:
     cache = writable_cache(caches)
-    dl = cache / "dl"
-    for d in (dl, cache / "e", cache / "locks"):
-        make_dirs_under(cache, d)
+    dl = os.path.join(cache, "dl")
+    for d in ("dl", "e", "locks"):
+        make_dirs_under(cache, os.path.join(cache, d))
     if crate_id is None:  # an archive file or URL not seen before: its manifest names it
         crate_id = source.manifest(dl, ev).id
         ev.crate = crate_id
     name = crate_id.split(":", 1)[1][:16]
 
-    names = [str(c) for c in caches]
-
     def ready():
-        return find_ready(names, crate_id, python)
+        return find_ready(caches, crate_id, python)
 
     # One lock per crate, taken before the interpreter is probed: the
     # processes that only wait never start a Python to probe.
@@ -244,14 +246,16 @@ def _fill(
             check_host(manifest.platform)
             interpreter = interpreter_for(manifest, python, _probe_memo())
             interp_path = interpreter.executable if interpreter is not None else None
-            found = find_ready(names, crate_id, interp_path)  # --python named a venv's python
+            found = find_ready(caches, crate_id, interp_path)  # --python named a venv's python
         if found is not None:
             c, k, _ = found
             return Ensured(
                 crate_id, os.path.join(c, "e", k), "WAITED" if lock.waited else "HIT", c, k, 0
             )
+        from pathlib import Path  # only the filler gets here
+
         key = entry_key(crate_id, interp_path)
-        entry = cache / "e" / key
+        entry = Path(cache, "e", key)
         if lock.held:
             _clean_abandoned(cache, name)
         _clean_dead_downloads(dl)
@@ -275,7 +279,7 @@ def _fill(
                 unlink_quietly(path)
         if blob:
             _index_blob(cache, blob, crate_id)
-        return Ensured(crate_id, str(entry), "READY" if placed else "WAITED", str(cache), key, 0)
+        return Ensured(crate_id, str(entry), "READY" if placed else "WAITED", cache, key, 0)
 
 
 def _probe_memo() -> str:
@@ -287,13 +291,15 @@ def _probe_memo() -> str:
     return os.path.join(user_cache_dir("envcrate", appauthor=False), "pythons")
 
 
-def _index_blob(cache: Path, blob: str, crate_id: str) -> None:
+def _index_blob(cache: str, blob: str, crate_id: str) -> None:
     """Remember blob digest -> crate, so an archive URL is a warm hit next time."""
     try:
-        make_dirs_under(cache, cache / "blobs")
-        path = cache / "blobs" / blob.split(":", 1)[1]
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(crate_id + "\n")
+        make_dirs_under(cache, os.path.join(cache, "blobs"))
+        name = blob.split(":", 1)[1]
+        path = os.path.join(cache, "blobs", name)
+        tmp = os.path.join(cache, "blobs", f".{name}.{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(crate_id + "\n")
         os.replace(tmp, path)
     except OSError:
         pass
@@ -357,13 +363,13 @@ def make_read_only(root: str, files: list[str] = ()) -> None:
     visit(root)
 
 
-def _clean_abandoned(cache: Path, name: str) -> None:
+def _clean_abandoned(cache: str, name: str) -> None:
     """Leftovers of killed fillers of this crate (we hold its lock)."""
     from .fsutil import remove_tree
 
-    for entry in os.listdir(cache / "e"):
+    for entry in os.listdir(os.path.join(cache, "e")):
         if entry.startswith(f".{name}") and ".envcrate-" in entry:
-            remove_tree(cache / "e" / entry)
+            remove_tree(os.path.join(cache, "e", entry))
 
 
 def _me() -> str:
@@ -373,7 +379,7 @@ def _me() -> str:
     return f"{this_host().replace('.', '_')}-{os.getpid()}"
 
 
-def _clean_dead_downloads(dl: Path) -> None:
+def _clean_dead_downloads(dl: str) -> None:
     """Partial downloads (``.<blob>.<host>-<pid>.part``) of this host's
     processes that are gone."""
     try:
@@ -391,7 +397,7 @@ def _clean_dead_downloads(dl: Path) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            unlink_quietly(dl / name)
+            unlink_quietly(os.path.join(dl, name))
         except OSError:
             pass
 
@@ -401,15 +407,15 @@ class _CrateLock:
     heartbeat, for waiters on other hosts or where fcntl locks are node-local.
     ``ready()`` tells the waiters that they may stop waiting."""
 
-    def __init__(self, cache: Path, key: str, ev: Events, ready):
+    def __init__(self, cache: str, key: str, ev: Events, ready):
         import threading
 
         self.cache = cache
         self.key = key
         self.ev = ev
         self.ready = ready
-        self.lock_path = cache / "locks" / f"{key}.lock"
-        self.holder_path = cache / "locks" / f"{key}.holder"
+        self.lock_path = os.path.join(cache, "locks", f"{key}.lock")
+        self.holder_path = os.path.join(cache, "locks", f"{key}.holder")
         self.held = False
         self.waited = False
         self._stop = threading.Event()
@@ -460,8 +466,9 @@ class _CrateLock:
             return None
 
     def _write_holder(self) -> None:
-        tmp = self.holder_path.with_name(f".{self.holder_path.name}.{os.getpid()}")
-        tmp.write_text(f"{os.uname().nodename}\n{os.getpid()}\n")
+        tmp = os.path.join(self.cache, "locks", f".{self.key}.holder.{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(f"{os.uname().nodename}\n{os.getpid()}\n")
         os.replace(tmp, self.holder_path)
 
     def _heartbeat(self) -> None:

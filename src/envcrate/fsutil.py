@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 
 def current_umask() -> int:
@@ -46,20 +45,23 @@ def group_shared(root: str | os.PathLike) -> bool:
         return False
 
 
-def make_dirs_under(root: Path, path: Path) -> None:
+def make_dirs_under(root: str | os.PathLike, path: str | os.PathLike) -> None:
     """Create ``path`` below ``root`` (and ``root`` itself if missing). Below a
     group-shared root every new directory is ``2775``: the group can write
-    in it and inherits it (set-group-id); otherwise ``0755 & ~umask``."""
-    root.mkdir(parents=True, exist_ok=True)
+    in it and inherits it (set-group-id); otherwise ``0755 & ~umask``.
+    (Plain strings inside: the cache's cold path runs in every process that
+    waits for a fill and does not import pathlib.)"""
+    root, path = os.fspath(root), os.fspath(path)
+    os.makedirs(root, exist_ok=True)
     shared = group_shared(root)
     missing = []
     d = path
-    while d != root and not d.is_dir():
+    while d != root and not os.path.isdir(d):
         missing.append(d)
-        d = d.parent
+        d = os.path.dirname(d)
     for d in reversed(missing):
         try:
-            d.mkdir(0o755)
+            os.mkdir(d, 0o755)
         except FileExistsError:
             continue
         if shared:
