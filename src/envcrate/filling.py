@@ -408,8 +408,6 @@ class _CrateLock:
     ``ready()`` tells the waiters that they may stop waiting."""
 
     def __init__(self, cache: str, key: str, ev: Events, ready):
-        import threading
-
         self.cache = cache
         self.key = key
         self.ev = ev
@@ -418,8 +416,8 @@ class _CrateLock:
         self.holder_path = os.path.join(cache, "locks", f"{key}.holder")
         self.held = False
         self.waited = False
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
+        self._stop = None  # a threading.Event, made by the filler only: waiters skip the import
+        self._beat = None
 
     def __enter__(self) -> _CrateLock:
         # fcntl directly rather than filelock: importing filelock costs each of
@@ -427,9 +425,10 @@ class _CrateLock:
         import fcntl
 
         self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        if self.ready() is not None:
+            return self
+        checked = time.monotonic()
         while True:
-            if self.ready() is not None:
-                return self
             try:
                 fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self.held = True
@@ -437,11 +436,17 @@ class _CrateLock:
             except OSError as e:
                 if e.errno not in (errno.EACCES, errno.EAGAIN):
                     raise
-                time.sleep(0.1)
+            if not self.waited:
+                self.waited = True
+                self.ev.emit("WAITING", holder=self._holder())
+            # A poll is one lockf call: hundreds of waiters cost the filler
+            # little. The entry and the heartbeat are looked at less often.
+            time.sleep(0.1)
+            if time.monotonic() - checked >= HEARTBEAT:
+                checked = time.monotonic()
+                if self.ready() is not None:  # filled from another host
+                    return self
                 holder = self._holder()
-                if not self.waited:
-                    self.waited = True
-                    self.ev.emit("WAITING", holder=holder)
                 if holder is not None and time.time() - holder["beat"] > STALE:
                     # A silent holder (another host died, or fcntl locks are
                     # node-local here): fill ourselves; the rename decides.
@@ -450,6 +455,7 @@ class _CrateLock:
             import threading
 
             self._write_holder()
+            self._stop = threading.Event()
             self._beat = threading.Thread(target=self._heartbeat, daemon=True)
             self._beat.start()
         return self
@@ -479,8 +485,8 @@ class _CrateLock:
                 pass
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
         if self._beat is not None:
+            self._stop.set()
             self._beat.join()
             unlink_quietly(self.holder_path)
         if self.held:
