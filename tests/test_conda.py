@@ -186,7 +186,7 @@ def test_ensure_elsewhere_and_run_with_a_minimal_environment(conda_crate, conda_
         prefix = Path(out.stdout.strip())
         assert prefix.parent.parent == tmp_path / "c"
         # Before anything runs in it (root may write pycs into read-only trees).
-        ok(envcrate("verify", conda_crate.id, "--cache", tmp_path / "c"))
+        ok(envcrate("verify", conda_crate.archive, "--cache", tmp_path / "c"))  # by its archive
         minimal = {"PATH": "/usr/bin:/bin"}
         run = check(
             [

@@ -83,9 +83,13 @@ def entries(caches: list[Path]) -> list[dict]:
 
 def find(caches: list[Path], ref: str) -> list[dict]:
     """Entries matching a crate id, 12+ hex prefix, a tag the cache has seen,
-    or an entry's path."""
+    an entry's path, or an archive file of the crate."""
     all_entries = entries(caches)
     hexd = normalize_id(ref)
+    if hexd is None and os.path.isfile(ref):
+        from .unpacker import read_manifest
+
+        hexd = read_manifest(ref).id.split(":", 1)[1]
     if hexd is not None:
         found = [e for e in all_entries if e["id"].split(":", 1)[1].startswith(hexd)]
     elif os.path.isdir(ref):
