@@ -38,7 +38,10 @@ UNTAR_GZ = "tar -xzf (venv-pack's)"
 
 
 def timed(cmd: list, **kw) -> tuple[float, int]:
-    """Wall seconds and peak RSS (KiB) of one command."""
+    """Wall seconds and peak RSS (KiB) of one command, started once the
+    previous steps' dirty pages are written back (``sync``, not timed), so
+    that no tool pays for the writeback of another's files."""
+    os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, **kw)
     _, status, usage = os.wait4(proc.pid, 0)

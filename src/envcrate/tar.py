@@ -109,13 +109,14 @@ def parse_pax(data: bytes) -> dict[bytes, bytes]:
     return out
 
 
-def parse_header(block: bytes) -> tuple[bytes, bytes, int, int, bytes]:
+def parse_header(block: bytes, check_sum: bool = True) -> tuple[bytes, bytes, int, int, bytes]:
     """(name, typeflag, mode, size, linkname) of a raw header block."""
-    chk = block[148:156]
-    stored = int(chk[:6], 8) if chk[6:8] == b"\0 " and chk[:6].isdigit() else _number(chk)
-    actual = sum(block) - sum(chk) + 8 * 32
-    if stored != actual:
-        raise ArchiveError("a tar header has a wrong checksum; the archive is corrupt")
+    if check_sum:
+        chk = block[148:156]
+        stored = int(chk[:6], 8) if chk[6:8] == b"\0 " and chk[:6].isdigit() else _number(chk)
+        actual = sum(block) - sum(chk) + 8 * 32
+        if stored != actual:
+            raise ArchiveError("a tar header has a wrong checksum; the archive is corrupt")
     name = block[0:100].split(b"\0", 1)[0]
     if block[257:262] == b"ustar":
         prefix = block[345:500].split(b"\0", 1)[0]
