@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_pack_unpack import du, ensure_reference, timed, tool_venv  # noqa: E402
+from bench_pack_unpack import Results, du, ensure_reference, timed, tool_venv  # noqa: E402
 from conda_channel import PLACEHOLDER, Pkg, build, index, install, python_package  # noqa: E402
 
 PACK = "envcrate pack"
@@ -111,15 +111,8 @@ def main() -> None:
     conda_pack = [python.with_name("conda-pack")]
     runs = work / f"conda-run-{os.getpid()}"
     runs.mkdir()
-    times: dict[str, list[float]] = {}
-    rss: dict[str, int] = {}
-    sizes: dict[str, int] = {}
-
-    def record(name, result, archive=None):
-        times.setdefault(name, []).append(result[0])
-        rss[name] = max(rss.get(name, 0), result[1])
-        if archive is not None:
-            sizes[name] = archive.stat().st_size
+    results = Results()
+    record, times, rss, sizes = results.record, results.times, results.rss, results.sizes
 
     try:
         for i in range(args.rounds):

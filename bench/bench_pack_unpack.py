@@ -52,6 +52,21 @@ def timed(cmd: list, **kw) -> tuple[float, int]:
     return elapsed, usage.ru_maxrss
 
 
+class Results:
+    """Timings (all rounds), peak RSS and archive size of each step."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, list[float]] = {}
+        self.rss: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+
+    def record(self, name: str, result: tuple[float, int], archive: Path | None = None) -> None:
+        self.times.setdefault(name, []).append(result[0])
+        self.rss[name] = max(self.rss.get(name, 0), result[1])
+        if archive is not None:
+            self.sizes[name] = archive.stat().st_size
+
+
 def tool_venv(work: Path, env: dict) -> Path:
     """envcrate installed as a user installs it: a venv of its own (start-up
     then does not pay for whatever the developer's Python loads from .pth
@@ -127,15 +142,8 @@ def main() -> None:
     envcrate = [tool_venv(args.work, env).with_name("envcrate")]
     venv_pack = shutil.which("venv-pack") or "venv-pack"
 
-    times: dict[str, list[float]] = {}
-    rss: dict[str, int] = {}
-    sizes: dict[str, int] = {}
-
-    def record(name: str, result: tuple[float, int], archive: Path | None = None) -> None:
-        times.setdefault(name, []).append(result[0])
-        rss[name] = max(rss.get(name, 0), result[1])
-        if archive is not None:
-            sizes[name] = archive.stat().st_size
+    results = Results()
+    record, times, rss, sizes = results.record, results.times, results.rss, results.sizes
 
     try:
         for i in range(args.rounds):

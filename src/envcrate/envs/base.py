@@ -102,6 +102,15 @@ def walk(prefix: str, real: str, exclude: tuple[str, ...] = ()) -> list[Entry]:
     return out
 
 
+def refuse_outside_link(entry: Entry) -> None:
+    """A link that :func:`walk` found leaving the env cannot be packed."""
+    if entry.type == "l" and entry.target == "":
+        raise SourceEnvError(
+            f"{entry.path} is a link to {os.readlink(entry.source)}, outside the env; "
+            f"remove it or pack without it: --exclude '{entry.path}'"
+        )
+
+
 def _link(full: str, path: str, prefixes: tuple[str, ...]) -> Entry:
     target = os.readlink(full)
     if os.path.isabs(target):

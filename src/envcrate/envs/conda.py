@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..entry import Entry
 from ..errors import SourceEnvError
-from .base import SourceEnv, matches_any, pyc_loader, walk
+from .base import SourceEnv, matches_any, pyc_loader, refuse_outside_link, walk
 from .dists import dist_pins, editable_installs, env_python
 
 # Top-level names of a conda installation that are not part of an env (as
@@ -109,11 +109,7 @@ def load(
         f = managed.get(entry.path)
         if f is None and (top in _NOT_ENV or entry.path in _SHIMS):
             continue
-        if entry.type == "l" and entry.target == "":
-            raise SourceEnvError(
-                f"{entry.path} is a link to {os.readlink(entry.source)}, outside the env; "
-                f"remove it or pack without it: --exclude '{entry.path}'"
-            )
+        refuse_outside_link(entry)
         if entry.type == "f":
             if f is not None and not _in_env(f.source, prefix, real):
                 if not _from_package(entry, f):
@@ -137,13 +133,7 @@ def load(
         )
 
     site_dirs = [Path(prefix, site)] if site and os.path.isdir(os.path.join(prefix, site)) else []
-    editable = editable_installs(site_dirs, prefix, real)
-    if editable and not allow_editable:
-        raise SourceEnvError(
-            "editable or out-of-env installs will not exist where the crate is unpacked: "
-            + "; ".join(editable)
-            + "; install them normally or pass --allow-editable"
-        )
+    editable = editable_installs(site_dirs, prefix, real, allow_editable)
     return SourceEnv(
         kind="conda",
         prefix=prefix,

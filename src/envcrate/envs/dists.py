@@ -8,6 +8,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from ..errors import SourceEnvError
+
 _PYTHON_INFO = (
     "import json, sys, sysconfig;"
     "print(json.dumps({'implementation': sys.implementation.name,"
@@ -34,7 +36,11 @@ def env_python(prefix: str) -> dict | None:
     return None
 
 
-def editable_installs(site_dirs: list[Path], prefix: str, real: str) -> list[str]:
+def editable_installs(
+    site_dirs: list[Path], prefix: str, real: str, allowed: bool = False
+) -> list[str]:
+    """Editable and out-of-env installs in ``site_dirs``; an error naming them
+    unless ``allowed`` (``--allow-editable``)."""
     found = []
     inside = (prefix.rstrip("/") + "/", real.rstrip("/") + "/")
     for site in site_dirs:
@@ -61,6 +67,12 @@ def editable_installs(site_dirs: list[Path], prefix: str, real: str) -> list[str
                         continue
                     if (info.get("dir_info") or {}).get("editable"):
                         found.append(f"{_dist_name(p)} (editable from {info.get('url', '?')})")
+    if found and not allowed:
+        raise SourceEnvError(
+            "editable or out-of-env installs will not exist where the crate is unpacked: "
+            + "; ".join(found)
+            + "; install them normally or pass --allow-editable"
+        )
     return found
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..entry import Entry
 from ..errors import SourceEnvError
-from .base import SourceEnv, pyc_loader, walk
+from .base import SourceEnv, pyc_loader, refuse_outside_link, walk
 from .dists import dist_pins, editable_installs, env_python
 
 RELOCATED_CFG_KEYS = (
@@ -75,11 +75,7 @@ def load(
             if entry.type == "f" and _INTERPRETER_NAME.match(name) and _is_elf(entry.source):
                 base_links.append({"path": entry.path, "kind": "copy"})
                 continue
-        if entry.type == "l" and entry.target == "":
-            raise SourceEnvError(
-                f"{entry.path} is a link to {os.readlink(entry.source)}, outside the env; "
-                f"remove it or pack without it: --exclude '{entry.path}'"
-            )
+        refuse_outside_link(entry)
         if entry.path == "pyvenv.cfg":
             entry.loader = _cfg_loader(cfg)
             entry.scan = False
@@ -89,13 +85,7 @@ def load(
         entries.append(entry)
 
     site_dirs = sorted(Path(prefix).glob("lib/*/site-packages"))
-    editable = editable_installs(site_dirs, prefix, real)
-    if editable and not allow_editable:
-        raise SourceEnvError(
-            "editable or out-of-env installs will not exist where the crate is unpacked: "
-            + "; ".join(editable)
-            + "; install them normally or pass --allow-editable"
-        )
+    editable = editable_installs(site_dirs, prefix, real, allow_editable)
     return SourceEnv(
         kind="venv",
         prefix=prefix,
