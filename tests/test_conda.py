@@ -152,7 +152,7 @@ def test_pins_print_an_explicit_list_and_pip_requirements(conda_crate, channel):
     assert urls[tool_file.as_uri()] == hashlib.md5(tool_file.read_bytes()).hexdigest()
     assert len(urls) == 3
     assert any(line.startswith("#   six==") for line in out)
-    pip = ok(envcrate("info", conda_crate.archive, "--pins", "pip")).stdout.split()
+    pip = ok(envcrate("info", "--pins-only", "pip", conda_crate.archive)).stdout.split()
     assert len(pip) == 1 and pip[0].startswith("six==")
 
 

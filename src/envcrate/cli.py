@@ -162,11 +162,14 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     _add_cache(p)
     p.add_argument(
         "--pins",
-        nargs="?",
-        const="all",
-        choices=["all", "pip", "conda"],
+        action="store_true",
         help="print the pins: pip requirements; for conda crates an @EXPLICIT list "
-        "(with the pip requirements as comments unless 'conda' or 'pip' is given)",
+        "with the pip requirements as comments after it",
+    )
+    p.add_argument(
+        "--pins-only",
+        choices=["pip", "conda"],
+        help="print only the pip requirements or only the @EXPLICIT list (implies --pins)",
     )
     _add_json(p)
 
@@ -383,11 +386,13 @@ def cmd_info(args) -> int:
         size = min((a.get("size", 0) for a in archives), default=0)
         where = f"{store.url} ({', '.join(a.get('format', '?') for a in archives)})"
     m = manifest.data
-    if args.pins:
+    if args.pins or args.pins_only:
         from .pins import pins_text
 
         return _emit(
-            args, {"id": manifest.id, "pins": manifest.pins}, pins_text(manifest.pins, args.pins)
+            args,
+            {"id": manifest.id, "pins": manifest.pins},
+            pins_text(manifest.pins, args.pins_only or "all"),
         )
     if args.json:
         return _emit(args, dict(m, archive_size=size), "")

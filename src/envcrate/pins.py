@@ -37,6 +37,6 @@ def pins_text(pins: list[dict], which: str = "all") -> str:
     lines = ["# conda packages: conda create --prefix PREFIX --file FILE", "@EXPLICIT"]
     lines += [explicit_line(p) for p in conda]
     if which == "all" and pip:
-        lines.append("# pip packages on top (envcrate info REF --pins pip):")
+        lines.append("# pip packages on top (envcrate info REF --pins-only pip):")
         lines += [f"#   {r}" for r in pip]
     return "\n".join(lines)
