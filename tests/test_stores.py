@@ -91,6 +91,10 @@ def test_ship_uploads_only_what_is_missing(backend, small_venv, small_crate, tmp
         [("tar.gz", gz["blob"]), ("tar.zst", first["blob"])]
     )
     assert list(cwd.iterdir()) == []  # ship writes no archive where it runs
+    # With both formats listed (tar.gz sorts first), fetching without a format takes tar.zst.
+    fetched = open_store(backend.reader).fetch(first["id"], tmp_path)
+    assert fetched.name.endswith(".tar.zst")
+    fetched.unlink()
     if backend.kind != "s3":
         leftovers = [p.name for p in (tmp_path / "store").iterdir() if p.name.startswith(".")]
         assert leftovers == []

@@ -183,15 +183,13 @@ class _StoreCrate(_Source):
         return manifest_of(self.record)
 
     def archive(self, dl, ev, progress):
-        from .archive import FORMATS
         from .stores import blob_key
+        from .stores.base import preferred_archive
 
-        archives = sorted(
-            self.record.get("archives", []), key=lambda a: FORMATS.index(a.get("format", "tar.gz"))
-        )
+        archives = self.record.get("archives", [])
         if not archives:
             raise NotFoundError(f"{self.crate_id} has no archive in {self.store.url}")
-        a = archives[0]
+        a = preferred_archive(archives)
         root = getattr(self.store, "root", None)
         if root is not None:  # a directory store: read the blob in place
             ev.emit("DOWNLOADING", bytes=a.get("size"), store=self.store.url)

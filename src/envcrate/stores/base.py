@@ -49,6 +49,19 @@ def tag_key(name: str) -> str:
     return f"tags/{name}.json"
 
 
+def preferred_archive(archives: list[dict]) -> dict:
+    """The archive to fetch when any will do: the first format of
+    ``archive.FORMATS`` (tar.zst, faster to unpack), whatever order the
+    record lists them in."""
+    from ..archive import FORMATS
+
+    def rank(a: dict) -> int:
+        fmt = a.get("format")
+        return FORMATS.index(fmt) if fmt in FORMATS else len(FORMATS)
+
+    return min(archives, key=rank)
+
+
 class Store:
     """A place crates are shipped to. Subclasses implement the primitives."""
 
@@ -135,14 +148,15 @@ class Store:
 
     def listed_archive(self, crate_id: str, fmt: str | None = None) -> tuple[dict, dict]:
         """(record, archive entry) of a published crate: the ``fmt`` archive,
-        or the first listed; NotFoundError when there is none."""
+        or the preferred one (:func:`preferred_archive`); NotFoundError when
+        there is none."""
         rec = self.record(crate_id)
         if rec is None:
             raise NotFoundError(f"crate {crate_id} is not in {self.url}")
         archives = [a for a in rec.get("archives", []) if fmt in (None, a.get("format"))]
         if not archives:
             raise NotFoundError(f"{crate_id} has no {fmt} archive in {self.url}")
-        return rec, archives[0]
+        return rec, preferred_archive(archives)
 
     def publish(
         self,
@@ -296,8 +310,8 @@ class Store:
         fmt: str | None = None,
         progress: Progress | None = None,
     ) -> Path:
-        """Download the crate's archive into ``dest_dir`` (``fmt``, or the first
-        listed), check its digest, and return its path; nothing is left under
+        """Download the crate's archive into ``dest_dir`` (``fmt``, or the
+        preferred one: tar.zst when there is one), check its digest, and return its path; nothing is left under
         the final name unless it matches."""
         rec, a = self.listed_archive(crate_id, fmt)
         final = Path(dest_dir) / f"{rec.get('name', 'env')}-{short_id(crate_id)}.{a['format']}"
