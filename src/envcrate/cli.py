@@ -485,6 +485,7 @@ def cmd_ship(args) -> int:
 def cmd_ls(args) -> int:
     if args.cache:
         return _ls_cache(args)
+    from .ids import short_id
     from .stores import open_store
 
     store = open_store(args.store)
@@ -495,7 +496,7 @@ def cmd_ls(args) -> int:
     for c in crates:
         rows.append(
             (
-                c["id"].split(":", 1)[1][:12],
+                short_id(c["id"]),
                 ",".join(c["tags"]) or "-",
                 c["name"] or "-",
                 c["kind"] or "-",
@@ -639,6 +640,7 @@ def _ls_cache(args) -> int:
 
     from . import cache_admin
     from .cache import cache_list
+    from .ids import short_id
 
     found = cache_admin.entries(cache_list(args.cache))
     if args.json:
@@ -647,7 +649,7 @@ def _ls_cache(args) -> int:
     for e in found:
         rows.append(
             (
-                e["id"].split(":", 1)[1][:12],
+                short_id(e["id"]),
                 ",".join(e["tags"]) or "-",
                 e["name"] or "-",
                 _size(e["size"]),

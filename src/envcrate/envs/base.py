@@ -41,7 +41,7 @@ def matches_any(path: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _inside(path: str, prefixes: tuple[str, ...]) -> str | None:
+def inside(path: str, prefixes: tuple[str, ...]) -> str | None:
     for p in prefixes:
         if path == p:
             return ""
@@ -114,7 +114,7 @@ def refuse_outside_link(entry: Entry) -> None:
 def _link(full: str, path: str, prefixes: tuple[str, ...]) -> Entry:
     target = os.readlink(full)
     if os.path.isabs(target):
-        inner = _inside(os.path.normpath(target), prefixes)
+        inner = inside(os.path.normpath(target), prefixes)
         if inner is None:
             return Entry(path, "l", source=full)
         target = os.path.relpath(inner or ".", os.path.dirname(path) or ".")

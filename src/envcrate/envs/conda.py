@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..entry import Entry
 from ..errors import SourceEnvError
-from .base import SourceEnv, matches_any, pyc_loader, refuse_outside_link, walk
+from .base import SourceEnv, inside, matches_any, pyc_loader, refuse_outside_link, walk
 from .dists import dist_pins, editable_installs, env_python
 
 # Top-level names of a conda installation that are not part of an env (as
@@ -61,6 +61,7 @@ def load(
     from conda_pack import core as conda_pack
 
     real = os.path.realpath(prefix)
+    env_prefixes = (prefix.rstrip("/"), real.rstrip("/"))
     records = _records(prefix)
     site = conda_pack.find_site_packages(prefix)  # lib/pythonX.Y/site-packages or None
     walked = walk(prefix, real, exclude)
@@ -70,12 +71,12 @@ def load(
     missing: list[str] = []
     uncached: list[str] = []
     for info in records:
-        label = f"{info.get('name')} {info.get('version')}"
+        label = _label(info)
         source = _package_dir(info, prefix)
         if source is None:
             uncached.append(label)
             continue
-        if info.get("noarch") == "python" or _is_noarch_python(source):
+        if info.get("noarch") == "python" or conda_pack.read_noarch_type(source) == "python":
             if site is None:
                 raise SourceEnvError(
                     f"{prefix} has the noarch python package {label} but no python package"
@@ -111,7 +112,7 @@ def load(
             continue
         refuse_outside_link(entry)
         if entry.type == "f":
-            if f is not None and not _in_env(f.source, prefix, real):
+            if f is not None and inside(f.source, env_prefixes) is None:
                 if not _from_package(entry, f):
                     overwritten.setdefault(owner.get(entry.path, "?"), []).append(entry.path)
             if entry.path.startswith("conda-meta/") and entry.path.endswith(".json"):
@@ -139,7 +140,7 @@ def load(
         prefix=prefix,
         real_prefix=real,
         entries=entries,
-        pins=[_conda_pin(info) for info in records] + _pip_pins(prefix, site, managed),
+        pins=[_conda_pin(info) for info in records] + _pip_pins(site_dirs, site, managed),
         python=_python(prefix, records),
         extra={"conda": {"site_packages": site}},
         flags={
@@ -165,22 +166,18 @@ def _records(prefix: str) -> list[dict]:
     return out
 
 
+def _label(info: dict) -> str:
+    return f"{info.get('name')} {info.get('version')}"
+
+
 def _owners(records: list[dict]) -> dict[str, str]:
-    return {
-        path: f"{info.get('name')} {info.get('version')}"
-        for info in records
-        for path in info.get("files") or ()
-    }
+    return {path: _label(info) for info in records for path in info.get("files") or ()}
 
 
 def _listing(label: str, what: str, paths: list[str]) -> str:
     paths = sorted(paths)
     more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
     return f"{label}: {what} {', '.join(paths[:3])}{more}"
-
-
-def _in_env(path: str, prefix: str, real: str) -> bool:
-    return path.startswith((prefix.rstrip("/") + "/", real.rstrip("/") + "/"))
 
 
 def _from_package(entry: Entry, f) -> bool:
@@ -202,16 +199,6 @@ def _from_package(entry: Entry, f) -> bool:
         entry.placeholder = placeholder
         entry.placeholder_mode = f.file_mode
     return True
-
-
-def _is_noarch_python(pkg_dir: str) -> bool:
-    for name in ("link.json", "package_metadata.json"):
-        try:
-            with open(os.path.join(pkg_dir, "info", name), encoding="utf-8") as f:
-                return (json.load(f).get("noarch") or {}).get("type") == "python"
-        except (OSError, ValueError, AttributeError):
-            continue
-    return False
 
 
 def _package_dir(info: dict, prefix: str) -> str | None:
@@ -366,14 +353,15 @@ def _conda_pin(info: dict) -> dict:
     return pin
 
 
-def _pip_pins(prefix: str, site: str | None, managed: dict) -> list[dict]:
-    """Distributions in site-packages that conda did not install."""
-    if not site or not os.path.isdir(os.path.join(prefix, site)):
+def _pip_pins(site_dirs: list[Path], site: str | None, managed: dict) -> list[dict]:
+    """Distributions in site-packages (``site_dirs``: the one at ``site``,
+    when it exists) that conda did not install."""
+    if not site_dirs:
         return []
     conda_dirs = {
         t.split("/", 4)[3] for t in managed if t.startswith(site + "/") and t.count("/") > 3
     }
-    return dist_pins(Path(prefix, site), skip=conda_dirs.__contains__)
+    return dist_pins(site_dirs[0], skip=conda_dirs.__contains__)
 
 
 def _python(prefix: str, records: list[dict]) -> dict:
