@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -190,3 +191,48 @@ def test_digest_mismatch_from_record(small_crate, tmp_path):
     with pytest.raises(EnvcrateError, match="expected sha256:0000"):
         unpack(copy, tmp_path / "dest", blob="sha256:" + "0" * 64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tar.zst"]
+
+
+@pytest.fixture(scope="module")
+def big_file_venv(tmp_path_factory) -> Path:
+    """A venv with a file larger than the reader's pieces and than a frame's
+    share of memory, incompressible, so it spans frames and pieces."""
+    venv = make_venv(tmp_path_factory.mktemp("big") / "env", ["six"])
+    (venv / "share").mkdir(exist_ok=True)
+    (venv / "share" / "blob.bin").write_bytes(os.urandom(9 << 20) + b"tail")
+    return venv
+
+
+def _without_index(archive: Path, out: Path) -> Path:
+    """The archive without its two trailing skippable frames (index, seek
+    table): a plain multi-frame .tar.zst, read as one stream."""
+    raw = archive.read_bytes()
+    count = struct.unpack("<I", raw[-9:-5])[0]
+    table = raw[-9 - 8 * count : -9]
+    frames_end = sum(struct.unpack_from("<I", table, 8 * i)[0] for i in range(count))
+    assert int.from_bytes(raw[frames_end : frames_end + 4], "little") == 0x184D2A5B
+    out.write_bytes(raw[:frames_end])
+    return out
+
+
+@pytest.mark.parametrize("how", ["tar.zst", "tar.zst-no-index", "tar.gz"])
+def test_every_reader_path_round_trips_a_large_file(big_file_venv, tmp_path, how):
+    fmt = "tar.gz" if how == "tar.gz" else "tar.zst"
+    crate = pack(big_file_venv, tmp_path / f"c.{fmt}", format=fmt)
+    archive = crate.archive
+    if how == "tar.zst-no-index":
+        archive = _without_index(archive, tmp_path / "plain.tar.zst")
+    dest = unpack(archive, tmp_path / "dest")
+    assert (dest / "share" / "blob.bin").read_bytes() == (
+        big_file_venv / "share" / "blob.bin"
+    ).read_bytes()
+    out = envcrate("verify", archive, "--json")
+    assert out.returncode == 0, out.stderr
+    # Truncated anywhere in the body: an error, and nothing left behind.
+    raw = archive.read_bytes()
+    short = tmp_path / f"short.{fmt}"
+    short.write_bytes(raw[: len(raw) * 2 // 3])
+    with pytest.raises(EnvcrateError):
+        unpack(short, tmp_path / "dest2")
+    assert not (tmp_path / "dest2").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

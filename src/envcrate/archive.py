@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import mmap
 import os
 import queue
 import struct
@@ -567,99 +568,230 @@ def read_manifest_bytes(path: str) -> bytes:
     return first[tar.BLOCK : tar.BLOCK + size]
 
 
-class _Producer(threading.Thread):
-    """Reads and decompresses an archive in the background, handing
-    decompressed chunks to the consumer through a bounded queue (so one core
-    decompresses while the other parses and writes, with bounded memory)."""
+PIECE = 1 << 20
+
+
+class _Buffers:
+    """Reusable buffers of one size. Fresh pages for every decompressed
+    frame (16 MiB, then freed) cost more system time than the
+    decompression itself on virtual machines; a few buffers taken and given
+    back keep the reader's memory small and already mapped. ``take`` never
+    blocks (it makes a new buffer when none is free), so a holder can never
+    starve the producer; the queues between the threads bound memory."""
+
+    def __init__(self, size: int, keep: int):
+        self.size, self.keep = size, keep
+        self.free: deque[mmap.mmap] = deque()
+
+    def take(self):
+        try:
+            return self.free.pop()
+        except IndexError:
+            # Anonymous memory: its pages are touched first by the thread
+            # that fills it, outside the GIL (bytearray() zeroes it under it).
+            return mmap.mmap(-1, self.size)
+
+    def give(self, buf) -> None:
+        if len(self.free) < self.keep:
+            self.free.append(buf)
+
+
+_refs_lock = threading.Lock()
+
+
+class Piece:
+    """A stretch of the decompressed stream. Its buffer goes back to its
+    pool when the parser and every writer that holds it have released it."""
+
+    __slots__ = ("buf", "view", "pool", "refs")
+
+    def __init__(self, buf, n: int, pool: _Buffers | None = None):
+        self.buf, self.view, self.pool, self.refs = buf, memoryview(buf)[:n], pool, 1
+
+    def hold(self) -> None:
+        with _refs_lock:
+            self.refs += 1
+
+    def release(self) -> None:
+        with _refs_lock:
+            self.refs -= 1
+            last = self.refs == 0
+        if last and self.pool is not None:
+            self.pool.give(self.buf)
+
+
+_NEXT = "next frame"  # markers in a lane: the frame ended / the stream ended
+_END = "end"
+
+
+class _Reader:
+    """Reads an archive in the background: one thread reads and hashes the
+    compressed bytes in order; for a seekable ``tar.zst``, two threads
+    decompress alternate frames (zstandard releases the GIL) into pooled
+    pieces, each into a bounded queue of its own (its lane), and the
+    consumer takes the frames in order, lane after lane."""
+
+    LANE_DEPTH = 8
 
     def __init__(self, path: str, fmt: str, digest: hashlib._Hash | None):
-        super().__init__(name="envcrate-decompress", daemon=True)
         self.path, self.fmt, self.digest = path, fmt, digest
-        self.q: queue.Queue = queue.Queue(maxsize=4)
         self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.lanes: list[queue.Queue] = []
+        self.threads: list[threading.Thread] = []
 
-    def _put(self, item) -> bool:
+    def start(self) -> None:
+        f = open(self.path, "rb", buffering=0)
+        table = _seek_table(f) if self.fmt == "tar.zst" else None
+        f.seek(0)
+        if table:
+            self.lanes = [queue.Queue(self.LANE_DEPTH) for _ in range(2)]
+            inputs = [queue.Queue(4) for _ in range(2)]
+            self._spawn("envcrate-read", self._read_frames, f, table, inputs)
+            for k in range(2):
+                self._spawn(f"envcrate-unzstd_{k}", self._decompress, inputs[k], self.lanes[k])
+        else:
+            self.lanes = [queue.Queue(self.LANE_DEPTH)]
+            self._spawn("envcrate-read", self._read_stream, f)
+
+    def _spawn(self, name: str, target, *args) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self.threads.append(t)
+        t.start()
+
+    # -- blocking steps that give up once the consumer has stopped
+
+    def _put(self, q: queue.Queue, item) -> bool:
         while not self.stop.is_set():
             try:
-                self.q.put(item, timeout=0.1)
+                q.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def _read(self, f: BinaryIO, n: int) -> bytes:
-        data = f.read(n)
-        if self.digest is not None:
-            self.digest.update(data)
-        return data
+    def _get(self, q: queue.Queue):
+        while not self.stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return _END
 
-    def run(self) -> None:
+    def _hash_rest(self, f: BinaryIO) -> None:
+        """Read what follows the last frame (the index frames): hashed, not
+        decompressed."""
+        buf = bytearray(PIECE)
+        while n := f.readinto(buf):
+            if self.digest is not None:
+                self.digest.update(memoryview(buf)[:n])
+
+    # -- seekable tar.zst
+
+    def _read_frames(self, f: BinaryIO, table, inputs: list[queue.Queue]) -> None:
+        """Independent frames: read and hash in order, in pieces, each frame
+        decompressed by the two threads in turn."""
+        chunks = _Buffers(PIECE, keep=16)
+        lane = 0
         try:
-            with open(self.path, "rb") as f:
-                if self.fmt == "tar.zst":
-                    table = _seek_table(f)
-                    f.seek(0)
-                    if table is not None:
-                        self._framed(f, table)
-                    else:
-                        self._streamed_zstd(f)
-                else:
-                    self._streamed_gzip(f)
-                while self._read(f, 1 << 20):
-                    pass  # the index frames: hashed, not decompressed
-            self._put(None)
-        except BaseException as e:  # handed to the consumer
-            self._put(e)
+            with f:
+                for csize, dsize in table:
+                    if not self._put(inputs[lane], dsize):  # a frame starts
+                        return
+                    while csize:
+                        buf = chunks.take()
+                        n = f.readinto(memoryview(buf)[: min(csize, PIECE)])
+                        if n == 0:
+                            raise ArchiveError("the archive is truncated")
+                        if self.digest is not None:
+                            self.digest.update(memoryview(buf)[:n])
+                        if not self._put(inputs[lane], Piece(buf, n, chunks)):
+                            return
+                        csize -= n
+                    if not self._put(inputs[lane], _NEXT):
+                        return
+                    lane = 1 - lane
+                for q in inputs[lane], inputs[1 - lane]:
+                    self._put(q, _END)
+                self._hash_rest(f)
+        except BaseException as e:  # handed to the lane the consumer will wait on
+            self.error = e
+            self._put(inputs[lane], e)
 
-    def _framed(self, f: BinaryIO, table) -> None:
-        """Independent frames: two are decompressed at once (zstandard releases
-        the GIL), handed on in order; reading and hashing stay sequential."""
-        import zstandard
-
-        local = threading.local()
-
-        def decompress(data: bytes, dsize: int) -> bytes:
-            d = getattr(local, "d", None)
-            if d is None:
-                d = local.d = zstandard.ZstdDecompressor()
-            return d.decompress(data, max_output_size=dsize)
-
-        with ThreadPoolExecutor(2, thread_name_prefix="envcrate-unzstd") as pool:
-            pending: deque[Future] = deque()
-            for csize, dsize in table:
-                data = self._read(f, csize)
-                if len(data) != csize:
-                    raise ArchiveError("the archive is truncated")
-                pending.append(pool.submit(decompress, data, dsize))
-                if len(pending) > 2 and not self._put(pending.popleft().result()):
-                    return
-            while pending:
-                if not self._put(pending.popleft().result()):
-                    return
-
-    def _streamed_zstd(self, f: BinaryIO) -> None:
+    def _decompress(self, inputs: queue.Queue, lane: queue.Queue) -> None:
         import zstandard
 
         d = zstandard.ZstdDecompressor()
-        reader = d.stream_reader(_Hashing(f, self), read_across_frames=True)
+        pieces = _Buffers(PIECE, keep=32)
+        source = _FrameSource(self, inputs)
         while True:
-            chunk = reader.read(4 << 20)
-            if not chunk:
+            item = self._get(inputs)
+            if item is _END or isinstance(item, BaseException):
+                self._put(lane, item)
                 return
-            if not self._put(chunk):
+            try:
+                reader = d.stream_reader(source, read_size=PIECE)
+                got = 0
+                while True:
+                    out = pieces.take()
+                    n = reader.readinto(out)
+                    if n == 0:
+                        pieces.give(out)
+                        break
+                    got += n
+                    if not self._put(lane, Piece(out, n, pieces)):
+                        return
+                if got != item or source.read():  # the frame must end with its pieces
+                    raise ArchiveError("a frame of the archive does not match its seek table")
+                source.ended = False
+            except BaseException as e:
+                self._put(lane, e)
+                return
+            if not self._put(lane, _NEXT):
                 return
 
-    def _streamed_gzip(self, f: BinaryIO) -> None:
+    # -- tar.gz, or tar.zst without a seek table
+
+    def _read_stream(self, f: BinaryIO) -> None:
+        lane = self.lanes[0]
+        try:
+            with f:
+                if self.fmt == "tar.zst":
+                    self._stream_zstd(f, lane)
+                else:
+                    self._stream_gzip(f, lane)
+                self._hash_rest(f)
+            self._put(lane, _END)
+        except BaseException as e:
+            self.error = e
+            self._put(lane, e)
+
+    def _stream_zstd(self, f: BinaryIO, lane: queue.Queue) -> None:
+        import zstandard
+
+        pieces = _Buffers(PIECE, keep=24)
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            _Hashing(f, self.digest), read_across_frames=True
+        )
+        while True:
+            out = pieces.take()
+            n = reader.readinto(out)
+            if n == 0 or not self._put(lane, Piece(out, n, pieces)):
+                return
+
+    def _stream_gzip(self, f: BinaryIO, lane: queue.Queue) -> None:
         d = zlib.decompressobj(31)
         while True:
-            data = self._read(f, 4 << 20)
+            data = f.read(4 << 20)
+            if self.digest is not None:
+                self.digest.update(data)
             if not data:
                 if not d.eof:
                     raise ArchiveError("the archive is truncated")
                 return
             while data:
                 out = d.decompress(data)
-                if out and not self._put(out):
+                if out and not self._put(lane, Piece(out, len(out))):
                     return
                 if d.eof:
                     data = d.unused_data
@@ -669,21 +801,88 @@ class _Producer(threading.Thread):
                 else:
                     data = b""
 
+    # -- the consumer's side
+
+    def pieces(self) -> Iterator[Piece]:
+        """The decompressed stream, in order."""
+        k = 0
+        while True:
+            item = self._get(self.lanes[k])
+            if item is _END:
+                return
+            if item is _NEXT:
+                k = (k + 1) % len(self.lanes)
+                continue
+            if isinstance(item, BaseException):
+                raise self._user_error(item)
+            yield item
+
+    def _user_error(self, e: BaseException) -> BaseException:
+        if isinstance(e, EnvcrateError):
+            return e
+        if isinstance(e, OSError):
+            return EnvcrateError(f"cannot read {self.path}: {e.strerror or e}")
+        return ArchiveError(f"{self.path}: cannot decompress ({e})")
+
+    def wait(self) -> None:
+        """Wait until every byte is read and hashed; raise a reading error."""
+        for t in self.threads:
+            t.join()
+        if self.error is not None:
+            raise self._user_error(self.error)
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+class _FrameSource:
+    """The compressed pieces of one frame, as a file for zstandard's reader;
+    a piece is given back once the reader asks for the next one."""
+
+    def __init__(self, reader: _Reader, inputs: queue.Queue):
+        self.reader, self.inputs = reader, inputs
+        self.last: Piece | None = None
+        self.ended = False
+
+    def read(self, n: int = -1):
+        if self.last is not None:
+            self.last.release()
+            self.last = None
+        if self.ended:
+            return b""
+        item = self.reader._get(self.inputs)
+        if item is _NEXT:
+            self.ended = True
+            return b""
+        if item is _END:
+            raise ArchiveError("the archive is truncated")
+        if isinstance(item, BaseException):
+            raise item
+        self.last = item
+        return item.view
+
 
 class _Hashing:
-    def __init__(self, f, producer):
-        self.f, self.p = f, producer
+    def __init__(self, f, digest):
+        self.f, self.digest = f, digest
 
     def read(self, n=-1):
-        return self.p._read(self.f, n if n > 0 else 1 << 20)
+        data = self.f.read(n if n > 0 else PIECE)
+        if self.digest is not None:
+            self.digest.update(data)
+        return data
 
 
 class TarStream:
-    """Parses the decompressed tar stream from a producer, without copying
-    file data more than once."""
+    """Parses the decompressed tar stream, without copying file data: the
+    pieces of a file's content are views of the reader's buffers, held until
+    released (see :meth:`take`)."""
 
-    def __init__(self, chunks: Iterator[bytes], check_sums: bool = True):
-        self._chunks = chunks
+    def __init__(self, pieces: Iterator[Piece], check_sums: bool = True):
+        self._pieces = pieces
+        self._piece: Piece | None = None
         self._buf = memoryview(b"")
         self._pos = 0
         # Header checksums catch corruption where nothing else would; when
@@ -692,11 +891,15 @@ class TarStream:
         self.check_sums = check_sums
 
     def _fill(self) -> bool:
-        for chunk in self._chunks:
-            if chunk:
-                self._buf = memoryview(chunk)
-                self._pos = 0
+        if self._piece is not None:
+            self._piece.release()
+            self._piece = None
+            self._buf = memoryview(b"")
+        for piece in self._pieces:
+            if len(piece.view):
+                self._piece, self._buf, self._pos = piece, piece.view, 0
                 return True
+            piece.release()
         return False
 
     def read(self, n: int) -> bytes:
@@ -716,6 +919,7 @@ class TarStream:
         return b"".join(parts)
 
     def pipe(self, n: int, sink: Callable[[memoryview], object]) -> None:
+        """Hand the next ``n`` bytes to ``sink`` as views valid during the call."""
         while n > 0:
             if len(self._buf) - self._pos == 0 and not self._fill():
                 raise ArchiveError("the archive is truncated inside a member")
@@ -724,9 +928,29 @@ class TarStream:
             self._pos += k
             n -= k
 
+    def take(self, n: int, views: list[memoryview], held: list[Piece]) -> None:
+        """Append views of the next ``n`` bytes to ``views``, and the pieces
+        they lie in, each held once more, to ``held``: the caller releases
+        them when done with the views."""
+        while n > 0:
+            if len(self._buf) - self._pos == 0 and not self._fill():
+                raise ArchiveError("the archive is truncated inside a member")
+            k = min(n, len(self._buf) - self._pos)
+            views.append(self._buf[self._pos : self._pos + k])
+            if not held or held[-1] is not self._piece:
+                self._piece.hold()
+                held.append(self._piece)
+            self._pos += k
+            n -= k
+
     def skip(self, n: int) -> None:
         if n:
             self.pipe(n, lambda v: None)
+
+    def drain(self) -> None:
+        """Consume the rest (what follows the end-of-archive blocks)."""
+        while self._fill():
+            pass
 
     def next_member(self) -> tar.Member | None:
         pax: dict[bytes, bytes] = {}
@@ -761,41 +985,31 @@ class OpenedArchive:
     path: str
     fmt: str
     stream: TarStream
-    producer: _Producer
+    reader: _Reader
     manifest_bytes: bytes
     table_bytes: bytes
 
+    def finish(self) -> None:
+        """After the last member: read the rest, so the digest covers every
+        byte, and raise any reading error."""
+        self.stream.drain()
+        self.reader.wait()
+
     def close(self) -> None:
-        self.producer.stop.set()
-        # Unblock a producer waiting on a full queue, then wait for it.
-        while self.producer.is_alive():
-            try:
-                self.producer.q.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        self.producer.join()
+        self.reader.close()
 
 
 def open_stream(path: str, digest: hashlib._Hash | None = None) -> OpenedArchive:
+    """Start reading ``path``; with ``digest``, every byte read is hashed into
+    it (complete once :meth:`OpenedArchive.finish` returns)."""
     fmt = detect_format(path)
-    producer = _Producer(path, fmt, digest)
-    producer.start()
-
-    def chunks() -> Iterator[bytes]:
-        while True:
-            item = producer.q.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                if isinstance(item, EnvcrateError):
-                    raise item
-                if isinstance(item, OSError):
-                    raise EnvcrateError(f"cannot read {path}: {item.strerror or item}") from None
-                raise ArchiveError(f"{path}: cannot decompress ({item})") from None
-            yield item
-
-    stream = TarStream(chunks(), check_sums=digest is None)
-    opened = OpenedArchive(path, fmt, stream, producer, b"", b"")
+    reader = _Reader(path, fmt, digest)
+    try:
+        reader.start()
+    except OSError as e:
+        raise EnvcrateError(f"cannot read {path}: {e.strerror or e}") from None
+    stream = TarStream(reader.pieces(), check_sums=digest is None)
+    opened = OpenedArchive(path, fmt, stream, reader, b"", b"")
     try:
         opened.manifest_bytes = _expect(stream, MANIFEST_MEMBER, path)
         opened.table_bytes = _expect(stream, FILES_MEMBER, path)

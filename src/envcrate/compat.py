@@ -105,6 +105,15 @@ _PROBE = (
 )
 
 
+def probe_memo() -> str:
+    """Where interpreter probes are remembered: the user's cache directory,
+    shared by unpack and all of this user's caches (an entry is keyed by the
+    interpreter's path, device, inode, size and mtime)."""
+    from platformdirs import user_cache_dir
+
+    return os.path.join(user_cache_dir("envcrate", appauthor=False), "pythons")
+
+
 def probe(path: str, memo: str | None = None) -> Interpreter | None:
     """What the interpreter at ``path`` is (by running it), or None if it
     does not run. With ``memo`` (a directory), the answer is kept there and

@@ -12,6 +12,7 @@ no write can go through a link.
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import stat
@@ -22,6 +23,7 @@ from .archive import OpenedArchive
 from .errors import ArchiveError, UnsafeArchiveError
 from .manifest import FILES_MEMBER, MANIFEST_MEMBER, FileRow
 
+LARGE_FILE = 4 << 20
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -51,21 +53,31 @@ def _make_dir(path: bytes) -> None:
             ) from None
 
 
-def _write_batch(batch: list[tuple[bytes, int, list[memoryview] | None]]) -> None:
-    for path, mode, pieces in batch:
-        if pieces is None:
-            _make_dir(path)
-            continue
-        try:
-            fd = os.open(path, _FLAGS, mode)
-        except FileNotFoundError:  # a parent the archive did not list; no links exist yet
-            os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
-            fd = os.open(path, _FLAGS, mode)
-        try:
-            for piece in pieces:
-                _write_all(fd, piece)
-        finally:
-            os.close(fd)
+def _create(path: bytes, mode: int) -> int:
+    try:
+        return os.open(path, _FLAGS, mode)
+    except FileNotFoundError:
+        # A parent the archive did not list, or one a writer has not made
+        # yet; no links exist yet, so makedirs cannot be led astray.
+        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+        return os.open(path, _FLAGS, mode)
+
+
+def _write_batch(batch: list[tuple[bytes, int, list[memoryview] | None]], held: list) -> None:
+    try:
+        for path, mode, pieces in batch:
+            if pieces is None:
+                _make_dir(path)
+                continue
+            fd = _create(path, mode)
+            try:
+                for piece in pieces:
+                    _write_all(fd, piece)
+            finally:
+                os.close(fd)
+    finally:
+        for piece in held:
+            piece.release()
 
 
 class _Writers:
@@ -76,11 +88,12 @@ class _Writers:
     cores busy. Directories go through the writers too (a mkdir can cost
     hundreds of microseconds); a writer that finds a file's directory missing
     because another writer has not made it yet makes it itself. Links are made
-    only after :meth:`finish`.
+    only after :meth:`finish`. The reader's pieces that a batch's views lie
+    in (:attr:`held`) are released once the batch is written.
     """
 
     BATCH_FILES = 64
-    BATCH_BYTES = 8 << 20
+    BATCH_BYTES = 2 << 20
     MAX_PENDING = 6
 
     def __init__(self, threads: int = 2):
@@ -90,6 +103,7 @@ class _Writers:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="envcrate-write")
         self._pending: deque = deque()
         self._batch: list = []
+        self.held: list = []
         self._bytes = 0
 
     def add_dir(self, path: bytes) -> None:
@@ -105,8 +119,8 @@ class _Writers:
 
     def _submit(self) -> None:
         if self._batch:
-            self._pending.append(self._pool.submit(_write_batch, self._batch))
-            self._batch, self._bytes = [], 0
+            self._pending.append(self._pool.submit(_write_batch, self._batch, self.held))
+            self._batch, self.held, self._bytes = [], [], 0
         while len(self._pending) > self.MAX_PENDING:
             self._pending.popleft().result()
 
@@ -174,11 +188,22 @@ def extract(
                     raise ArchiveError(
                         f"archive member {path} does not match the crate's file table"
                     )
-                pieces: list[memoryview] = []
-                stream.pipe(member.size, pieces.append)
-                stream.skip(tar.padding(member.size))
                 mode = 0o755 if row.mode == "755" else 0o644
-                writers.add(full, mode & ~0o222 if read_only else mode, pieces, member.size)
+                if read_only:
+                    mode &= ~0o222
+                if member.size > LARGE_FILE:
+                    # Written here as it streams in, so that the reader's
+                    # buffers it spans are not all held at once.
+                    fd = _create(full, mode)
+                    try:
+                        stream.pipe(member.size, functools.partial(_write_all, fd))
+                    finally:
+                        os.close(fd)
+                else:
+                    pieces: list[memoryview] = []
+                    stream.take(member.size, pieces, writers.held)
+                    writers.add(full, mode, pieces, member.size)
+                stream.skip(tar.padding(member.size))
                 progress(member.size)
             elif member.type == tar.SYMLINK:
                 target = member.linkname

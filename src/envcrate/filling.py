@@ -236,13 +236,13 @@ def _fill(
     with _CrateLock(cache, name, ev, ready) as lock:
         found = ready()
         if found is None:
-            from .compat import check_host, require_supported_os
+            from .compat import check_host, probe_memo, require_supported_os
             from .unpacker import interpreter_for
 
             require_supported_os()
             manifest = source.manifest(dl, ev)
             check_host(manifest.platform)
-            interpreter = interpreter_for(manifest, python, _probe_memo())
+            interpreter = interpreter_for(manifest, python, probe_memo())
             interp_path = interpreter.executable if interpreter is not None else None
             found = find_ready(caches, crate_id, interp_path)  # --python named a venv's python
         if found is not None:
@@ -278,15 +278,6 @@ def _fill(
         if blob:
             _index_blob(cache, blob, crate_id)
         return Ensured(crate_id, str(entry), "READY" if placed else "WAITED", cache, key, 0)
-
-
-def _probe_memo() -> str:
-    """Where interpreter probes are remembered: the user's cache directory,
-    shared by all of this user's caches (an entry is keyed by the
-    interpreter's path, device, inode, size and mtime)."""
-    from platformdirs import user_cache_dir
-
-    return os.path.join(user_cache_dir("envcrate", appauthor=False), "pythons")
 
 
 def _index_blob(cache: str, blob: str, crate_id: str) -> None:

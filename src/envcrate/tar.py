@@ -138,6 +138,8 @@ def safe_name(raw: bytes) -> bytes:
         raise UnsafeArchiveError(
             f"archive member {raw!r} has an absolute path; refusing to extract"
         )
+    if b"//" not in raw and b"/." not in raw and raw[:1] != b"." and raw[-1:] != b"/":
+        return raw  # no empty, "." or ".." component: already normal
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
     if not parts:
         raise UnsafeArchiveError("archive member with an empty name; refusing to extract")

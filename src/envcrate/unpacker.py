@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from .archive import open_stream, read_manifest_bytes
-from .compat import Interpreter, check_host, find_interpreter, require_supported_os
+from .compat import Interpreter, check_host, find_interpreter, probe_memo, require_supported_os
 from .errors import ArchiveError, DigestMismatchError, EnvcrateError
 from .extract import extract
 from .fsutil import current_umask, remove_tree
@@ -64,7 +64,7 @@ def unpack(
     archive = os.fspath(archive)
     manifest = read_manifest(archive)
     check_host(manifest.platform)
-    interpreter = interpreter_for(manifest, python)
+    interpreter = interpreter_for(manifest, python, probe_memo())
 
     final = Path(dest).expanduser().absolute()
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
@@ -133,6 +133,7 @@ def fill(
                 manifest.file_bytes, f"unpacking {manifest.data.get('name', '')}", progress
             ) as tick:
                 extract(opened, rows, tmp, tick, read_only=read_only)
+            opened.finish()
         except ArchiveError:
             if blob:  # say what is wrong with the bytes, not where it showed first
                 _check_blob(archive, blob)

@@ -40,6 +40,7 @@ def verify_archive(archive: str | os.PathLike, blob: str | None = None) -> Verif
                     + ("" if want is None or want.path != row.path else f" ({_diff(want, row)})")
                 )
             actual.append(row)
+        opened.finish()
         if len(actual) != len(recorded):
             raise DigestMismatchError(
                 f"{archive}: entry {recorded[len(actual)].path} is missing from the archive"
