@@ -32,7 +32,6 @@ import threading
 import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
@@ -149,9 +148,11 @@ class BodyWriter:
         self.frames: list[tuple[int, int]] = []
         self.index: list[tuple[int, int]] = []
         self.bytes = 0
+        from concurrent.futures import ThreadPoolExecutor  # not imported for unpacking
+
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="envcrate-zstd")
         self._free = [bytearray(self.frame_size) for _ in range(self.threads + 2)]
-        self._pending: deque[tuple[_Frame, Future]] = deque()
+        self._pending: deque = deque()  # (frame, future)
         self._frame = self._new_frame()
 
     # -- frame plumbing
@@ -360,6 +361,8 @@ def prefetch(
     def submit(pool, b: list[Entry]):
         return b, pool.submit(_load_batch, [e for e in b if _prefetched(e)])
 
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(threads, thread_name_prefix="envcrate-read") as pool:
         it = iter(batches)
         futures = deque(submit(pool, b) for b in itertools.islice(it, window))
@@ -469,6 +472,8 @@ def assemble(
         data = codec.compress(piece)
         emit(data)
         frames.append((len(data), len(piece)))
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(1, thread_name_prefix="envcrate-hash") as hasher:
         # Hash in a second thread while this one writes: both release the GIL.
         for chunk in body.chunks():

@@ -10,16 +10,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import shutil
-import subprocess
+import sys
 from dataclasses import dataclass
 
 from .errors import IncompatibleError
 
 
 def host_platform() -> dict:
-    return {"os": platform.system().lower(), "machine": platform.machine()}
+    u = os.uname()  # what platform.system() and platform.machine() return on POSIX
+    return {"os": u.sysname.lower(), "machine": u.machine}
 
 
 def host_glibc() -> tuple[int, ...] | None:
@@ -41,7 +41,9 @@ def libc_record(needs: set[tuple[int, ...]]) -> dict:
 
 
 def require_supported_os() -> None:
-    if platform.system() != "Linux":
+    if not sys.platform.startswith("linux"):
+        import platform
+
         raise IncompatibleError(
             f"envcrate supports Linux only for now; this is {platform.system()}"
         )
@@ -121,6 +123,8 @@ def probe(path: str, memo: str | None = None) -> Interpreter | None:
     skip starting a Python."""
     if memo is not None:
         return _memo_probe(path, memo)
+    import subprocess
+
     try:
         out = subprocess.run([path, "-I", "-c", _PROBE], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):

@@ -84,12 +84,14 @@ class _Writers:
     """Creates and writes files on worker threads, in batches.
 
     Creating a file costs a syscall that releases the GIL; with the parsing
-    on the calling thread and decompression on another, two writers keep both
+    on the calling thread and decompression on others, two writers keep both
     cores busy. Directories go through the writers too (a mkdir can cost
     hundreds of microseconds); a writer that finds a file's directory missing
     because another writer has not made it yet makes it itself. Links are made
     only after :meth:`finish`. The reader's pieces that a batch's views lie
-    in (:attr:`held`) are released once the batch is written.
+    in (:attr:`held`) are released once the batch is written. Plain threads
+    and a bounded queue: ``concurrent.futures`` would cost unpacking more
+    start-up time than it saves code.
     """
 
     BATCH_FILES = 64
@@ -97,14 +99,32 @@ class _Writers:
     MAX_PENDING = 6
 
     def __init__(self, threads: int = 2):
-        from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
+        import queue
+        import threading
 
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="envcrate-write")
-        self._pending: deque = deque()
+        self._queue: queue.Queue = queue.Queue(self.MAX_PENDING)
+        self._error: BaseException | None = None
         self._batch: list = []
         self.held: list = []
         self._bytes = 0
+        self._threads = [
+            threading.Thread(target=self._work, name=f"envcrate-write_{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            batch, held = job
+            if self._error is not None:  # failed or cancelled: only let go
+                for piece in held:
+                    piece.release()
+                continue
+            try:
+                _write_batch(batch, held)
+            except BaseException as e:
+                self._error = e
 
     def add_dir(self, path: bytes) -> None:
         self._batch.append((path, 0o755, None))
@@ -118,20 +138,31 @@ class _Writers:
             self._submit()
 
     def _submit(self) -> None:
+        if self._error is not None:
+            raise self._error
         if self._batch:
-            self._pending.append(self._pool.submit(_write_batch, self._batch, self.held))
+            self._queue.put((self._batch, self.held))
             self._batch, self.held, self._bytes = [], [], 0
-        while len(self._pending) > self.MAX_PENDING:
-            self._pending.popleft().result()
+
+    def _stop(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
+        self._threads = []
 
     def finish(self) -> None:
-        """Write what is left and wait for every batch (raising its error)."""
+        """Write what is left and wait for every batch (raising a writer's error)."""
         self._submit()
-        while self._pending:
-            self._pending.popleft().result()
+        self._stop()
+        if self._error is not None:
+            raise self._error
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the writers; batches not yet written are dropped."""
+        if self._threads:
+            self._error = self._error or ArchiveError("extraction was cancelled")
+            self._stop()
 
 
 def _link_escapes(name: bytes, target: bytes) -> bool:

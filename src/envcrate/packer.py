@@ -27,7 +27,8 @@ from .archive import (
     row_of,
 )
 from .compat import host_platform, libc_record, require_supported_os
-from .envs import SourceEnv, load_env
+from .envs import load_env
+from .envs.base import SourceEnv
 from .errors import EnvcrateError
 from .fsutil import current_umask, sha256_file, unlink_quietly
 from .manifest import SCHEMA, Manifest, crate_id_of_table, encode_table, short_id

@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from ..errors import SourceEnvError
-from .base import SourceEnv
+
+if TYPE_CHECKING:
+    from .base import SourceEnv
+
+
+def __getattr__(name: str):
+    # SourceEnv, without importing the walker where only ALLOWANCES is
+    # wanted (the command line's parser, for every command).
+    if name == "SourceEnv":
+        from .base import SourceEnv
+
+        return SourceEnv
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_env_path(env: str | None) -> str:
