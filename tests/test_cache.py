@@ -488,3 +488,52 @@ def test_group_shared_cache(shipped, tmp_path, env):
     for d in ("e", "locks", "used", "dl"):
         assert stat.S_IMODE((cache / d).stat().st_mode) & 0o2070 == 0o2070, d
     assert stat.S_IMODE(prefix.stat().st_mode) == 0o555  # readable by the group, writable by none
+
+
+@pytest.mark.parametrize("where", ["main thread", "other thread"])
+def test_waiting_for_the_lock_wakes_when_it_is_released(tmp_path, where):
+    """Blocking in the kernel (main thread, SIGALRM free) or polling (any
+    other thread): both give up after the period and get the lock once the
+    holder lets go, and the main thread's SIGALRM is left as it was."""
+    import fcntl
+    import threading
+
+    from envcrate.filling import _wait_for_lock
+
+    lock = tmp_path / "x.lock"
+    lock.touch()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.readline()",
+            str(lock),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        results = []
+
+        def wait(seconds):
+            if where == "main thread":
+                return _wait_for_lock(fd, fcntl, seconds)
+            t = threading.Thread(target=lambda: results.append(_wait_for_lock(fd, fcntl, seconds)))
+            t.start()
+            t.join()
+            return results.pop()
+
+        assert wait(0.3) is False
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert wait(30) is True
+        assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    finally:
+        os.close(fd)
+        holder.kill()
+        holder.wait()

@@ -391,6 +391,65 @@ def _clean_dead_downloads(dl: str) -> None:
             pass
 
 
+class _Tick(Exception):
+    """Raised by the SIGALRM handler to end a blocking wait for the lock."""
+
+
+def _try_lock(fd: int, fcntl) -> bool:
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        return False
+
+
+def _wait_for_lock(fd: int, fcntl, seconds: float) -> bool:
+    """Wait at most ``seconds`` for the crate lock; True once it is held.
+
+    In the main thread, when SIGALRM is nobody else's, the wait blocks in the
+    kernel, which wakes the waiter the moment the filler lets go, and an
+    interval timer ends it after ``seconds``. Elsewhere (another thread, or
+    SIGALRM in use by the program) it tries the lock every 0.1 s: one
+    ``lockf`` call a time, so hundreds of waiters cost the filler little.
+    """
+    import signal
+
+    armed = True
+
+    def tick(signum, frame):
+        if armed:
+            raise _Tick
+
+    try:
+        in_use = signal.getsignal(signal.SIGALRM) is not signal.SIG_DFL
+        if in_use or signal.getitimer(signal.ITIMER_REAL)[0]:
+            raise ValueError("SIGALRM is in use")
+        signal.signal(signal.SIGALRM, tick)  # ValueError outside the main thread
+    except ValueError:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            if _try_lock(fd, fcntl):
+                return True
+        return False
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        armed = False
+        return True
+    except _Tick:
+        armed = False
+        # The tick may have come just after the lock was taken: a process
+        # that holds a POSIX lock gets it again at once.
+        return _try_lock(fd, fcntl)
+    finally:
+        armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)  # before the default (which kills) is back
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
 class _CrateLock:
     """The crate's POSIX record lock (fcntl.lockf, which NFS forwards to lockd), plus a holder file whose mtime is a
     heartbeat, for waiters on other hosts or where fcntl locks are node-local.
@@ -416,30 +475,24 @@ class _CrateLock:
         self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         if self.ready() is not None:
             return self
-        checked = time.monotonic()
         while True:
-            try:
-                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _try_lock(self._fd, fcntl):
                 self.held = True
                 break
-            except OSError as e:
-                if e.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise
             if not self.waited:
                 self.waited = True
                 self.ev.emit("WAITING", holder=self._holder())
-            # A poll is one lockf call: hundreds of waiters cost the filler
-            # little. The entry and the heartbeat are looked at less often.
-            time.sleep(0.1)
-            if time.monotonic() - checked >= HEARTBEAT:
-                checked = time.monotonic()
-                if self.ready() is not None:  # filled from another host
-                    return self
-                holder = self._holder()
-                if holder is not None and time.time() - holder["beat"] > STALE:
-                    # A silent holder (another host died, or fcntl locks are
-                    # node-local here): fill ourselves; the rename decides.
-                    break
+            if _wait_for_lock(self._fd, fcntl, HEARTBEAT):
+                self.held = True
+                break
+            # The lock stayed taken for a heartbeat period.
+            if self.ready() is not None:  # filled from another host
+                return self
+            holder = self._holder()
+            if holder is not None and time.time() - holder["beat"] > STALE:
+                # A silent holder (another host died, or fcntl locks are
+                # node-local here): fill ourselves; the rename decides.
+                break
         if self.ready() is None:
             import threading
 
