@@ -10,7 +10,7 @@ import zstandard
 
 from envcrate import tar, unpack
 from envcrate.compat import host_platform
-from envcrate.errors import UnsafeArchiveError
+from envcrate.errors import ArchiveError, UnsafeArchiveError
 from envcrate.manifest import (
     FILES_MEMBER,
     MANIFEST_MEMBER,
@@ -27,8 +27,8 @@ def _member(name: bytes, typeflag: bytes, mode: int, data: bytes = b"", link: by
     return h + data + b"\0" * tar.padding(len(data))
 
 
-def _crate(path: Path, members: list[tuple[FileRow, bytes]]) -> Path:
-    table = encode_table([row for row, _ in members])
+def _crate(path: Path, members: list[tuple[FileRow, bytes]], table: bytes | None = None) -> Path:
+    table = encode_table([row for row, _ in members]) if table is None else table
     manifest = {
         "schema": 1,
         "id": crate_id_of_table(table),
@@ -96,3 +96,14 @@ def test_well_formed_crafted_archive_extracts(tmp_path):
     )
     dest = unpack(archive, tmp_path / "dest", python=sys.executable)
     assert (dest / "c").read_bytes() == b"hello"
+
+
+def test_a_file_table_that_is_not_rows_is_refused(tmp_path):
+    """Its digest is the crate id, so only its content can be wrong: one
+    line-error, nothing left behind."""
+    members = [_file(f"f{i}.txt") for i in range(3)]
+    table = encode_table([row for row, _ in members]).replace(b"f1.txt", b'f1.txt"', 1)
+    archive = _crate(tmp_path / "bad.tar.zst", members, table)
+    with pytest.raises(ArchiveError, match="file table"):
+        unpack(archive, tmp_path / "out" / "dest", python=sys.executable)
+    assert list((tmp_path / "out").iterdir()) == []

@@ -16,6 +16,7 @@ import functools
 import os
 import posixpath
 import stat
+from collections.abc import Iterable
 from typing import Callable
 
 from . import tar
@@ -174,7 +175,7 @@ def _link_escapes(name: bytes, target: bytes) -> bool:
 
 def extract(
     opened: OpenedArchive,
-    rows: list[FileRow],
+    rows: Iterable[FileRow],
     dest: str,
     progress: Callable[[int], None] | None = None,
     read_only: bool = False,

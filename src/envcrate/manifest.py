@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Any, NamedTuple
@@ -63,10 +63,29 @@ def encode_table(rows: Iterable[FileRow]) -> bytes:
 
 
 def decode_table(data: bytes) -> list[FileRow]:
-    # One json.loads for the whole table: per-line calls cost ~20 µs each.
-    rows = json.loads(b"[" + data.rstrip(b"\n").replace(b"\n", b",") + b"]") if data.strip() else []
+    return list(iter_table(data))
+
+
+def iter_table(data: bytes, block: int = 1024) -> Iterator[FileRow]:
+    """The rows of a file table, decoded ``block`` lines at a time: one
+    json.loads per block (per-line calls cost ~20 µs each), and extraction
+    starts after the first block instead of after the whole table (50 ms
+    for 15,000 rows)."""
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
     new = tuple.__new__
-    return [new(FileRow, (t, path, mode, size, digest)) for t, mode, size, digest, path in rows]
+    for i in range(0, len(lines), block):
+        try:
+            rows = json.loads(b"[" + b",".join(lines[i : i + block]) + b"]")
+            for t, mode, size, digest, path in rows:
+                yield new(FileRow, (t, path, mode, size, digest))
+        except (ValueError, TypeError):
+            from .errors import ArchiveError
+
+            raise ArchiveError(
+                f"line {i + 1}.. of the crate's file table is not a valid row; the crate is corrupt"
+            ) from None
 
 
 def crate_id_of_table(table: bytes) -> str:

@@ -22,7 +22,7 @@ from .compat import Interpreter, check_host, find_interpreter, probe_memo, requi
 from .errors import ArchiveError, DigestMismatchError, EnvcrateError
 from .extract import extract
 from .fsutil import current_umask, remove_tree
-from .manifest import Manifest, crate_id_of_table, decode_table
+from .manifest import Manifest, crate_id_of_table, iter_table
 from .progress import bar
 from .record import recorded_blob
 from .relocate import relocate
@@ -124,7 +124,7 @@ def fill(
                 raise DigestMismatchError(
                     f"{archive}: the manifest changed while it was being read"
                 )
-            rows = decode_table(opened.table_bytes)
+            rows = iter_table(opened.table_bytes)
             if crate_id_of_table(opened.table_bytes) != manifest.id:
                 raise DigestMismatchError(
                     f"{archive}: the file table does not match crate id {manifest.id}"
