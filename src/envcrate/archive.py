@@ -151,7 +151,8 @@ class BodyWriter:
         from concurrent.futures import ThreadPoolExecutor  # not imported for unpacking
 
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="envcrate-zstd")
-        self._free = [bytearray(self.frame_size) for _ in range(self.threads + 2)]
+        # Anonymous memory rather than bytearray(): not zeroed under the GIL.
+        self._free = [mmap.mmap(-1, self.frame_size) for _ in range(self.threads + 2)]
         self._pending: deque = deque()  # (frame, future)
         self._frame = self._new_frame()
 
@@ -259,7 +260,7 @@ class BodyWriter:
                 if n:
                     view = memoryview(frame.buf)[start : start + n]
                     if data is not None:
-                        view[:] = data[pos : pos + n]
+                        view[:] = memoryview(data)[pos : pos + n]  # one copy, not two
                     else:
                         got = 0
                         while got < n:
@@ -637,6 +638,7 @@ class _Reader:
     consumer takes the frames in order, lane after lane."""
 
     LANE_DEPTH = 8
+    LANES = 2  # one decompressing thread is slower here, even with the CPU it saves
 
     def __init__(self, path: str, fmt: str, digest: hashlib._Hash | None):
         self.path, self.fmt, self.digest = path, fmt, digest
@@ -650,10 +652,10 @@ class _Reader:
         table = _seek_table(f) if self.fmt == "tar.zst" else None
         f.seek(0)
         if table:
-            self.lanes = [queue.Queue(self.LANE_DEPTH) for _ in range(2)]
-            inputs = [queue.Queue(4) for _ in range(2)]
+            self.lanes = [queue.Queue(self.LANE_DEPTH) for _ in range(self.LANES)]
+            inputs = [queue.Queue(4) for _ in range(self.LANES)]
             self._spawn("envcrate-read", self._read_frames, f, table, inputs)
-            for k in range(2):
+            for k in range(self.LANES):
                 self._spawn(f"envcrate-unzstd_{k}", self._decompress, inputs[k], self.lanes[k])
         else:
             self.lanes = [queue.Queue(self.LANE_DEPTH)]
@@ -695,7 +697,7 @@ class _Reader:
 
     def _read_frames(self, f: BinaryIO, table, inputs: list[queue.Queue]) -> None:
         """Independent frames: read and hash in order, in pieces, each frame
-        decompressed by the two threads in turn."""
+        decompressed by the lanes' threads in turn."""
         chunks = _Buffers(PIECE, keep=16)
         lane = 0
         try:
@@ -715,8 +717,8 @@ class _Reader:
                         csize -= n
                     if not self._put(inputs[lane], _NEXT):
                         return
-                    lane = 1 - lane
-                for q in inputs[lane], inputs[1 - lane]:
+                    lane = (lane + 1) % len(inputs)
+                for q in inputs:
                     self._put(q, _END)
                 self._hash_rest(f)
         except BaseException as e:  # handed to the lane the consumer will wait on

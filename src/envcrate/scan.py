@@ -57,10 +57,6 @@ class Scanner:
             return
         if not self._nul and buf.find(b"\0", start, end) >= 0:
             self._nul = True
-        if self._known:
-            self.findings.prefix_files.append(
-                {"path": self._path, "placeholder": self._known, "mode": self._known_mode}
-            )
         for needle in self.needles:
             if needle in self._found:
                 continue
