@@ -13,7 +13,7 @@ import zstandard
 from conftest import check, envcrate, install, make_venv
 
 from envcrate import pack
-from envcrate.archive import Spool, read_manifest_bytes
+from envcrate.archive import Spool
 from envcrate.errors import SourceEnvError
 from envcrate.manifest import (
     FILES_MEMBER,
@@ -24,6 +24,7 @@ from envcrate.manifest import (
     decode_table,
     encode_table,
 )
+from envcrate.reading import read_manifest_bytes
 
 
 def test_pack_twice_is_byte_identical(small_venv, tmp_path):

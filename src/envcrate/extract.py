@@ -20,9 +20,9 @@ from collections.abc import Iterable
 from typing import Callable
 
 from . import tar
-from .archive import OpenedArchive
 from .errors import ArchiveError, UnsafeArchiveError
 from .manifest import FILES_MEMBER, MANIFEST_MEMBER, FileRow
+from .reading import OpenedArchive
 
 LARGE_FILE = 4 << 20
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

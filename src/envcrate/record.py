@@ -60,7 +60,7 @@ def recorded_blob(archive: str | os.PathLike, fmt: str | None = None) -> str | N
     if there is one; ``fmt`` defaults to the archive's own format."""
     archive = os.fspath(archive)
     if fmt is None:
-        from .archive import detect_format
+        from .reading import detect_format
 
         fmt = detect_format(archive)
     return blob_of(read_record(Path(archive + ".json")), fmt)

@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .archive import detect_format
 from .envs import load_env
 from .errors import DigestMismatchError, EnvcrateError
 from .packer import identify, pack_source, resolve_format
 from .progress import bar
+from .reading import detect_format
 from .record import recorded_blob
 from .stores import Store, check_tag, file_digest, open_store
 

@@ -17,13 +17,13 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .archive import open_stream, read_manifest_bytes
 from .compat import Interpreter, check_host, find_interpreter, probe_memo, require_supported_os
 from .errors import ArchiveError, DigestMismatchError, EnvcrateError
 from .extract import extract
 from .fsutil import current_umask, remove_tree
 from .manifest import Manifest, crate_id_of_table, iter_table
 from .progress import bar
+from .reading import open_stream, read_manifest_bytes
 from .record import recorded_blob
 from .relocate import relocate
 

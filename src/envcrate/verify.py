@@ -6,9 +6,9 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from .archive import iter_rows, open_stream
 from .errors import DigestMismatchError
 from .manifest import Manifest, crate_id_of_table, decode_table, encode_table
+from .reading import iter_rows, open_stream
 from .record import recorded_blob
 
 
