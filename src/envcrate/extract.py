@@ -34,8 +34,18 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[n:]
 
 
+def _create(path: bytes, mode: int) -> int:
+    try:
+        return os.open(path, _FLAGS, mode)
+    except FileNotFoundError:
+        # A parent the archive did not list, or one a writer has not made
+        # yet; no links exist yet, so makedirs cannot be led astray.
+        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+        return os.open(path, _FLAGS, mode)
+
+
 def _write_file(path: bytes, data: bytes, mode: int = 0o644) -> None:
-    fd = os.open(path, _FLAGS, mode)
+    fd = _create(path, mode)
     try:
         _write_all(fd, memoryview(data))
     finally:
@@ -52,16 +62,6 @@ def _make_dir(path: bytes) -> None:
             raise ArchiveError(
                 f"archive member {os.fsdecode(path)} is listed as a directory and a file"
             ) from None
-
-
-def _create(path: bytes, mode: int) -> int:
-    try:
-        return os.open(path, _FLAGS, mode)
-    except FileNotFoundError:
-        # A parent the archive did not list, or one a writer has not made
-        # yet; no links exist yet, so makedirs cannot be led astray.
-        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
-        return os.open(path, _FLAGS, mode)
 
 
 def _write_batch(batch: list[tuple[bytes, int, list[memoryview] | None]], held: list) -> None:

@@ -7,18 +7,8 @@ from typing import TYPE_CHECKING
 
 from ..errors import SourceEnvError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the walker is imported only to load an env, not for ALLOWANCES
     from .base import SourceEnv
-
-
-def __getattr__(name: str):
-    # SourceEnv, without importing the walker where only ALLOWANCES is
-    # wanted (the command line's parser, for every command).
-    if name == "SourceEnv":
-        from .base import SourceEnv
-
-        return SourceEnv
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_env_path(env: str | None) -> str:
@@ -85,4 +75,4 @@ def load_env(
     )
 
 
-__all__ = ["ALLOWANCES", "SourceEnv", "load_env", "resolve_env_path"]
+__all__ = ["ALLOWANCES", "load_env", "resolve_env_path"]
