@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_pack_unpack import Results, du, ensure_reference, timed, tool_venv  # noqa: E402
+from bench_pack_unpack import Results, du, ensure_reference, timed, tool_env, tool_venv  # noqa: E402
 from conda_channel import PLACEHOLDER, Pkg, build, index, install, python_package  # noqa: E402
 
 PACK = "envcrate pack"
@@ -104,8 +104,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     ref = ensure_conda_reference(work)
     files, size = du(ref)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ENVCRATE_", "CONDA"))}
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env = tool_env(drop=("CONDA",))
     python = tool_venv(work, env)
     envcrate = [python.with_name("envcrate")]
     conda_pack = [python.with_name("conda-pack")]

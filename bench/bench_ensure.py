@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_pack_unpack import reference_archive, timed, tool_venv  # noqa: E402
+from bench_pack_unpack import reference_archive, timed, tool_env, tool_venv  # noqa: E402
 
 COLD = "envcrate ensure (cold, directory store)"
 TAR = "tar -I zstd -xf"
@@ -82,8 +82,7 @@ def main() -> None:
     from envcrate.unpacker import read_manifest
 
     manifest = read_manifest(archive)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENVCRATE_")}
-    env.pop("PYTHONDONTWRITEBYTECODE", None)  # measure with bytecode caches, as installed
+    env = tool_env()
     python = tool_venv(args.work, env)
     envcrate = [python.with_name("envcrate")]
 

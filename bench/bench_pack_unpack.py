@@ -67,6 +67,15 @@ class Results:
             self.sizes[name] = archive.stat().st_size
 
 
+def tool_env(drop: tuple[str, ...] = ()) -> dict:
+    """The environment the tools run in: no ``ENVCRATE_*`` settings (nor the
+    variables starting with ``drop``), and bytecode caches allowed, as
+    installed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ENVCRATE_", *drop))}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 def tool_venv(work: Path, env: dict) -> Path:
     """envcrate installed as a user installs it: a venv of its own (start-up
     then does not pay for whatever the developer's Python loads from .pth
@@ -142,8 +151,7 @@ def main() -> None:
     files, size = du(ref)
     runs = work / f"run-{os.getpid()}"
     runs.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENVCRATE_")}
-    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: with bytecode caches
+    env = tool_env()
     envcrate = [tool_venv(args.work, env).with_name("envcrate")]
     venv_pack = shutil.which("venv-pack") or "venv-pack"
 
