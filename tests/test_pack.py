@@ -13,7 +13,6 @@ import zstandard
 from conftest import check, envcrate, install, make_venv
 
 from envcrate import pack
-from envcrate.archive import Spool
 from envcrate.errors import SourceEnvError
 from envcrate.manifest import (
     FILES_MEMBER,
@@ -115,6 +114,58 @@ def test_small_frames_span_files_and_round_trip(small_venv, tmp_path, monkeypatc
 
     dest = unpack(small.archive, tmp_path / "out")
     check([dest / "bin" / "python", "-c", "import six, markupsafe"])
+
+
+def _seek_entries(raw: bytes) -> list[tuple[int, int]]:
+    count = struct.unpack("<I", raw[-9:-5])[0]
+    return [struct.unpack_from("<II", raw, len(raw) - 9 - 8 * count + 8 * i) for i in range(count)]
+
+
+def test_the_head_goes_into_room_left_for_it_or_the_body_is_copied(
+    small_venv, tmp_path, monkeypatch
+):
+    import envcrate.packer as packer
+    from envcrate import unpack, verify_archive
+
+    roomy = pack(small_venv, tmp_path / "roomy.tar.zst")
+    # Manifest frame, table frame, then the padding: a skippable frame that
+    # decompresses to nothing.
+    raw = roomy.archive.read_bytes()
+    (_, _), (table_c, _), (pad_c, pad_d) = _seek_entries(raw)[:3]
+    assert pad_d == 0 and 8 <= pad_c < 64 << 10
+    start = _seek_entries(raw)[0][0] + table_c
+    assert struct.unpack_from("<II", raw, start) == (0x184D2A50, pad_c - 8)
+
+    monkeypatch.setattr(packer, "_head_room", lambda *a: 100)  # far too little
+    out = tmp_path / "out"
+    out.mkdir()
+    tight = pack(small_venv, out / "tight.tar.zst")
+    assert tight.id == roomy.id
+    assert all(d for _, d in _seek_entries(tight.archive.read_bytes()))  # no padding
+    assert sorted(p.name for p in out.iterdir()) == ["tight.tar.zst", "tight.tar.zst.json"]
+    verify_archive(tight.archive)
+    dest = unpack(tight.archive, tmp_path / "env")
+    check([dest / "bin" / "python", "-c", "import six, markupsafe"])
+
+
+def test_copy_range_works_where_the_kernel_cannot_copy(tmp_path, monkeypatch):
+    from envcrate.fsutil import copy_range
+
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(5 << 20))
+    for kernel in (True, False):
+        if not kernel:
+
+            def cannot(*a):
+                raise OSError(18, "Invalid cross-device link")
+
+            monkeypatch.setattr(os, "copy_file_range", cannot)
+        dst = tmp_path / f"dst-{kernel}"
+        with open(src, "rb") as f, open(dst, "wb") as g:
+            g.write(b"head")
+            g.flush()
+            copy_range(f.fileno(), 1000, (4 << 20) + 7, g.fileno())
+        assert dst.read_bytes() == b"head" + src.read_bytes()[1000 : 1000 + (4 << 20) + 7]
 
 
 def test_pycs_become_unchecked_hash(small_crate, tmp_path):
@@ -304,13 +355,3 @@ def test_table_encoding_is_canonical_json_per_row():
     ]
     assert encode_table(rows) == b"".join(r.encode() + b"\n" for r in rows)
     assert decode_table(encode_table(rows)) == rows
-
-
-def test_spool_spills_to_a_file_past_its_limit_and_cleans_up(tmp_path):
-    spool = Spool(tmp_path, limit=10)
-    for piece in (b"12345", b"67890", b"abcdef"):
-        spool.write(piece)
-    assert spool.path is not None and os.path.exists(spool.path)
-    assert b"".join(spool.chunks()) == b"1234567890abcdef"
-    spool.close()
-    assert list(tmp_path.iterdir()) == []

@@ -5,19 +5,27 @@ Layout of a ``.tar.zst`` crate (a valid tar stream for stock tools)::
 
     frame 0          tar member .envcrate/manifest.json
     frames 1..k      tar member .envcrate/files.jsonl (the file table)
-    frames k+1..n    the env's entries, sorted, cut into independent frames
+    skippable frame  padding (zeros), when the head was written into room
+                     left for it in front of the body (see below)
+    frames k+2..n    the env's entries, sorted, cut into independent frames
                      of FRAME_SIZE bytes of tar stream (a file may span frames),
                      then the two zero blocks that end a tar archive
     skippable frame  envcrate index: per frame, (member, offset in member)
     skippable frame  zstd seek table (the "seekable" format)
 
 ``.tar.gz`` crates have the same members and the same cut, one gzip member
-per frame, and no index. Frames are compressed independently by a thread pool
-and written in order, so the output does not depend on the thread count.
+per frame, no padding and no index. Frames are compressed independently by a
+thread pool and written in order, so the output does not depend on the
+thread count.
 
-The body is held back (in memory up to a limit, then in a temporary file)
-because the manifest, which needs the crate id known only at the end, must
-come first; each source file is read once.
+The manifest must come first but needs the crate id, known only once the body
+is written. The body of a ``.tar.zst`` is therefore written straight into the
+output behind room left for the head (manifest and table frames), whose size
+is estimated from the entries before packing starts; the head then goes into
+that room and a skippable frame pads what it leaves. If the head does not fit
+(or for ``.tar.gz``), the head is written to a new file and the body copied
+behind it. Either way each source file is read once and the result depends
+only on the content and settings.
 """
 
 from __future__ import annotations
@@ -38,10 +46,11 @@ from typing import BinaryIO, Callable
 from . import tar
 from .entry import Entry
 from .errors import EnvcrateError
-from .fsutil import read_file, unlink_quietly
+from .fsutil import copy_range, read_file
 from .manifest import FILES_MEMBER, MANIFEST_MEMBER, FileRow
 
 FRAME_SIZE = 16 << 20
+RAMP = 2 << 20
 FORMATS = ("tar.zst", "tar.gz")
 DEFAULT_LEVEL = {"tar.zst": None, "tar.gz": 6}
 # The default zstd setting: level 3's window and match length with the "fast"
@@ -100,6 +109,7 @@ class _Codec:
 @dataclass
 class _Frame:
     buf: bytearray
+    limit: int  # bytes of tar stream this frame takes
     used: int = 0
     hash_jobs: list = field(default_factory=list)  # (row index, start, end)
     start_member: tuple[int, int] = (0, 0)
@@ -111,6 +121,7 @@ class BodyResult:
     frames: list[tuple[int, int]]  # (compressed, decompressed) per body frame
     index: list[tuple[int, int]]  # (member, offset) per body frame
     size: int  # uncompressed bytes of archived files
+    offset: int = 0  # where the body starts in the output
 
 
 def row_of(entry: Entry, size: int = 0, digest: str = "") -> FileRow:
@@ -122,7 +133,8 @@ def row_of(entry: Entry, size: int = 0, digest: str = "") -> FileRow:
 
 
 class BodyWriter:
-    """Writes the sorted entries as compressed frames to ``out``."""
+    """Writes the sorted entries as compressed frames to ``out``, from its
+    current position or from where :meth:`leave_room` says."""
 
     def __init__(
         self,
@@ -151,55 +163,97 @@ class BodyWriter:
         from concurrent.futures import ThreadPoolExecutor  # not imported for unpacking
 
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="envcrate-zstd")
+        # Compressed frames are written in order by a thread of their own:
+        # a write to the page cache would otherwise stall the thread that
+        # feeds the compressors.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="envcrate-write")
+        self._write_error: BaseException | None = None
         # Anonymous memory rather than bytearray(): not zeroed under the GIL.
         self._free = [mmap.mmap(-1, self.frame_size) for _ in range(self.threads + 2)]
         self._pending: deque = deque()  # (frame, future)
+        self._made = 0
+        self._unwritten: list[bytes] = []  # compressed, waiting for the room estimate
         self._frame = self._new_frame()
+        self._estimate: Callable[[], int] | None = None
+        self._room = None  # future of the estimate
+        self.offset = out.tell()
+
+    def leave_room(self, estimate: Callable[[], int]) -> None:
+        """Start the body ``estimate()`` bytes into ``out``; a worker runs
+        ``estimate`` while compressed frames wait in memory."""
+        self._estimate = estimate
 
     # -- frame plumbing
 
     def _new_frame(self) -> _Frame:
         if not self._free:
             self._drain(1)
-        return _Frame(self._free.pop(), start_member=(self.member, self.member_pos))
+        # The first frames are smaller (RAMP, twice that, ...): compression
+        # starts sooner instead of waiting for a whole frame to fill.
+        limit = min(self.frame_size, RAMP << min(self._made, 16))
+        self._made += 1
+        return _Frame(self._free.pop(), limit, start_member=(self.member, self.member_pos))
 
     def _work(self, frame: _Frame) -> tuple[bytes, list[tuple[int, str]]]:
         view = memoryview(frame.buf)[: frame.used]
         hashes = [(i, hashlib.sha256(view[s:e]).hexdigest()) for i, s, e in frame.hash_jobs]
         return self.codec.compress(view), hashes
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool = False) -> None:
         frame = self._frame
         if frame.used == 0:
             return
         self._pending.append((frame, self._pool.submit(self._work, frame)))
+        if self._estimate is not None and (frame.limit == self.frame_size or final):
+            # Once the frames are full-size, the compressors have work queued
+            # while a worker estimates (in the interpreter, like the thread
+            # filling frames).
+            self._room = self._pool.submit(self._estimate)
+            self._estimate = None
         if len(self._pending) > self.threads:
             self._drain(len(self._pending) - self.threads)
         self._frame = self._new_frame()
 
-    def _drain(self, n: int) -> None:
+    def _drain(self, n: int, last: bool = False) -> None:
         for _ in range(n):
             frame, fut = self._pending.popleft()
             data, hashes = fut.result()
             for i, digest in hashes:
                 self.digests[i] = digest
-            self.out.write(data)
+            self._unwritten.append(data)
             self.frames.append((len(data), frame.used))
             self.index.append(frame.start_member)
             frame.used = 0
             frame.hash_jobs = []
             self._free.append(frame.buf)
+        if self._write_error is not None:
+            raise self._write_error
+        if self._room is not None and (last or self._room.done()):
+            self.offset += self._room.result()
+            self._room = None
+            self.out.seek(self.offset)
+        if self._room is None and self._estimate is None:
+            for data in self._unwritten:
+                self._writer.submit(self._write, data)
+            self._unwritten.clear()
+
+    def _write(self, data: bytes) -> None:
+        if self._write_error is None:  # nothing after a failed write
+            try:
+                self.out.write(data)
+            except BaseException as e:
+                self._write_error = e
 
     def _put(self, data: bytes) -> None:
         pos = 0
         while pos < len(data):
             frame = self._frame
-            n = min(self.frame_size - frame.used, len(data) - pos)
+            n = min(frame.limit - frame.used, len(data) - pos)
             frame.buf[frame.used : frame.used + n] = data[pos : pos + n]
             frame.used += n
             pos += n
             self.member_pos += n
-            if frame.used == self.frame_size:
+            if frame.used == frame.limit:
                 self._flush()
 
     def _begin_member(self) -> None:
@@ -256,7 +310,7 @@ class BodyWriter:
             while True:
                 frame = self._frame
                 start = frame.used
-                n = min(self.frame_size - start, remaining)
+                n = min(frame.limit - start, remaining)
                 if n:
                     view = memoryview(frame.buf)[start : start + n]
                     if data is not None:
@@ -283,7 +337,7 @@ class BodyWriter:
                         spanning = hashlib.sha256()
                     spanning.update(memoryview(frame.buf)[start : start + n])
                 self.progress(n)
-                if frame.used == self.frame_size:
+                if frame.used == frame.limit:
                     self._flush()
                 if remaining == 0:
                     break
@@ -300,19 +354,23 @@ class BodyWriter:
     def finish(self) -> BodyResult:
         self._begin_member()
         self._put(tar.END_OF_ARCHIVE)
-        self._flush()
+        self._flush(final=True)
         try:
-            self._drain(len(self._pending))
+            self._drain(len(self._pending), last=True)
         finally:
             self._pool.shutdown()
+            self._writer.shutdown()
+        if self._write_error is not None:
+            raise self._write_error
         rows = [
             FileRow(r.type, r.path, r.mode, r.size, d) if r.type == "f" else r
             for r, d in zip(self.rows, self.digests)
         ]
-        return BodyResult(rows, self.frames, self.index, self.bytes)
+        return BodyResult(rows, self.frames, self.index, self.bytes, self.offset)
 
     def abort(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True, cancel_futures=True)
 
 
 PREFETCH_MAX_FILE = 1 << 20
@@ -382,51 +440,6 @@ def prefetch(
                         yield e, data
 
 
-class Spool:
-    """Compressed frames kept in memory up to ``limit`` bytes, the rest in a
-    named temporary file in ``directory`` (removed by :meth:`close`).
-
-    The body must wait for the manifest, which is known only at the end;
-    keeping it in memory saves writing and reading it back."""
-
-    def __init__(self, directory: str | os.PathLike, limit: int = 256 << 20):
-        self.directory = directory
-        self.limit = limit
-        self.held: list[bytes] = []
-        self.size = 0
-        self.file: BinaryIO | None = None
-        self.path: str | None = None
-
-    def write(self, data: bytes) -> None:
-        if self.file is None and self.size + len(data) > self.limit:
-            import tempfile
-
-            fd, self.path = tempfile.mkstemp(
-                dir=self.directory, prefix=".envcrate-body-", suffix=".tmp"
-            )
-            self.file = os.fdopen(fd, "w+b")
-        if self.file is None:
-            self.held.append(data)
-        else:
-            self.file.write(data)
-        self.size += len(data)
-
-    def chunks(self) -> Iterator[bytes]:
-        yield from self.held
-        if self.file is not None:
-            self.file.flush()
-            self.file.seek(0)
-            while chunk := self.file.read(8 << 20):
-                yield chunk
-
-    def close(self) -> None:
-        self.held = []
-        if self.file is not None:
-            self.file.close()
-            unlink_quietly(self.path)
-            self.file = None
-
-
 def _member_bytes(name: str, data: bytes) -> bytes:
     return (
         tar.header(name.encode(), tar.REGULAR, 0o644, len(data))
@@ -439,58 +452,97 @@ def _skippable(magic: int, payload: bytes) -> bytes:
     return struct.pack("<II", magic, len(payload)) + payload
 
 
+_PADDING_MAGIC = 0x184D2A50
+
+
+def head_frames(
+    manifest: bytes, table: bytes, fmt: str, level: int | None, frame_size: int | None = None
+):
+    """The compressed manifest frame and file-table frames: (bytes, [(compressed,
+    decompressed) per frame])."""
+    frame_size = frame_size or FRAME_SIZE
+    codec = _Codec(fmt, level)
+    out, frames = [], []
+    first = _member_bytes(MANIFEST_MEMBER, manifest)
+    second = _member_bytes(FILES_MEMBER, table)
+    pieces = [first] + [second[p : p + frame_size] for p in range(0, len(second), frame_size)]
+    for piece in pieces:
+        data = codec.compress(piece)
+        out.append(data)
+        frames.append((len(data), len(piece)))
+    return b"".join(out), frames
+
+
 def assemble(
     out: BinaryIO,
-    body: Spool,
     result: BodyResult,
     manifest: bytes,
     table: bytes,
     fmt: str,
-    level: int,
+    level: int | None,
     frame_size: int | None = None,
-) -> tuple[str, int]:
-    """Write manifest frame, file-table frames, the body and the index to
-    ``out``; returns (blob digest, size)."""
+) -> bool:
+    """Complete the archive whose body :class:`BodyWriter` wrote to ``out``:
+    the head (manifest and file-table frames) in the room left in front of
+    the body, padded by a skippable frame, then the index behind it. Returns
+    False, writing nothing, when the head does not fit; :func:`assemble_copy`
+    then makes the archive in another file."""
+    head, frames = head_frames(manifest, table, fmt, level, frame_size)
+    gap = result.offset - len(head)
+    if fmt != "tar.zst" or not (gap == 0 or gap >= 8):
+        return False
+    if gap:
+        head += _skippable(_PADDING_MAGIC, bytes(gap - 8))
+        frames.append((gap, 0))
+    out.flush()
+    os.pwrite(out.fileno(), head, 0)
+    out.seek(result.offset + sum(c for c, _ in result.frames))
+    out.write(_trailer(fmt, result, frames, frame_size))
+    out.flush()
+    return True
+
+
+def assemble_copy(
+    out: BinaryIO,
+    body: BinaryIO,
+    result: BodyResult,
+    manifest: bytes,
+    table: bytes,
+    fmt: str,
+    level: int | None,
+    frame_size: int | None = None,
+) -> None:
+    """Write the whole archive to ``out``: head, the body copied from
+    ``body`` (where :class:`BodyWriter` wrote it), index."""
+    head, frames = head_frames(manifest, table, fmt, level, frame_size)
+    out.write(head)
+    out.flush()
+    body.flush()
+    copy_range(body.fileno(), result.offset, sum(c for c, _ in result.frames), out.fileno())
+    out.seek(0, os.SEEK_END)
+    out.write(_trailer(fmt, result, frames, frame_size))
+    out.flush()
+
+
+def _trailer(
+    fmt: str, result: BodyResult, head: list[tuple[int, int]], frame_size: int | None
+) -> bytes:
+    """The index and seek-table frames that end a tar.zst (nothing for
+    tar.gz); ``head`` lists the frames in front of the body (manifest, table
+    pieces, padding)."""
+    if fmt != "tar.zst":
+        return b""
     frame_size = frame_size or FRAME_SIZE
-    codec = _Codec(fmt, level)
-    digest = hashlib.sha256()
-    size = 0
-    frames: list[tuple[int, int]] = []
-
-    def emit(data: bytes) -> None:
-        nonlocal size
-        out.write(data)
-        digest.update(data)
-        size += len(data)
-
-    first = _member_bytes(MANIFEST_MEMBER, manifest)
-    data = codec.compress(first)
-    emit(data)
-    frames.append((len(data), len(first)))
-    second = _member_bytes(FILES_MEMBER, table)
-    for pos in range(0, len(second), frame_size):
-        piece = second[pos : pos + frame_size]
-        data = codec.compress(piece)
-        emit(data)
-        frames.append((len(data), len(piece)))
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1, thread_name_prefix="envcrate-hash") as hasher:
-        # Hash in a second thread while this one writes: both release the GIL.
-        for chunk in body.chunks():
-            out.write(chunk)
-            hasher.submit(digest.update, chunk)
-            size += len(chunk)
-    frames.extend(result.frames)
-    if fmt == "tar.zst":
-        index = [[0, 0]] + [
-            [1, i * frame_size] for i in range(len(frames) - 1 - len(result.frames))
-        ]
-        index += [list(x) for x in result.index]
-        emit(
-            _skippable(_INDEX_MAGIC, json.dumps({"frames": index}, separators=(",", ":")).encode())
-        )
-        table_bytes = b"".join(struct.pack("<II", c, d) for c, d in frames)
-        footer = struct.pack("<IBI", len(frames), 0, _SEEKABLE_FOOTER_MAGIC)
-        emit(_skippable(_SEEK_TABLE_MAGIC, table_bytes + footer))
-    return "sha256:" + digest.hexdigest(), size
+    index = [[0, 0]]
+    for i, (_, d) in enumerate(head[1:]):
+        # A table piece starts at its offset in the table member; the padding
+        # decompresses to nothing, so it "starts" where the body does.
+        index.append([1, i * frame_size] if d else list(result.index[0]))
+    index += [list(x) for x in result.index]
+    frames = head + result.frames
+    table_bytes = b"".join(struct.pack("<II", c, d) for c, d in frames)
+    footer = struct.pack("<IBI", len(frames), 0, _SEEKABLE_FOOTER_MAGIC)
+    index_bytes = json.dumps({"frames": index}, separators=(",", ":")).encode()
+    return _skippable(_INDEX_MAGIC, index_bytes) + _skippable(
+        _SEEK_TABLE_MAGIC, table_bytes + footer
+    )

@@ -35,6 +35,31 @@ def read_file(path: str, nofollow: bool = False) -> tuple[bytes, os.stat_result]
         os.close(fd)
 
 
+def copy_range(src: int, offset: int, count: int, dst: int) -> None:
+    """Append ``count`` bytes of file ``src`` from ``offset`` to file ``dst``
+    (at its position): in the kernel where the filesystem can, else through
+    a buffer."""
+    end = offset + count
+    try:
+        while offset < end:
+            n = os.copy_file_range(src, dst, end - offset, offset)
+            if n == 0:
+                raise OSError(f"{count} bytes to copy but the file ended")
+            offset += n
+        return
+    except OSError as e:
+        if e.errno is None:
+            raise
+    while offset < end:  # EXDEV, ENOSYS, EINVAL...: filesystems that cannot
+        chunk = os.pread(src, min(end - offset, 4 << 20), offset)
+        if not chunk:
+            raise OSError(f"{count} bytes to copy but the file ended")
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst, view) :]
+        offset += len(chunk)
+
+
 def group_shared(root: str | os.PathLike) -> bool:
     """Whether ``root`` is group-writable: a directory a project group shares."""
     import stat

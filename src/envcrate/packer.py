@@ -20,9 +20,10 @@ from .archive import (
     DEFAULT_LEVEL,
     FORMATS,
     BodyWriter,
-    Spool,
     assemble,
+    assemble_copy,
     format_of_name,
+    head_frames,
     prefetch,
     row_of,
 )
@@ -34,7 +35,7 @@ from .fsutil import current_umask, sha256_file, unlink_quietly
 from .manifest import SCHEMA, Manifest, crate_id_of_table, encode_table, short_id
 from .progress import bar
 from .record import write_record
-from .scan import Scanner
+from .scan import Findings, Scanner
 
 
 @dataclass(frozen=True)
@@ -112,28 +113,44 @@ def pack_source(
 
     scanner = Scanner([p.encode("utf-8", "surrogateescape") for p in source.prefixes])
     total = sum(e.size for e in source.entries if e.type == "f")
-    body = Spool(out_dir)
+    # Written under a temporary name, renamed once complete.
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{source.name}-", suffix=".tmp")
     try:
-        with bar(total, f"packing {source.name}", progress) as tick:
-            result = _write_body(body, source, scanner, format, level, threads, tick)
-        table = encode_table(result.rows)
-        crate_id = crate_id_of_table(table)
-        manifest = _manifest(source, crate_id, scanner, result.rows, result.size)
-        name = out_name or f"{source.name}-{short_id(crate_id)}.{format}"
-        final = out_dir / name
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                blob, size = assemble(out, body, result, manifest.to_bytes(), table, format, level)
-            os.chmod(tmp, 0o644 & ~current_umask())
-            os.replace(tmp, final)
-        except BaseException:
-            unlink_quietly(tmp)
-            raise
-    finally:
-        body.close()
-    write_record(Path(str(final) + ".json"), manifest, format, blob, size)
-    return Crate(crate_id, blob, size, format, final, manifest, time.monotonic() - start)
+        with os.fdopen(fd, "w+b") as out:
+            with bar(total, f"packing {source.name}", progress) as tick:
+                result = _write_body(out, source, scanner, format, level, threads, tick)
+            table = encode_table(result.rows)
+            crate_id = crate_id_of_table(table)
+            manifest = _manifest(source, crate_id, scanner.findings, result.rows, result.size)
+            tmp = _complete(out, tmp, out_dir, result, manifest.to_bytes(), table, format, level)
+        blob, size = sha256_file(tmp)
+        os.chmod(tmp, 0o644 & ~current_umask())
+        final = out_dir / (out_name or f"{source.name}-{short_id(crate_id)}.{format}")
+        os.replace(tmp, final)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    write_record(Path(str(final) + ".json"), manifest, format, "sha256:" + blob, size)
+    return Crate(
+        crate_id, "sha256:" + blob, size, format, final, manifest, time.monotonic() - start
+    )
+
+
+def _complete(out, path: str, out_dir: Path, result, manifest: bytes, table: bytes, fmt, level):
+    """Put the head in front of the body in ``out`` (at ``path``) and return
+    the path of the finished archive: ``path``, or a new temporary file when
+    the head does not fit the room left for it."""
+    if assemble(out, result, manifest, table, fmt, level):
+        return path
+    fd, new = tempfile.mkstemp(dir=out_dir, prefix=os.path.basename(path)[:-4], suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as copy:
+            assemble_copy(copy, out, result, manifest, table, fmt, level)
+    except BaseException:
+        unlink_quietly(new)
+        raise
+    unlink_quietly(path)
+    return new
 
 
 def identify(source: SourceEnv) -> str:
@@ -160,16 +177,47 @@ def identify(source: SourceEnv) -> str:
 
 
 def _write_body(
-    body, source: SourceEnv, scanner: Scanner, fmt: str, level: int | None, threads: int, tick
+    out, source: SourceEnv, scanner: Scanner, fmt: str, level: int | None, threads: int, tick
 ):
-    writer = BodyWriter(body, fmt, level, threads, scanner, tick)
+    writer = BodyWriter(out, fmt, level, threads, scanner, tick)
     try:
+        if fmt == "tar.zst":
+            writer.leave_room(lambda: _head_room(source, fmt, level))
         for entry, data in prefetch(source.entries):
             writer.add(entry, data)
         return writer.finish()
     except BaseException:
         writer.abort()
         raise
+
+
+def _head_room(source: SourceEnv, fmt: str, level: int | None) -> int:
+    """Bytes to leave in front of the body for the manifest and file-table
+    frames: their compressed size with what packing will learn (digests,
+    prefixes found by scanning) stood in for, plus a margin. Depends only on
+    the entries and settings, so the archive stays reproducible."""
+    import random
+
+    files = [e for e in source.entries if e.type == "f"]
+    # Digests are random to a compressor; these stand in for them.
+    digests = random.Random(len(files)).randbytes(32 * len(files)).hex()
+    rows, k = [], 0
+    for e in source.entries:
+        if e.type == "f":
+            rows.append(row_of(e, e.size, digests[k : k + 64]))
+            k += 64
+        else:
+            rows.append(row_of(e))
+    known = Findings(
+        [
+            {"path": e.path, "placeholder": e.placeholder, "mode": e.placeholder_mode}
+            for e in files
+            if e.placeholder
+        ]
+    )
+    manifest = _manifest(source, "sha256:" + "0" * 64, known, rows, sum(e.size for e in files))
+    head, _ = head_frames(manifest.to_bytes(), encode_table(rows), fmt, level)
+    return len(head) + len(head) // 64 + (8 << 10)
 
 
 def _check_level(fmt: str, level: int) -> None:
@@ -194,9 +242,9 @@ def _output_place(output, fmt: str) -> tuple[Path, str | None]:
 
 
 def _check_space(out_dir: Path, source: SourceEnv) -> None:
-    # The body goes to a temporary file and is then copied behind the
-    # manifest, so the archive is on disk twice for a moment. Compressed
-    # envs are typically a third of their size; ask for half to be safe.
+    # Compressed envs are typically a third of their size; ask for half to be
+    # safe (for tar.gz, or when the head outgrows the room left for it, the
+    # body is copied once behind the head: twice a third).
     total = sum(e.size for e in source.entries if e.type == "f")
     need = total // 2
     free = shutil.disk_usage(out_dir).free
@@ -207,8 +255,8 @@ def _check_space(out_dir: Path, source: SourceEnv) -> None:
         )
 
 
-def _manifest(source: SourceEnv, crate_id: str, scanner: Scanner, rows, size: int) -> Manifest:
-    platform = dict(host_platform(), libc=libc_record(scanner.findings.glibc))
+def _manifest(source: SourceEnv, crate_id: str, findings: Findings, rows, size: int) -> Manifest:
+    platform = dict(host_platform(), libc=libc_record(findings.glibc))
     data = {
         "schema": SCHEMA,
         "id": crate_id,
@@ -218,9 +266,7 @@ def _manifest(source: SourceEnv, crate_id: str, scanner: Scanner, rows, size: in
         "python": source.python,
         "prefix": source.prefix,
         "prefix_aliases": [p for p in source.prefixes if p != source.prefix],
-        "prefix_files": sorted(
-            scanner.findings.prefix_files, key=lambda r: (r["path"], r["placeholder"])
-        ),
+        "prefix_files": sorted(findings.prefix_files, key=lambda r: (r["path"], r["placeholder"])),
         "pins": source.pins,
         "flags": source.flags,
         "files": {

@@ -63,6 +63,7 @@ def load(
     real = os.path.realpath(prefix)
     env_prefixes = (prefix.rstrip("/"), real.rstrip("/"))
     records = _records(prefix)
+    python = env_python(prefix)
     site = conda_pack.find_site_packages(prefix)  # lib/pythonX.Y/site-packages or None
     walked = walk(prefix, real, exclude)
     on_disk = {e.path: e for e in walked}
@@ -141,7 +142,7 @@ def load(
         real_prefix=real,
         entries=entries,
         pins=[_conda_pin(info) for info in records] + _pip_pins(site_dirs, site, managed),
-        python=_python(prefix, records),
+        python=_python(python(), records),
         extra={"conda": {"site_packages": site}},
         flags={
             "editable": editable,
@@ -364,8 +365,7 @@ def _pip_pins(site_dirs: list[Path], site: str | None, managed: dict) -> list[di
     return dist_pins(site_dirs[0], skip=conda_dirs.__contains__)
 
 
-def _python(prefix: str, records: list[dict]) -> dict:
-    found = env_python(prefix)
+def _python(found: dict | None, records: list[dict]) -> dict:
     if found is not None:
         return found
     for info in records:

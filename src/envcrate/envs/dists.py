@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 from ..errors import SourceEnvError
 
@@ -19,21 +20,34 @@ _PYTHON_INFO = (
 )
 
 
-def env_python(prefix: str) -> dict | None:
-    """Implementation, version and ABI of the env's ``bin/python``, or None
-    when it does not run."""
+def env_python(prefix: str) -> Callable[[], dict | None]:
+    """Start asking the env's ``bin/python`` for its implementation, version
+    and ABI; the returned function waits for the answer (None when it does
+    not run). Loaders start it before walking the env, which it overlaps."""
     try:
-        out = subprocess.run(
+        proc = subprocess.Popen(
             [os.path.join(prefix, "bin", "python"), "-I", "-B", "-c", _PYTHON_INFO],
-            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
             text=True,
-            timeout=120,
         )
-        if out.returncode == 0:
-            return json.loads(out.stdout)
-    except (OSError, subprocess.TimeoutExpired, ValueError):
-        pass
-    return None
+    except OSError:
+        return lambda: None
+
+    def answer() -> dict | None:
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return None
+        try:
+            return json.loads(out) if proc.returncode == 0 else None
+        except ValueError:
+            return None
+
+    return answer
 
 
 def editable_installs(

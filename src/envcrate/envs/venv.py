@@ -62,6 +62,7 @@ def load(
             "--allow-system-site-packages"
         )
 
+    python = env_python(prefix)
     entries: list[Entry] = []
     base_links: list[dict] = []
     for entry in walk(prefix, real, exclude):
@@ -92,7 +93,7 @@ def load(
         real_prefix=real,
         entries=entries,
         pins=[p for d in site_dirs for p in dist_pins(d)],
-        python=_python_info(prefix, cfg_values, site_dirs),
+        python=_python_info(prefix, python(), cfg_values, site_dirs),
         extra={
             "venv": {
                 "base_links": base_links,
@@ -119,8 +120,9 @@ def _cfg_loader(cfg: list[tuple[str, str, str]]):
     return load
 
 
-def _python_info(prefix: str, cfg: dict[str, str], site_dirs: list[Path]) -> dict:
-    found = env_python(prefix)
+def _python_info(
+    prefix: str, found: dict | None, cfg: dict[str, str], site_dirs: list[Path]
+) -> dict:
     if found is not None:
         return found
     # The base interpreter is gone or broken: read what pyvenv.cfg and lib/ say.
