@@ -107,6 +107,8 @@ def test_small_frames_span_files_and_round_trip(small_venv, tmp_path, monkeypatc
     monkeypatch.undo()
     normal = pack(small_venv, tmp_path / "normal.tar.zst")
     assert small.id == normal.id  # file digests of spanning files are computed the same way
+    # ... and so are their scans: the same prefix files and glibc needs.
+    assert small.manifest.to_bytes() == normal.manifest.to_bytes()
     raw = small.archive.read_bytes()
     count = struct.unpack("<I", raw[-9:-5])[0]
     assert count > 10
@@ -355,3 +357,21 @@ def test_table_encoding_is_canonical_json_per_row():
     ]
     assert encode_table(rows) == b"".join(r.encode() + b"\n" for r in rows)
     assert decode_table(encode_table(rows)) == rows
+
+
+def test_a_file_that_changed_since_the_walk_is_an_error_naming_it(tmp_path):
+    from envcrate.archive import _read_into
+    from envcrate.errors import EnvcrateError
+
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 100)
+    buf = bytearray(100)
+    _read_into(memoryview(buf), str(f), 0, 100)
+    assert buf == b"x" * 100
+    for size, word in ((99, "grew"), (101, "shrank")):
+        with pytest.raises(EnvcrateError, match=f"{f} {word} while it was being packed"):
+            _read_into(memoryview(bytearray(size)), str(f), 0, size)
+    # A piece of a large file: its size is checked with fstat.
+    with pytest.raises(EnvcrateError, match="changed while it was being packed"):
+        _read_into(memoryview(bytearray(10)), str(f), 50, 200)
+    _read_into(memoryview(buf)[:10], str(f), 50, 100)

@@ -35,19 +35,23 @@ import itertools
 import json
 import mmap
 import os
+import queue
 import struct
 import threading
 import zlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable
 
 from . import tar
 from .entry import Entry
 from .errors import EnvcrateError
 from .fsutil import copy_range, read_file
 from .manifest import FILES_MEMBER, MANIFEST_MEMBER, FileRow
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 FRAME_SIZE = 16 << 20
 RAMP = 2 << 20
@@ -108,10 +112,17 @@ class _Codec:
 
 @dataclass
 class _Frame:
-    buf: bytearray
+    """One frame's share of the tar stream: what the thread that adds entries
+    planned for it, filled in by a worker (see :meth:`BodyWriter._work`)."""
+
+    buf: mmap.mmap
     limit: int  # bytes of tar stream this frame takes
     used: int = 0
-    hash_jobs: list = field(default_factory=list)  # (row index, start, end)
+    # (position, bytes or path, offset in it, length, size of the file or None)
+    fills: list = field(default_factory=list)
+    whole: list = field(default_factory=list)  # (row, start, end, entry): files all in this frame
+    pieces: list = field(default_factory=list)  # (row, start, end, entry, size, first, last)
+    content: int = 0  # file bytes, for progress
     start_member: tuple[int, int] = (0, 0)
 
 
@@ -134,7 +145,15 @@ def row_of(entry: Entry, size: int = 0, digest: str = "") -> FileRow:
 
 class BodyWriter:
     """Writes the sorted entries as compressed frames to ``out``, from its
-    current position or from where :meth:`leave_room` says."""
+    current position or from where :meth:`leave_room` says.
+
+    The caller's thread only plans: it lays each entry's header and content
+    out in the tar stream (sizes are known from the walk) and hands full
+    frames to workers. A worker fills its frame (headers and loaded bytes
+    copied, files read straight into it), hashes and scans the files that lie
+    wholly inside it, and compresses it. Pieces of files that span frames are
+    hashed and scanned in order as frames complete.
+    """
 
     def __init__(
         self,
@@ -163,110 +182,37 @@ class BodyWriter:
         from concurrent.futures import ThreadPoolExecutor  # not imported for unpacking
 
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="envcrate-zstd")
-        # Compressed frames are written in order by a thread of their own:
-        # a write to the page cache would otherwise stall the thread that
-        # feeds the compressors.
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="envcrate-write")
-        self._write_error: BaseException | None = None
+        # Frames complete in order in a thread of their own (pieces of
+        # spanning files hashed and scanned, then written): page-cache writes
+        # and hashing would otherwise stall the planning thread.
+        self._completer = ThreadPoolExecutor(1, thread_name_prefix="envcrate-write")
+        self._error: BaseException | None = None  # the completer's
         # Anonymous memory rather than bytearray(): not zeroed under the GIL.
-        self._free = [mmap.mmap(-1, self.frame_size) for _ in range(self.threads + 2)]
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(self.threads + 2):
+            self._free.put(mmap.mmap(-1, self.frame_size))
         self._pending: deque = deque()  # (frame, future)
         self._made = 0
         self._unwritten: list[bytes] = []  # compressed, waiting for the room estimate
+        self._spanning = None  # sha256 of the file whose pieces are being hashed
         self._frame = self._new_frame()
         self._estimate: Callable[[], int] | None = None
-        self._room = None  # future of the estimate
+        self._room: Future | None = None  # bytes left in front of the body
         self.offset = out.tell()
 
     def leave_room(self, estimate: Callable[[], int]) -> None:
         """Start the body ``estimate()`` bytes into ``out``; a worker runs
         ``estimate`` while compressed frames wait in memory."""
+        from concurrent.futures import Future
+
         self._estimate = estimate
+        self._room = Future()
 
-    # -- frame plumbing
-
-    def _new_frame(self) -> _Frame:
-        if not self._free:
-            self._drain(1)
-        # The first frames are smaller (RAMP, twice that, ...): compression
-        # starts sooner instead of waiting for a whole frame to fill.
-        limit = min(self.frame_size, RAMP << min(self._made, 16))
-        self._made += 1
-        return _Frame(self._free.pop(), limit, start_member=(self.member, self.member_pos))
-
-    def _work(self, frame: _Frame) -> tuple[bytes, list[tuple[int, str]]]:
-        view = memoryview(frame.buf)[: frame.used]
-        hashes = [(i, hashlib.sha256(view[s:e]).hexdigest()) for i, s, e in frame.hash_jobs]
-        return self.codec.compress(view), hashes
-
-    def _flush(self, final: bool = False) -> None:
-        frame = self._frame
-        if frame.used == 0:
-            return
-        self._pending.append((frame, self._pool.submit(self._work, frame)))
-        if self._estimate is not None and (frame.limit == self.frame_size or final):
-            # Once the frames are full-size, the compressors have work queued
-            # while a worker estimates (in the interpreter, like the thread
-            # filling frames).
-            self._room = self._pool.submit(self._estimate)
-            self._estimate = None
-        if len(self._pending) > self.threads:
-            self._drain(len(self._pending) - self.threads)
-        self._frame = self._new_frame()
-
-    def _drain(self, n: int, last: bool = False) -> None:
-        for _ in range(n):
-            frame, fut = self._pending.popleft()
-            data, hashes = fut.result()
-            for i, digest in hashes:
-                self.digests[i] = digest
-            self._unwritten.append(data)
-            self.frames.append((len(data), frame.used))
-            self.index.append(frame.start_member)
-            frame.used = 0
-            frame.hash_jobs = []
-            self._free.append(frame.buf)
-        if self._write_error is not None:
-            raise self._write_error
-        if self._room is not None and (last or self._room.done()):
-            self.offset += self._room.result()
-            self._room = None
-            self.out.seek(self.offset)
-        if self._room is None and self._estimate is None:
-            for data in self._unwritten:
-                self._writer.submit(self._write, data)
-            self._unwritten.clear()
-
-    def _write(self, data: bytes) -> None:
-        if self._write_error is None:  # nothing after a failed write
-            try:
-                self.out.write(data)
-            except BaseException as e:
-                self._write_error = e
-
-    def _put(self, data: bytes) -> None:
-        pos = 0
-        while pos < len(data):
-            frame = self._frame
-            n = min(frame.limit - frame.used, len(data) - pos)
-            frame.buf[frame.used : frame.used + n] = data[pos : pos + n]
-            frame.used += n
-            pos += n
-            self.member_pos += n
-            if frame.used == frame.limit:
-                self._flush()
-
-    def _begin_member(self) -> None:
-        self.member += 1
-        self.member_pos = 0
-        if self._frame.used == 0:
-            self._frame.start_member = (self.member, 0)
-
-    # -- entries
+    # -- planning (the caller's thread)
 
     def add(self, entry: Entry, data: bytes | None = None) -> None:
         """Archive ``entry``; ``data``, if given, is its archived content
-        already read (see :func:`prefetch`)."""
+        already loaded (see :func:`prefetch`)."""
         name = entry.path.encode("utf-8", "surrogateescape")
         if entry.type == "d":
             self._begin_member()
@@ -279,89 +225,192 @@ class BodyWriter:
             self._put(tar.header(name, tar.SYMLINK, 0o777, 0, target))
             self.rows.append(row_of(entry))
             self.digests.append(entry.target)
-        elif data is not None:
-            self._add_file(entry, name, len(data), data=data)
-        elif entry.loader is not None:
-            data = entry.loader()
-            if data is not None:
-                self._add_file(entry, name, len(data), data=data)
         else:
-            self._add_file(entry, name, entry.size)
+            if data is None and entry.loader is not None:
+                data = entry.loader()
+                if data is None:
+                    return
+            size = entry.size if data is None else len(data)
+            self._begin_member()
+            self._put(tar.header(name, tar.REGULAR, entry.mode, size))
+            row = len(self.rows)
+            self.rows.append(row_of(entry, size))
+            self.digests.append("")
+            self._lay_out(row, entry, size, data)
+            self._put(_ZEROS[: tar.padding(size)])
+            self.bytes += size
 
-    def _add_file(self, entry: Entry, name: bytes, size: int, data: bytes | None = None) -> None:
-        self._begin_member()
-        self._put(tar.header(name, tar.REGULAR, entry.mode, size))
-        row = len(self.rows)
-        self.rows.append(row_of(entry, size))
-        self.digests.append("")
-        scanner = self.scanner
-        if scanner is not None:
-            scanner.begin(entry, size)
-        fd = -1
-        if data is None:
-            try:
-                fd = os.open(entry.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError as e:
-                raise EnvcrateError(f"cannot read {entry.source}: {e.strerror}") from None
+    def _lay_out(self, row: int, entry: Entry, size: int, data: bytes | None) -> None:
+        """Plan a file's content: read from ``entry.source`` or copied from
+        ``data``, cut where frames end."""
+        source = entry.source if data is None else data
+        done = 0
+        while True:
+            frame = self._frame
+            start = frame.used
+            n = min(frame.limit - start, size - done)
+            if n:
+                frame.fills.append((start, source, done, n, size if data is None else None))
+                frame.used += n
+                frame.content += n
+                self.member_pos += n
+            if done == 0 and n == size:
+                frame.whole.append((row, start, start + n, entry))
+            else:
+                frame.pieces.append(
+                    (row, start, start + n, entry, size, done == 0, done + n == size)
+                )
+            done += n
+            if frame.used == frame.limit:
+                self._flush()
+            if done == size:
+                return
+
+    def _put(self, data: bytes) -> None:
+        done = 0
+        while done < len(data):
+            frame = self._frame
+            n = min(frame.limit - frame.used, len(data) - done)
+            frame.fills.append((frame.used, data, done, n, None))
+            frame.used += n
+            done += n
+            self.member_pos += n
+            if frame.used == frame.limit:
+                self._flush()
+
+    def _begin_member(self) -> None:
+        self.member += 1
+        self.member_pos = 0
+        if self._frame.used == 0:
+            self._frame.start_member = (self.member, 0)
+
+    def _new_frame(self) -> _Frame:
+        while self._free.empty() and self._pending:
+            self._drain(1)
+        buf = self._free.get()  # the completer gives buffers back
+        # The first frames are smaller (RAMP, twice that, ...): compression
+        # starts sooner instead of waiting for a whole frame to fill.
+        limit = min(self.frame_size, RAMP << min(self._made, 16))
+        self._made += 1
+        return _Frame(buf, limit, start_member=(self.member, self.member_pos))
+
+    def _flush(self, final: bool = False) -> None:
+        frame = self._frame
+        if frame.used == 0:
+            return
+        self._pending.append((frame, self._pool.submit(self._work, frame)))
+        if self._estimate is not None and (frame.limit == self.frame_size or final):
+            # Once the frames are full-size, the workers have frames queued
+            # while one of them estimates.
+            self._pool.submit(self._run_estimate, self._estimate, self._room)
+            self._estimate = None
+        if len(self._pending) > self.threads:
+            self._drain(len(self._pending) - self.threads)
+        self._frame = self._new_frame()
+
+    # -- a worker
+
+    def _work(self, frame: _Frame):
+        view = memoryview(frame.buf)
+        for pos, source, offset, n, size in frame.fills:
+            if size is None:
+                view[pos : pos + n] = memoryview(source)[offset : offset + n]
+            else:
+                _read_into(view[pos : pos + n], source, offset, size)
+        hashes = [(row, hashlib.sha256(view[s:e]).hexdigest()) for row, s, e, _ in frame.whole]
+        found = []
+        if self.scanner is not None:
+            found = [self.scanner.whole(entry, frame.buf, s, e) for _, s, e, entry in frame.whole]
+        return self.codec.compress(view[: frame.used]), hashes, found
+
+    # -- completion, in order (the caller's thread)
+
+    @staticmethod
+    def _run_estimate(estimate: Callable[[], int], room: Future) -> None:
         try:
-            spanning = None
-            remaining = size
-            pos = 0
-            while True:
-                frame = self._frame
-                start = frame.used
-                n = min(frame.limit - start, remaining)
-                if n:
-                    view = memoryview(frame.buf)[start : start + n]
-                    if data is not None:
-                        view[:] = memoryview(data)[pos : pos + n]  # one copy, not two
-                    else:
-                        got = 0
-                        while got < n:
-                            k = os.readv(fd, [view[got:]])
-                            if k == 0:
-                                raise EnvcrateError(
-                                    f"{entry.source} shrank while it was being packed; pack again"
-                                )
-                            got += k
-                    frame.used += n
-                    self.member_pos += n
-                    if scanner is not None:
-                        scanner.update(frame.buf, start, start + n)
-                pos += n
-                remaining -= n
-                if spanning is None and remaining == 0:
-                    frame.hash_jobs.append((row, start, start + n))
-                else:
-                    if spanning is None:
-                        spanning = hashlib.sha256()
-                    spanning.update(memoryview(frame.buf)[start : start + n])
-                self.progress(n)
-                if frame.used == frame.limit:
-                    self._flush()
-                if remaining == 0:
-                    break
-            if spanning is not None:
-                self.digests[row] = spanning.hexdigest()
+            room.set_result(estimate())
+        except BaseException as e:
+            room.set_exception(e)
+
+    # -- completion, in order
+
+    def _drain(self, n: int) -> None:
+        """Take the ``n`` oldest frames from the workers (the caller's thread)
+        and hand them to the completer."""
+        for _ in range(n):
+            frame, fut = self._pending.popleft()
+            data, hashes, found = fut.result()
+            for i, digest in hashes:
+                self.digests[i] = digest
+            if self.scanner is not None:
+                self.scanner.merge(found)
+            self.progress(frame.content)
+            self.frames.append((len(data), frame.used))
+            self.index.append(frame.start_member)
+            if self._error is not None:
+                raise self._error
+            self._completer.submit(self._complete, frame, data)
+
+    def _complete(self, frame: _Frame, data: bytes) -> None:
+        """The completer: the frame's pieces of spanning files, then its bytes,
+        written once the room in front of the body is known."""
+        try:
+            if self._error is None:  # nothing after a failure
+                self._spanning_pieces(frame)
+        except BaseException as e:
+            self._error = e
         finally:
-            if fd >= 0:
-                os.close(fd)
-        if scanner is not None:
-            scanner.end()
-        self._put(b"\0" * tar.padding(size))
-        self.bytes += size
+            self._free.put(frame.buf)
+        self._unwritten.append(data)
+        self._write_out(wait=False)
+
+    def _write_out(self, wait: bool) -> None:
+        """Write the frames held back so far, if the room is known (``wait``:
+        wait for it)."""
+        if self._error is not None:
+            return
+        try:
+            if self._room is not None and (wait or self._room.done()):
+                self.offset += self._room.result()
+                self._room = None
+                self.out.seek(self.offset)
+            if self._room is None:
+                for data in self._unwritten:
+                    self.out.write(data)
+                self._unwritten.clear()
+        except BaseException as e:
+            self._error = e
+
+    def _spanning_pieces(self, frame: _Frame) -> None:
+        """Hash and scan the pieces of files that span frames, in order."""
+        scanner = self.scanner
+        for row, start, end, entry, size, first, last in frame.pieces:
+            if first:
+                self._spanning = hashlib.sha256()
+                if scanner is not None:
+                    scanner.begin(entry, size)
+            self._spanning.update(memoryview(frame.buf)[start:end])
+            if scanner is not None:
+                scanner.update(frame.buf, start, end)
+            if last:
+                self.digests[row] = self._spanning.hexdigest()
+                if scanner is not None:
+                    scanner.end()
 
     def finish(self) -> BodyResult:
         self._begin_member()
         self._put(tar.END_OF_ARCHIVE)
         self._flush(final=True)
         try:
-            self._drain(len(self._pending), last=True)
+            self._drain(len(self._pending))
+            self._completer.submit(self._write_out, True)
         finally:
             self._pool.shutdown()
-            self._writer.shutdown()
-        if self._write_error is not None:
-            raise self._write_error
+            self._completer.shutdown()
+        if self._error is not None:
+            raise self._error
+        if self.scanner is not None:
+            self.scanner.merge([self.scanner.pieces()])
         rows = [
             FileRow(r.type, r.path, r.mode, r.size, d) if r.type == "f" else r
             for r, d in zip(self.rows, self.digests)
@@ -370,7 +419,45 @@ class BodyWriter:
 
     def abort(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._writer.shutdown(wait=True, cancel_futures=True)
+        self._completer.shutdown(wait=True, cancel_futures=True)
+
+
+_ZEROS = bytes(tar.BLOCK)
+
+
+def _read_into(view: memoryview, path: str, offset: int, size: int) -> None:
+    """Read ``len(view)`` bytes of the file at ``path`` from ``offset``; the
+    file must still have the ``size`` the walk saw.
+
+    Every system call lets go of the interpreter lock and must take it back,
+    which other threads delay: a whole file is read with open, one read and
+    close (a spare byte tells that it grew), pieces of large files check the
+    size with fstat."""
+    whole = offset == 0 and len(view) == size
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise EnvcrateError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        if not whole and os.fstat(fd).st_size != size:
+            raise EnvcrateError(f"{path} changed while it was being packed; pack again")
+        got = 0
+        while True:
+            k = os.preadv(fd, [view[got:], _SPARE] if whole else [view[got:]], offset + got)
+            got += k
+            if got > len(view):
+                raise EnvcrateError(f"{path} grew while it was being packed; pack again")
+            if got == len(view):
+                return
+            if k == 0:
+                raise EnvcrateError(f"{path} shrank while it was being packed; pack again")
+    except OSError as e:
+        raise EnvcrateError(f"cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+_SPARE = bytearray(1)  # written to by readers, never read
 
 
 PREFETCH_MAX_FILE = 1 << 20
@@ -401,8 +488,8 @@ def prefetch(
     entries: list[Entry], threads: int = 2, window: int = 8
 ) -> Iterator[tuple[Entry, bytes | None]]:
     """Yield ``(entry, content)`` in order, small files and loader entries
-    read ahead by worker threads (their syscalls overlap the caller's work);
-    other entries come with ``None`` (large files are streamed by the writer),
+    loaded ahead by worker threads (their syscalls overlap the caller's work;
+    ``identify`` hashes them as they come); other entries come with ``None``,
     and entries a loader drops are not yielded."""
     batches: list[list[Entry]] = []
     batch: list[Entry] = []

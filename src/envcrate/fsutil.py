@@ -20,17 +20,23 @@ def unlink_quietly(path: str) -> None:
 
 def read_file(path: str, nofollow: bool = False) -> tuple[bytes, os.stat_result]:
     """The whole content of ``path`` and its stat, read until end of file
-    (a single read may return short on network filesystems)."""
+    (a single read may return short on network filesystems). A read that
+    returns exactly the size fstat gave, when one byte more was asked for,
+    ended the file: no second read to see it end."""
     flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
     fd = os.open(path, flags)
     try:
         st = os.fstat(fd)
         chunks = []
+        got = 0
         while True:
-            chunk = os.read(fd, max(st.st_size, 1 << 16))
+            chunk = os.read(fd, max(st.st_size + 1, 1 << 16))
             if not chunk:
                 return b"".join(chunks), st
             chunks.append(chunk)
+            got += len(chunk)
+            if got == st.st_size and len(chunks) == 1:
+                return chunk, st
     finally:
         os.close(fd)
 

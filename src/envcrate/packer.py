@@ -183,8 +183,11 @@ def _write_body(
     try:
         if fmt == "tar.zst":
             writer.leave_room(lambda: _head_room(source, fmt, level))
-        for entry, data in prefetch(source.entries):
-            writer.add(entry, data)
+        # Loaders (pyc rewrites) run in this thread: it has time to spare, and
+        # threads of their own would contend with the workers for the
+        # interpreter lock at every system call.
+        for entry in source.entries:
+            writer.add(entry)
         return writer.finish()
     except BaseException:
         writer.abort()

@@ -1,9 +1,12 @@
 """What packing learns from each file's bytes while they stream past.
 
-The archive writer hands every file's archived bytes, piece by piece, to a
-:class:`Scanner`: it records which prefixes a file embeds (and whether the
-file is text or binary) and the glibc symbol versions ELF files need. Pieces
-are regions of the writer's frame buffer, so nothing is copied.
+The archive writer shows every file's archived bytes to a :class:`Scanner`:
+it records which prefixes a file embeds (and whether the file is text or
+binary) and the glibc symbol versions ELF files need. A file that lies whole
+in one frame is scanned by the worker that fills the frame (:meth:`whole`,
+which only reads the scanner); a file that spans frames is scanned piece by
+piece, in order (:meth:`begin`, :meth:`update`, :meth:`end`). Pieces are
+regions of the writer's frame buffers, so nothing is copied.
 """
 
 from __future__ import annotations
@@ -28,6 +31,48 @@ class Scanner:
         self.needles = sorted(set(needles), key=len, reverse=True)
         self._overlap = max((len(n) for n in self.needles), default=1) - 1
         self.findings = Findings()
+        self._pieces = Findings()  # of files scanned piece by piece
+
+    def whole(self, entry, buf, start: int, end: int) -> tuple[list[dict], set]:
+        """The findings of a file whose archived bytes are ``buf[start:end]``,
+        for :meth:`merge`; safe to call from several threads."""
+        prefix_files = []
+        glibc: set[tuple[int, ...]] = set()
+        if buf[start : start + 4] == ELF_MAGIC:
+            view = memoryview(buf)[start:end]
+            glibc = glibc_needs(lambda off, n: bytes(view[off : off + n]))
+        if entry.placeholder:
+            prefix_files.append(
+                {
+                    "path": entry.path,
+                    "placeholder": entry.placeholder,
+                    "mode": entry.placeholder_mode,
+                }
+            )
+        if entry.scan and self.needles:
+            found = [n for n in self.needles if buf.find(n, start, end) >= 0]
+            if found:
+                mode = "binary" if buf.find(b"\0", start, end) >= 0 else "text"
+                for needle in found:
+                    prefix_files.append(
+                        {
+                            "path": entry.path,
+                            "placeholder": needle.decode("utf-8", "surrogateescape"),
+                            "mode": mode,
+                        }
+                    )
+        return prefix_files, glibc
+
+    def merge(self, found: list[tuple[list[dict], set]]) -> None:
+        """Add what :meth:`whole` returned."""
+        for prefix_files, glibc in found:
+            self.findings.prefix_files.extend(prefix_files)
+            self.findings.glibc |= glibc
+
+    def pieces(self) -> tuple[list[dict], set]:
+        """What the piece-by-piece scans found, for :meth:`merge` (they run
+        in another thread than the one that merges)."""
+        return self._pieces.prefix_files, self._pieces.glibc
 
     def begin(self, entry, size: int) -> None:
         """Start on ``entry`` (an :class:`~envcrate.entry.Entry`), whose
@@ -41,18 +86,11 @@ class Scanner:
         self._found: set[bytes] = set()
         self._nul = False
         self._tail = b""
-        self._first = True
-        self._elf = False
+        self._magic = b""  # the first bytes, until there are four
 
     def update(self, buf: bytearray, start: int, end: int) -> None:
-        if self._first:
-            self._first = False
-            if buf[start : start + 4] == ELF_MAGIC:
-                self._elf = True
-                if end - start == self._size:
-                    view = memoryview(buf)[start:end]
-                    self.findings.glibc |= glibc_needs(lambda off, n: bytes(view[off : off + n]))
-                    self._elf = False  # done
+        if len(self._magic) < 4:
+            self._magic += bytes(buf[start : min(end, start + 4 - len(self._magic))])
         if not self._scan:
             return
         if not self._nul and buf.find(b"\0", start, end) >= 0:
@@ -70,18 +108,18 @@ class Scanner:
             self._tail = bytes(buf[max(start, end - self._overlap) : end])
 
     def end(self) -> None:
-        if self._elf and self._source:
-            # A large ELF file came in several pieces: read its tables directly.
+        if self._magic == ELF_MAGIC and self._source:
+            # An ELF file that came in pieces: read its tables directly.
             with open(self._source, "rb") as f:
                 fd = f.fileno()
-                self.findings.glibc |= glibc_needs(lambda off, n: os.pread(fd, n, off))
+                self._pieces.glibc |= glibc_needs(lambda off, n: os.pread(fd, n, off))
         if self._known:
-            self.findings.prefix_files.append(
+            self._pieces.prefix_files.append(
                 {"path": self._path, "placeholder": self._known, "mode": self._known_mode}
             )
         for needle in self.needles:
             if needle in self._found:
-                self.findings.prefix_files.append(
+                self._pieces.prefix_files.append(
                     {
                         "path": self._path,
                         "placeholder": needle.decode("utf-8", "surrogateescape"),
