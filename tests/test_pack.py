@@ -375,3 +375,31 @@ def test_a_file_that_changed_since_the_walk_is_an_error_naming_it(tmp_path):
     with pytest.raises(EnvcrateError, match="changed while it was being packed"):
         _read_into(memoryview(bytearray(10)), str(f), 50, 200)
     _read_into(memoryview(buf)[:10], str(f), 50, 100)
+
+
+def test_the_walk_yields_entries_in_archive_order(tmp_path):
+    from envcrate.envs.base import iter_walk
+    from envcrate.manifest import sort_key
+
+    root = tmp_path / "env"
+    for d in ("a", "a/b", "a0", "é", "Z"):
+        (root / d).mkdir(parents=True)
+    for f in ("a.txt", "a-b", "a/b.py", "a/b/c", "a/_x", "a/B", "a0/x", "é/y", "Z/z", "!"):
+        (root / f).write_text(f)
+    (root / "a/link").symlink_to("b.py")
+    paths = [e.path for e in iter_walk(str(root), str(root))]
+    assert paths == sorted(paths, key=sort_key)
+    assert len(paths) == 16 and paths[:4] == ["!", "Z", "Z/z", "a"]
+
+
+def test_what_the_walk_cannot_pack_fails_the_pack_and_leaves_nothing(small_venv, tmp_path):
+    import shutil
+
+    env = tmp_path / "env"
+    shutil.copytree(small_venv, env, symlinks=True)
+    os.mkfifo(env / "lib" / "zz-fifo")  # found late in the walk, after packing began
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SourceEnvError, match="zz-fifo is a socket, fifo or device"):
+        pack(env, out / "x.tar.zst")
+    assert list(out.iterdir()) == []

@@ -196,17 +196,20 @@ class BodyWriter:
         self._unwritten: list[bytes] = []  # compressed, waiting for the room estimate
         self._spanning = None  # sha256 of the file whose pieces are being hashed
         self._frame = self._new_frame()
-        self._estimate: Callable[[], int] | None = None
         self._room: Future | None = None  # bytes left in front of the body
         self.offset = out.tell()
 
-    def leave_room(self, estimate: Callable[[], int]) -> None:
-        """Start the body ``estimate()`` bytes into ``out``; a worker runs
-        ``estimate`` while compressed frames wait in memory."""
+    def hold(self) -> None:
+        """Write nothing until :meth:`leave_room` says where the body starts;
+        compressed frames wait in memory."""
         from concurrent.futures import Future
 
-        self._estimate = estimate
         self._room = Future()
+
+    def leave_room(self, estimate: Callable[[], int]) -> None:
+        """Start the body ``estimate()`` bytes into ``out`` (a worker runs
+        ``estimate``)."""
+        self._pool.submit(self._run_estimate, estimate, self._room)
 
     # -- planning (the caller's thread)
 
@@ -294,16 +297,11 @@ class BodyWriter:
         self._made += 1
         return _Frame(buf, limit, start_member=(self.member, self.member_pos))
 
-    def _flush(self, final: bool = False) -> None:
+    def _flush(self) -> None:
         frame = self._frame
         if frame.used == 0:
             return
         self._pending.append((frame, self._pool.submit(self._work, frame)))
-        if self._estimate is not None and (frame.limit == self.frame_size or final):
-            # Once the frames are full-size, the workers have frames queued
-            # while one of them estimates.
-            self._pool.submit(self._run_estimate, self._estimate, self._room)
-            self._estimate = None
         if len(self._pending) > self.threads:
             self._drain(len(self._pending) - self.threads)
         self._frame = self._new_frame()
@@ -400,7 +398,7 @@ class BodyWriter:
     def finish(self) -> BodyResult:
         self._begin_member()
         self._put(tar.END_OF_ARCHIVE)
-        self._flush(final=True)
+        self._flush()
         try:
             self._drain(len(self._pending))
             self._completer.submit(self._write_out, True)

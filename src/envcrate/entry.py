@@ -12,7 +12,9 @@ class Entry:
 
     A file's archived bytes come from ``source`` (a path read once, streamed)
     or from ``loader`` (bytes built in memory: a rewritten pyc, an edited
-    ``pyvenv.cfg``); a loader returning ``None`` drops the entry.
+    ``pyvenv.cfg``); a loader returning ``None`` drops the entry. A loader
+    may be given a dict, into which it puts other files it read on the way
+    (a pyc's source) for the caller to reuse.
     """
 
     path: str  # relative, "/"-separated
@@ -21,7 +23,7 @@ class Entry:
     size: int = 0
     source: str | None = None
     target: str = ""
-    loader: Callable[[], bytes | None] | None = None
+    loader: Callable[..., bytes | None] | None = None
     scan: bool = True  # look for prefixes in this file
     # A prefix placeholder the archived bytes are known to embed (conda's
     # has_prefix) and how to replace it: "text" or "binary".

@@ -30,7 +30,9 @@ def read_file(path: str, nofollow: bool = False) -> tuple[bytes, os.stat_result]
         chunks = []
         got = 0
         while True:
-            chunk = os.read(fd, max(st.st_size + 1, 1 << 16))
+            # Exactly what fstat promises (plus one): a larger buffer would be
+            # allocated and shrunk for every small file.
+            chunk = os.read(fd, st.st_size + 1 if st.st_size else 1 << 16)
             if not chunk:
                 return b"".join(chunks), st
             chunks.append(chunk)

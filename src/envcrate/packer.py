@@ -109,16 +109,16 @@ def pack_source(
         _check_level(format, level)
     threads = threads or default_threads()
     out_dir, out_name = _output_place(output, format)
-    _check_space(out_dir, source)
-
     scanner = Scanner([p.encode("utf-8", "surrogateescape") for p in source.prefixes])
-    total = sum(e.size for e in source.entries if e.type == "f")
     # Written under a temporary name, renamed once complete.
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{source.name}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w+b") as out:
-            with bar(total, f"packing {source.name}", progress) as tick:
-                result = _write_body(out, source, scanner, format, level, threads, tick)
+            shown = bar(None, f"packing {source.name}", progress)
+            with shown as tick:
+                result = _write_body(
+                    out, out_dir, source, scanner, format, level, threads, tick, shown
+                )
             table = encode_table(result.rows)
             crate_id = crate_id_of_table(table)
             manifest = _manifest(source, crate_id, scanner.findings, result.rows, result.size)
@@ -176,18 +176,59 @@ def identify(source: SourceEnv) -> str:
     return crate_id_of_table(encode_table(rows))
 
 
+_MAX_READS = 1024  # sources kept for reuse (about 20 MB of .py files)
+
+
 def _write_body(
-    out, source: SourceEnv, scanner: Scanner, fmt: str, level: int | None, threads: int, tick
+    out,
+    out_dir: Path,
+    source: SourceEnv,
+    scanner: Scanner,
+    fmt: str,
+    level: int | None,
+    threads: int,
+    tick,
+    shown: bar,
 ):
+    """Pack the entries as the walk finds them. Nothing is written before the
+    walk ends: then the free space is checked and the room for the head is
+    estimated (the frames compressed meanwhile wait in memory)."""
     writer = BodyWriter(out, fmt, level, threads, scanner, tick)
+    writer.hold()
+    walked = False
+
+    def when_walked() -> None:
+        total = sum(e.size for e in source.found if e.type == "f")
+        _check_space(out_dir, total)
+        shown.set_total(total)
+        room = (lambda: _head_room(source, fmt, level)) if fmt == "tar.zst" else (lambda: 0)
+        writer.leave_room(room)
+
     try:
-        if fmt == "tar.zst":
-            writer.leave_room(lambda: _head_room(source, fmt, level))
         # Loaders (pyc rewrites) run in this thread: it has time to spare, and
         # threads of their own would contend with the workers for the
-        # interpreter lock at every system call.
-        for entry in source.entries:
-            writer.add(entry)
+        # interpreter lock at every system call. A pyc's source, read to hash
+        # it, is archived from those bytes when its turn comes (a pycache
+        # sorts before its sources) rather than read again.
+        reads: dict[str, bytes] = {}
+        for entry in source.stream():
+            if not walked and source.walked:
+                walked = True
+                when_walked()
+            data = None
+            if entry.loader is not None:
+                data = entry.loader(reads)
+                if data is None:
+                    continue  # dropped
+                if len(reads) > _MAX_READS:
+                    reads.clear()
+            elif entry.type == "f" and reads:
+                data = reads.pop(entry.source, None)
+                if data is not None and len(data) != entry.size:
+                    data = None  # changed since the walk: the writer will say so
+            writer.add(entry, data)
+        if not walked:
+            when_walked()
         return writer.finish()
     except BaseException:
         writer.abort()
@@ -244,11 +285,10 @@ def _output_place(output, fmt: str) -> tuple[Path, str | None]:
     return out.parent, out.name
 
 
-def _check_space(out_dir: Path, source: SourceEnv) -> None:
+def _check_space(out_dir: Path, total: int) -> None:
     # Compressed envs are typically a third of their size; ask for half to be
     # safe (for tar.gz, or when the head outgrows the room left for it, the
     # body is copied once behind the head: twice a third).
-    total = sum(e.size for e in source.entries if e.type == "f")
     need = total // 2
     free = shutil.disk_usage(out_dir).free
     if free < need:

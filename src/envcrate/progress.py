@@ -17,7 +17,7 @@ class bar:
     """``with bar(total, desc, enabled) as tick:`` gives ``tick(n)`` to report
     progress, or None when no bar is shown."""
 
-    def __init__(self, total: int, desc: str, enabled: bool):
+    def __init__(self, total: int | None, desc: str, enabled: bool):
         self.total = total
         self.desc = desc
         self.enabled = enabled
@@ -39,6 +39,13 @@ class bar:
             leave=False,
         )
         return self._bar.update
+
+    def set_total(self, total: int) -> None:
+        """The total, once it is known (a bar may start without one)."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:

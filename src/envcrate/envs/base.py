@@ -5,7 +5,7 @@ from __future__ import annotations
 import _imp
 import fnmatch
 import os
-import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..entry import Entry
@@ -16,14 +16,19 @@ from ..manifest import META_DIR, sort_key
 
 @dataclass
 class SourceEnv:
+    """An env to pack. Its entries may still be coming: ``walking`` yields the
+    rest in archive order (and may complete the other fields when it ends);
+    :meth:`stream` gives them as they are found, :attr:`entries` all of them."""
+
     kind: str  # "venv" or "conda"
     prefix: str  # absolute, as given (not resolved)
     real_prefix: str
-    entries: list[Entry]
+    found: list[Entry]  # the entries found so far, in archive order
     pins: list[dict]
     python: dict
     extra: dict = field(default_factory=dict)  # kind-specific manifest sections
     flags: dict = field(default_factory=dict)
+    walking: Iterator[Entry] | None = None
 
     @property
     def name(self) -> str:
@@ -33,6 +38,66 @@ class SourceEnv:
     def prefixes(self) -> list[str]:
         """Every spelling of the prefix a file may embed."""
         return sorted({self.prefix, self.real_prefix}, key=len, reverse=True)
+
+    @property
+    def entries(self) -> list[Entry]:
+        """Every entry, in archive order (the walk finished first)."""
+        for _ in self.stream():
+            pass
+        return self.found
+
+    @property
+    def walked(self) -> bool:
+        """Whether every entry has been found (and the other fields are final)."""
+        return self.walking is None
+
+    def stream(self) -> Iterator[Entry]:
+        """The entries in archive order as they are found: a thread walks
+        ahead (the walk waits on system calls; the caller meanwhile packs
+        what it has)."""
+        if self.walking is not None and not hasattr(self, "_walker"):
+            self._start_walker()
+        i = 0
+        while True:
+            if i < len(self.found):
+                yield self.found[i]
+                i += 1
+                continue
+            walker = getattr(self, "_walker", None)
+            if walker is None:
+                return
+            with walker:
+                while i >= len(self.found) and self.walking is not None:
+                    walker.wait()
+                if self._walk_error is not None:
+                    raise self._walk_error
+                if i >= len(self.found):
+                    return
+
+    def _start_walker(self) -> None:
+        import threading
+
+        self._walker = threading.Condition()
+        self._walk_error: BaseException | None = None
+
+        def walk() -> None:
+            batch: list[Entry] = []
+            try:
+                for entry in self.walking:
+                    batch.append(entry)
+                    if len(batch) == 64:
+                        with self._walker:
+                            self.found.extend(batch)
+                            self._walker.notify()
+                        batch = []
+            except BaseException as e:
+                self._walk_error = e
+            with self._walker:
+                self.found.extend(batch)
+                self.walking = None
+                self._walker.notify()
+
+        threading.Thread(target=walk, name="envcrate-walk", daemon=True).start()
 
 
 def matches_any(path: str, patterns: tuple[str, ...]) -> bool:
@@ -51,16 +116,26 @@ def inside(path: str, prefixes: tuple[str, ...]) -> str | None:
 
 
 def walk(prefix: str, real: str, exclude: tuple[str, ...] = ()) -> list[Entry]:
-    """Every entry below ``prefix``, sorted, excluded globs left out.
+    """Every entry below ``prefix``, sorted, excluded globs left out (see
+    :func:`iter_walk`)."""
+    return list(iter_walk(prefix, real, exclude))
 
+
+def iter_walk(prefix: str, real: str, exclude: tuple[str, ...] = ()) -> Iterator[Entry]:
+    """Every entry below ``prefix`` in archive order (by the bytes of their
+    paths), excluded globs left out, each directory listed as the walk
+    reaches it.
+
+    A directory's contents sort right where its name followed by "/" sorts
+    among its siblings, so each directory is descended into at that place.
     Absolute links into the env become relative. A link that leaves the env
     is returned with an empty ``target`` (and its path in ``source``) for the
     caller to judge.
     """
     prefixes = (prefix.rstrip("/"), real.rstrip("/"))
-    out: list[Entry] = []
 
-    def visit(directory: str, rel: str) -> None:
+    def visit(directory: str, rel: str) -> Iterator[Entry]:
+        items: list[tuple[bytes, object]] = []  # (sort key, Entry or (dir, rel))
         try:
             it = os.scandir(directory)
         except OSError as e:
@@ -75,20 +150,25 @@ def walk(prefix: str, real: str, exclude: tuple[str, ...] = ()) -> list[Entry]:
                     )
                 if exclude and matches_any(path, exclude):
                     continue
-                st = de.stat(follow_symlinks=False)
-                if stat.S_ISLNK(st.st_mode):
-                    out.append(_link(de.path, path, prefixes))
-                elif stat.S_ISDIR(st.st_mode):
-                    out.append(Entry(path, "d"))
-                    visit(de.path, path + "/")
-                elif stat.S_ISREG(st.st_mode):
-                    out.append(
-                        Entry(
-                            path,
-                            "f",
-                            exec=bool(st.st_mode & 0o111),
-                            size=st.st_size,
-                            source=de.path,
+                key = sort_key(de.name)
+                # The directory listing tells the type: only files need a stat.
+                if de.is_symlink():
+                    items.append((key, _link(de.path, path, prefixes)))
+                elif de.is_dir(follow_symlinks=False):
+                    items.append((key, Entry(path, "d")))
+                    items.append((key + b"/", (de.path, path + "/")))
+                elif de.is_file(follow_symlinks=False):
+                    st = de.stat(follow_symlinks=False)
+                    items.append(
+                        (
+                            key,
+                            Entry(
+                                path,
+                                "f",
+                                exec=bool(st.st_mode & 0o111),
+                                size=st.st_size,
+                                source=de.path,
+                            ),
                         )
                     )
                 else:
@@ -96,10 +176,14 @@ def walk(prefix: str, real: str, exclude: tuple[str, ...] = ()) -> list[Entry]:
                         f"{de.path} is a socket, fifo or device, which cannot be packed; "
                         f"pack without it: --exclude '{path}'"
                     )
+        items.sort(key=lambda item: item[0])
+        for _, item in items:
+            if isinstance(item, Entry):
+                yield item
+            else:
+                yield from visit(*item)
 
-    visit(prefix, "")
-    out.sort(key=lambda e: sort_key(e.path))
-    return out
+    yield from visit(prefix, "")
 
 
 def refuse_outside_link(entry: Entry) -> None:
@@ -126,9 +210,10 @@ def _link(full: str, path: str, prefixes: tuple[str, ...]) -> Entry:
 
 
 def pyc_loader(path: str):
-    """Rewrite a timestamp pyc as an unchecked-hash pyc; drop it when stale."""
+    """Rewrite a timestamp pyc as an unchecked-hash pyc; drop it when stale.
+    The source it reads to hash goes into ``reads``, if given."""
 
-    def load() -> bytes | None:
+    def load(reads: dict[str, bytes] | None = None) -> bytes | None:
         data, _ = read_file(path)
         if len(data) < 16:
             return data
@@ -145,6 +230,8 @@ def pyc_loader(path: str):
             len(code) & 0xFFFFFFFF
         ).to_bytes(4, "little"):
             return None  # stale: the interpreter would not have used it either
+        if reads is not None:
+            reads[source] = code
         # The pyc's own magic number keys the hash, as importlib does.
         return (
             data[:4]

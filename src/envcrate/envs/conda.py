@@ -140,7 +140,7 @@ def load(
         kind="conda",
         prefix=prefix,
         real_prefix=real,
-        entries=entries,
+        found=entries,
         pins=[_conda_pin(info) for info in records] + _pip_pins(site_dirs, site, managed),
         python=_python(python(), records),
         extra={"conda": {"site_packages": site}},
@@ -325,7 +325,7 @@ def find_named(name: str) -> str:
 
 
 def _record_loader(path: str):
-    def load() -> bytes:
+    def load(reads=None) -> bytes:
         with open(path, encoding="utf-8") as f:
             info = json.load(f)
         for key in _HOST_FIELDS:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..entry import Entry
 from ..errors import SourceEnvError
-from .base import SourceEnv, pyc_loader, refuse_outside_link, walk
+from .base import SourceEnv, iter_walk, pyc_loader, refuse_outside_link
 from .dists import dist_pins, editable_installs, env_python
 
 RELOCATED_CFG_KEYS = (
@@ -62,38 +63,17 @@ def load(
             "--allow-system-site-packages"
         )
 
-    python = env_python(prefix)
-    entries: list[Entry] = []
-    base_links: list[dict] = []
-    for entry in walk(prefix, real, exclude):
-        if entry.path.startswith("bin/") and entry.path.count("/") == 1:
-            name = entry.path[4:]
-            if entry.type == "l" and entry.target == "" and _INTERPRETER_NAME.match(name):
-                base_links.append(
-                    {"path": entry.path, "kind": "link", "target": os.readlink(entry.source)}
-                )
-                continue
-            if entry.type == "f" and _INTERPRETER_NAME.match(name) and _is_elf(entry.source):
-                base_links.append({"path": entry.path, "kind": "copy"})
-                continue
-        refuse_outside_link(entry)
-        if entry.path == "pyvenv.cfg":
-            entry.loader = _cfg_loader(cfg)
-            entry.scan = False
-        elif entry.path.endswith(".pyc") and "/__pycache__/" in entry.path:
-            entry.loader = pyc_loader(entry.source)
-            entry.scan = False
-        entries.append(entry)
-
     site_dirs = sorted(Path(prefix).glob("lib/*/site-packages"))
     editable = editable_installs(site_dirs, prefix, real, allow_editable)
-    return SourceEnv(
+    python = env_python(prefix)  # answers while the env is walked
+    base_links: list[dict] = []
+    source = SourceEnv(
         kind="venv",
         prefix=prefix,
         real_prefix=real,
-        entries=entries,
+        found=[],
         pins=[p for d in site_dirs for p in dist_pins(d)],
-        python=_python_info(prefix, python(), cfg_values, site_dirs),
+        python={},
         extra={
             "venv": {
                 "base_links": base_links,
@@ -102,6 +82,31 @@ def load(
         },
         flags={"editable": editable, "system_site_packages": system_site},
     )
+
+    def entries() -> Iterator[Entry]:
+        for entry in iter_walk(prefix, real, exclude):
+            if entry.path.startswith("bin/") and entry.path.count("/") == 1:
+                name = entry.path[4:]
+                if entry.type == "l" and entry.target == "" and _INTERPRETER_NAME.match(name):
+                    base_links.append(
+                        {"path": entry.path, "kind": "link", "target": os.readlink(entry.source)}
+                    )
+                    continue
+                if entry.type == "f" and _INTERPRETER_NAME.match(name) and _is_elf(entry.source):
+                    base_links.append({"path": entry.path, "kind": "copy"})
+                    continue
+            refuse_outside_link(entry)
+            if entry.path == "pyvenv.cfg":
+                entry.loader = _cfg_loader(cfg)
+                entry.scan = False
+            elif entry.path.endswith(".pyc") and "/__pycache__/" in entry.path:
+                entry.loader = pyc_loader(entry.source)
+                entry.scan = False
+            yield entry
+        source.python = _python_info(prefix, python(), cfg_values, site_dirs)
+
+    source.walking = entries()
+    return source
 
 
 def _is_elf(path: str | None) -> bool:
@@ -113,7 +118,7 @@ def _is_elf(path: str | None) -> bool:
 
 
 def _cfg_loader(cfg: list[tuple[str, str, str]]):
-    def load() -> bytes:
+    def load(reads=None) -> bytes:
         kept = [raw for key, _, raw in cfg if key not in RELOCATED_CFG_KEYS]
         return ("\n".join(kept) + "\n").encode("utf-8", "surrogateescape")
 
