@@ -403,3 +403,36 @@ def test_what_the_walk_cannot_pack_fails_the_pack_and_leaves_nothing(small_venv,
     with pytest.raises(SourceEnvError, match="zz-fifo is a socket, fifo or device"):
         pack(env, out / "x.tar.zst")
     assert list(out.iterdir()) == []
+
+
+def test_worker_processes_and_threads_write_the_same_archive(small_venv, tmp_path, monkeypatch):
+    import envcrate.archive as archive
+
+    # The command line runs alone in its process: its workers are processes.
+    check([sys.executable, "-m", "envcrate.cli", "pack", small_venv, "-o", tmp_path / "p.tar.zst"])
+    monkeypatch.setattr(archive, "USE_PROCESSES", False)
+    threads = pack(small_venv, tmp_path / "t.tar.zst")
+    assert (tmp_path / "p.tar.zst").read_bytes() == threads.archive.read_bytes()
+
+
+def test_worker_processes_report_errors_and_are_reaped(tmp_path):
+    import envcrate.archive as archive
+    from envcrate.errors import EnvcrateError
+
+    bufs = [__import__("mmap").mmap(-1, 1 << 16) for _ in range(3)]
+    outs = [__import__("mmap").mmap(-1, archive.compress_bound(1 << 16)) for _ in range(3)]
+    workers = archive._ProcessWorkers(2, bufs, outs, archive._Codec("tar.zst", None), None)
+    pids = [pid for pid, _, _ in workers.children]
+    f = tmp_path / "f"
+    f.write_bytes(b"hello")
+    good = workers.submit(0, 0, [(0, str(f), 0, 5, 5)], [(7, 0, 5, None)], 5)
+    bad = workers.submit(1, 1, [(0, str(tmp_path / "missing"), 0, 5, 5)], [], 5)
+    size, hashes, _ = workers.result(good)
+    assert hashes == [(7, __import__("hashlib").sha256(b"hello").hexdigest())]
+    assert zstandard.ZstdDecompressor().decompress(bytes(outs[0][:size])) == b"hello"
+    with pytest.raises(EnvcrateError, match="cannot read .*missing"):
+        workers.result(bad)
+    workers.close()
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)

@@ -83,7 +83,7 @@ def format_of_name(name: str) -> str | None:
 
 
 class _Codec:
-    """Compresses one frame; one instance per worker thread."""
+    """Compresses frames; usable from several threads."""
 
     def __init__(self, fmt: str, level: int | None):
         self.fmt = fmt
@@ -92,30 +92,69 @@ class _Codec:
 
     def compress(self, data) -> bytes:
         if self.fmt == "tar.zst":
-            c = getattr(self._local, "c", None)
-            if c is None:
-                import zstandard
-
-                if self.level is None:
-                    params = zstandard.ZstdCompressionParameters(
-                        write_checksum=True, write_content_size=True, **_ZSTD_DEFAULT
-                    )
-                else:
-                    params = zstandard.ZstdCompressionParameters.from_level(
-                        self.level, write_checksum=True, write_content_size=True
-                    )
-                c = self._local.c = zstandard.ZstdCompressor(compression_params=params)
-            return c.compress(data)
+            return self._zstd().compress(data)
         co = zlib.compressobj(self.level, zlib.DEFLATED, 31)  # gzip wrapper, mtime 0
         return co.compress(data) + co.flush()
+
+    def compress_into(self, data, out) -> int:
+        """Compress ``data`` into ``out`` (at least :func:`compress_bound`
+        long; it may be shared with another process); returns the length."""
+        if self.fmt != "tar.zst":
+            packed = self.compress(data)
+            out[: len(packed)] = packed
+            return len(packed)
+        import zstandard
+
+        sink = _Sink(out)
+        writer = self._zstd().stream_writer(sink, size=len(data), closefd=False)
+        writer.write(data)
+        writer.flush(zstandard.FLUSH_FRAME)
+        return sink.n
+
+    def _zstd(self):
+        c = getattr(self._local, "c", None)
+        if c is None:
+            import zstandard
+
+            if self.level is None:
+                params = zstandard.ZstdCompressionParameters(
+                    write_checksum=True, write_content_size=True, **_ZSTD_DEFAULT
+                )
+            else:
+                params = zstandard.ZstdCompressionParameters.from_level(
+                    self.level, write_checksum=True, write_content_size=True
+                )
+            c = self._local.c = zstandard.ZstdCompressor(compression_params=params)
+        return c
+
+
+def compress_bound(n: int) -> int:
+    """Room enough for ``n`` bytes compressed by zstd or deflate."""
+    return n + (n >> 7) + (64 << 10)
+
+
+class _Sink:
+    """A file-like target that copies what it is given into a buffer."""
+
+    def __init__(self, buf):
+        self.buf = buf
+        self.n = 0
+
+    def write(self, data) -> int:
+        k = len(data)
+        self.buf[self.n : self.n + k] = data
+        self.n += k
+        return k
 
 
 @dataclass
 class _Frame:
-    """One frame's share of the tar stream: what the thread that adds entries
-    planned for it, filled in by a worker (see :meth:`BodyWriter._work`)."""
+    """One frame's share of the tar stream: what the planning thread laid out
+    in it, filled in by a worker (see :func:`_pack_frame`)."""
 
-    buf: mmap.mmap
+    slot: int  # which pair of buffers
+    buf: mmap.mmap  # its tar stream
+    out: mmap.mmap  # its compressed bytes
     limit: int  # bytes of tar stream this frame takes
     used: int = 0
     # (position, bytes or path, offset in it, length, size of the file or None)
@@ -124,6 +163,21 @@ class _Frame:
     pieces: list = field(default_factory=list)  # (row, start, end, entry, size, first, last)
     content: int = 0  # file bytes, for progress
     start_member: tuple[int, int] = (0, 0)
+
+
+def _pack_frame(buf, out, reads, whole, used, codec, scanner):
+    """A worker's job: read the files laid out in ``buf`` (``reads``:
+    position, path, offset, length, size), hash and scan those that lie whole
+    in it (``whole``: row, start, end, what the scanner needs), compress it
+    into ``out``. Returns (compressed length, [(row, sha256)], findings)."""
+    view = memoryview(buf)
+    for pos, path, offset, n, size in reads:
+        _read_into(view[pos : pos + n], path, offset, size)
+    hashes = [(row, hashlib.sha256(view[s:e]).hexdigest()) for row, s, e, _ in whole]
+    found = []
+    if scanner is not None:
+        found = [scanner.whole(meta, buf, s, e) for _, s, e, meta in whole]
+    return codec.compress_into(view[:used], out), hashes, found
 
 
 @dataclass
@@ -147,12 +201,17 @@ class BodyWriter:
     """Writes the sorted entries as compressed frames to ``out``, from its
     current position or from where :meth:`leave_room` says.
 
-    The caller's thread only plans: it lays each entry's header and content
-    out in the tar stream (sizes are known from the walk) and hands full
-    frames to workers. A worker fills its frame (headers and loaded bytes
-    copied, files read straight into it), hashes and scans the files that lie
-    wholly inside it, and compresses it. Pieces of files that span frames are
-    hashed and scanned in order as frames complete.
+    The caller's thread plans: it lays each entry's header and content out in
+    the tar stream (sizes are known from the walk), copies headers and loaded
+    bytes into the frame and hands full frames to workers. A worker reads the
+    frame's files straight into it, hashes and scans the files that lie
+    wholly inside it, and compresses it (:func:`_pack_frame`). Pieces of
+    files that span frames are hashed and scanned in order as frames
+    complete, by the thread that writes them.
+
+    Workers are processes forked with the frame buffers (shared memory)
+    where that is safe (see :class:`_ProcessWorkers`), threads otherwise; the
+    archive is the same either way.
     """
 
     def __init__(
@@ -179,19 +238,23 @@ class BodyWriter:
         self.frames: list[tuple[int, int]] = []
         self.index: list[tuple[int, int]] = []
         self.bytes = 0
+        # Anonymous shared memory: not zeroed under the GIL, and seen by
+        # forked workers.
+        slots = self.threads + 2
+        self._bufs = [mmap.mmap(-1, self.frame_size) for _ in range(slots)]
+        self._outs = [mmap.mmap(-1, compress_bound(self.frame_size)) for _ in range(slots)]
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for slot in range(slots):
+            self._free.put(slot)
+        self._workers = _workers(self.threads, self._bufs, self._outs, self.codec, scanner)
         from concurrent.futures import ThreadPoolExecutor  # not imported for unpacking
 
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="envcrate-zstd")
         # Frames complete in order in a thread of their own (pieces of
         # spanning files hashed and scanned, then written): page-cache writes
         # and hashing would otherwise stall the planning thread.
         self._completer = ThreadPoolExecutor(1, thread_name_prefix="envcrate-write")
         self._error: BaseException | None = None  # the completer's
-        # Anonymous memory rather than bytearray(): not zeroed under the GIL.
-        self._free: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(self.threads + 2):
-            self._free.put(mmap.mmap(-1, self.frame_size))
-        self._pending: deque = deque()  # (frame, future)
+        self._pending: deque = deque()  # (frame, handle)
         self._made = 0
         self._unwritten: list[bytes] = []  # compressed, waiting for the room estimate
         self._spanning = None  # sha256 of the file whose pieces are being hashed
@@ -207,9 +270,11 @@ class BodyWriter:
         self._room = Future()
 
     def leave_room(self, estimate: Callable[[], int]) -> None:
-        """Start the body ``estimate()`` bytes into ``out`` (a worker runs
+        """Start the body ``estimate()`` bytes into ``out`` (a thread runs
         ``estimate``)."""
-        self._pool.submit(self._run_estimate, estimate, self._room)
+        threading.Thread(
+            target=self._run_estimate, args=(estimate, self._room), name="envcrate-room"
+        ).start()
 
     # -- planning (the caller's thread)
 
@@ -290,38 +355,40 @@ class BodyWriter:
     def _new_frame(self) -> _Frame:
         while self._free.empty() and self._pending:
             self._drain(1)
-        buf = self._free.get()  # the completer gives buffers back
+        slot = self._free.get()  # the completer gives buffers back
         # The first frames are smaller (RAMP, twice that, ...): compression
         # starts sooner instead of waiting for a whole frame to fill.
         limit = min(self.frame_size, RAMP << min(self._made, 16))
         self._made += 1
-        return _Frame(buf, limit, start_member=(self.member, self.member_pos))
+        return _Frame(
+            slot,
+            self._bufs[slot],
+            self._outs[slot],
+            limit,
+            start_member=(self.member, self.member_pos),
+        )
 
     def _flush(self) -> None:
         frame = self._frame
         if frame.used == 0:
             return
-        self._pending.append((frame, self._pool.submit(self._work, frame)))
-        if len(self._pending) > self.threads:
-            self._drain(len(self._pending) - self.threads)
-        self._frame = self._new_frame()
-
-    # -- a worker
-
-    def _work(self, frame: _Frame):
         view = memoryview(frame.buf)
-        for pos, source, offset, n, size in frame.fills:
+        reads = []
+        for fill in frame.fills:
+            pos, source, offset, n, size = fill
             if size is None:
                 view[pos : pos + n] = memoryview(source)[offset : offset + n]
             else:
-                _read_into(view[pos : pos + n], source, offset, size)
-        hashes = [(row, hashlib.sha256(view[s:e]).hexdigest()) for row, s, e, _ in frame.whole]
-        found = []
-        if self.scanner is not None:
-            found = [self.scanner.whole(entry, frame.buf, s, e) for _, s, e, entry in frame.whole]
-        return self.codec.compress(view[: frame.used]), hashes, found
-
-    # -- completion, in order (the caller's thread)
+                reads.append(fill)
+        whole = [
+            (row, s, e, (entry.path, entry.scan, entry.placeholder, entry.placeholder_mode))
+            for row, s, e, entry in frame.whole
+        ]
+        handle = self._workers.submit(self._made, frame.slot, reads, whole, frame.used)
+        self._pending.append((frame, handle))
+        if len(self._pending) > self.threads:
+            self._drain(len(self._pending) - self.threads)
+        self._frame = self._new_frame()
 
     @staticmethod
     def _run_estimate(estimate: Callable[[], int], room: Future) -> None:
@@ -336,31 +403,37 @@ class BodyWriter:
         """Take the ``n`` oldest frames from the workers (the caller's thread)
         and hand them to the completer."""
         for _ in range(n):
-            frame, fut = self._pending.popleft()
-            data, hashes, found = fut.result()
+            frame, handle = self._pending.popleft()
+            size, hashes, found = self._workers.result(handle)
             for i, digest in hashes:
                 self.digests[i] = digest
             if self.scanner is not None:
                 self.scanner.merge(found)
             self.progress(frame.content)
-            self.frames.append((len(data), frame.used))
+            self.frames.append((size, frame.used))
             self.index.append(frame.start_member)
             if self._error is not None:
                 raise self._error
-            self._completer.submit(self._complete, frame, data)
+            self._completer.submit(self._complete, frame, size)
 
-    def _complete(self, frame: _Frame, data: bytes) -> None:
-        """The completer: the frame's pieces of spanning files, then its bytes,
-        written once the room in front of the body is known."""
+    def _complete(self, frame: _Frame, size: int) -> None:
+        """The completer: the frame's pieces of spanning files, then its
+        compressed bytes, written at once if the room in front of the body is
+        known, else copied aside until it is; then the buffers are free."""
         try:
             if self._error is None:  # nothing after a failure
                 self._spanning_pieces(frame)
+                data = memoryview(frame.out)[:size]
+                if self._room is not None and not self._room.done():
+                    self._unwritten.append(bytes(data))
+                else:
+                    self._write_out(wait=False)  # what waited, first
+                    if self._error is None:
+                        self.out.write(data)
         except BaseException as e:
             self._error = e
         finally:
-            self._free.put(frame.buf)
-        self._unwritten.append(data)
-        self._write_out(wait=False)
+            self._free.put(frame.slot)
 
     def _write_out(self, wait: bool) -> None:
         """Write the frames held back so far, if the room is known (``wait``:
@@ -403,7 +476,7 @@ class BodyWriter:
             self._drain(len(self._pending))
             self._completer.submit(self._write_out, True)
         finally:
-            self._pool.shutdown()
+            self._workers.close()
             self._completer.shutdown()
         if self._error is not None:
             raise self._error
@@ -416,8 +489,148 @@ class BodyWriter:
         return BodyResult(rows, self.frames, self.index, self.bytes, self.offset)
 
     def abort(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._workers.close(abort=True)
         self._completer.shutdown(wait=True, cancel_futures=True)
+
+
+USE_PROCESSES = True  # tests turn it off to check that threads give the same archive
+
+
+def _workers(n: int, bufs, outs, codec, scanner):
+    """Worker processes where forking is safe (no other thread is running:
+    a forked child inherits the locks other threads hold), else threads."""
+    if USE_PROCESSES and hasattr(os, "fork") and threading.active_count() == 1:
+        return _ProcessWorkers(n, bufs, outs, codec, scanner)
+    return _ThreadWorkers(n, bufs, outs, codec, scanner)
+
+
+class _ThreadWorkers:
+    def __init__(self, n: int, bufs, outs, codec, scanner):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(n, thread_name_prefix="envcrate-zstd")
+        self._args = bufs, outs, codec, scanner
+
+    def submit(self, k: int, slot: int, reads, whole, used: int):
+        bufs, outs, codec, scanner = self._args
+        return self._pool.submit(
+            _pack_frame, bufs[slot], outs[slot], reads, whole, used, codec, scanner
+        )
+
+    def result(self, handle):
+        return handle.result()
+
+    def close(self, abort: bool = False) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=abort)
+
+
+class _ProcessWorkers:
+    """Forked worker processes, frame ``k`` to worker ``k % n``, over pipes;
+    the frame buffers are shared memory mapped before the fork. Each has an
+    interpreter lock of its own: reading files, which hands the lock back and
+    forth at every system call, then waits on no other thread."""
+
+    def __init__(self, n: int, bufs, outs, codec, scanner):
+        self.children: list[tuple[int, int, int]] = []  # (pid, requests, results)
+        try:
+            for _ in range(n):
+                self._fork(bufs, outs, codec, scanner)
+        except BaseException:
+            self.close(abort=True)
+            raise
+
+    def _fork(self, bufs, outs, codec, scanner) -> None:
+        req_r, req_w = os.pipe()
+        res_r, res_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: serve frames until the requests end
+            status = 1
+            try:
+                for _, w, r in self.children:
+                    os.close(w)
+                    os.close(r)
+                os.close(req_w)
+                os.close(res_r)
+                _serve(req_r, res_w, bufs, outs, codec, scanner)
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(req_r)
+        os.close(res_w)
+        self.children.append((pid, req_w, res_r))
+
+    def submit(self, k: int, slot: int, reads, whole, used: int):
+        _send(self.children[k % len(self.children)][1], (slot, reads, whole, used))
+        return k
+
+    def result(self, k: int):
+        try:
+            ok, value = _receive(self.children[k % len(self.children)][2])
+        except EOFError:
+            raise EnvcrateError(
+                "a packing worker process died (out of memory?); pack again, or with --threads 1"
+            ) from None
+        if not ok:
+            raise value
+        return value
+
+    def close(self, abort: bool = False) -> None:
+        import signal
+
+        for pid, requests, _ in self.children:
+            os.close(requests)  # the worker sees the end and exits
+            if abort:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for pid, _, results in self.children:
+            os.waitpid(pid, 0)
+            os.close(results)
+        self.children = []
+
+
+def _serve(requests: int, results: int, bufs, outs, codec, scanner) -> None:
+    while True:
+        try:
+            slot, reads, whole, used = _receive(requests)
+        except EOFError:
+            return
+        try:
+            answer = (True, _pack_frame(bufs[slot], outs[slot], reads, whole, used, codec, scanner))
+        except BaseException as e:
+            answer = (
+                False,
+                e if isinstance(e, EnvcrateError) else EnvcrateError(f"packing: {e!r}"),
+            )
+        _send(results, answer)
+
+
+def _send(fd: int, obj) -> None:
+    import pickle
+
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(struct.pack("<Q", len(data)) + data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _receive(fd: int):
+    import pickle
+
+    head = _read_exactly(fd, 8)
+    return pickle.loads(_read_exactly(fd, struct.unpack("<Q", head)[0]))
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    parts = []
+    while n:
+        chunk = os.read(fd, n)
+        if not chunk:
+            raise EOFError
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
 
 
 _ZEROS = bytes(tar.BLOCK)

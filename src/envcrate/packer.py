@@ -114,11 +114,17 @@ def pack_source(
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{source.name}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w+b") as out:
-            shown = bar(None, f"packing {source.name}", progress)
-            with shown as tick:
-                result = _write_body(
-                    out, out_dir, source, scanner, format, level, threads, tick, shown
-                )
+            # Before the bar: it starts a thread, and the writer forks its
+            # workers only while no other thread runs.
+            writer = BodyWriter(out, format, level, threads, scanner)
+            try:
+                shown = bar(None, f"packing {source.name}", progress)
+                with shown as tick:
+                    writer.progress = tick or writer.progress
+                    result = _write_body(writer, out_dir, source, format, level, shown)
+            except BaseException:
+                writer.abort()
+                raise
             table = encode_table(result.rows)
             crate_id = crate_id_of_table(table)
             manifest = _manifest(source, crate_id, scanner.findings, result.rows, result.size)
@@ -180,20 +186,11 @@ _MAX_READS = 1024  # sources kept for reuse (about 20 MB of .py files)
 
 
 def _write_body(
-    out,
-    out_dir: Path,
-    source: SourceEnv,
-    scanner: Scanner,
-    fmt: str,
-    level: int | None,
-    threads: int,
-    tick,
-    shown: bar,
+    writer: BodyWriter, out_dir: Path, source: SourceEnv, fmt: str, level: int | None, shown: bar
 ):
     """Pack the entries as the walk finds them. Nothing is written before the
     walk ends: then the free space is checked and the room for the head is
     estimated (the frames compressed meanwhile wait in memory)."""
-    writer = BodyWriter(out, fmt, level, threads, scanner, tick)
     writer.hold()
     walked = False
 

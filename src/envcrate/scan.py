@@ -33,30 +33,33 @@ class Scanner:
         self.findings = Findings()
         self._pieces = Findings()  # of files scanned piece by piece
 
-    def whole(self, entry, buf, start: int, end: int) -> tuple[list[dict], set]:
-        """The findings of a file whose archived bytes are ``buf[start:end]``,
-        for :meth:`merge`; safe to call from several threads."""
+    def whole(self, meta, buf, start: int, end: int) -> tuple[list[dict], set]:
+        """The findings of a file whose archived bytes are ``buf[start:end]``
+        (``meta``: its path, whether to scan it, its known placeholder and
+        that one's mode), for :meth:`merge`; safe to call from several threads
+        or a worker process."""
+        path, scan, placeholder, placeholder_mode = meta
         prefix_files = []
         glibc: set[tuple[int, ...]] = set()
         if buf[start : start + 4] == ELF_MAGIC:
             view = memoryview(buf)[start:end]
             glibc = glibc_needs(lambda off, n: bytes(view[off : off + n]))
-        if entry.placeholder:
+        if placeholder:
             prefix_files.append(
                 {
-                    "path": entry.path,
-                    "placeholder": entry.placeholder,
-                    "mode": entry.placeholder_mode,
+                    "path": path,
+                    "placeholder": placeholder,
+                    "mode": placeholder_mode,
                 }
             )
-        if entry.scan and self.needles:
+        if scan and self.needles:
             found = [n for n in self.needles if buf.find(n, start, end) >= 0]
             if found:
                 mode = "binary" if buf.find(b"\0", start, end) >= 0 else "text"
                 for needle in found:
                     prefix_files.append(
                         {
-                            "path": entry.path,
+                            "path": path,
                             "placeholder": needle.decode("utf-8", "surrogateescape"),
                             "mode": mode,
                         }
