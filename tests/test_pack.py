@@ -436,3 +436,27 @@ def test_worker_processes_report_errors_and_are_reaped(tmp_path):
     for pid in pids:
         with pytest.raises(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
+
+
+def test_worker_processes_do_not_deadlock_on_large_frames_and_answers(tmp_path):
+    # Thousands of tiny files in a frame make both the request and the answer
+    # (a digest per file) larger than a pipe holds.
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(3000):
+        (files / f"{i:04d}-{'x' * 60}").write_bytes(b"%d" % i)
+    script = f"""
+import mmap, os
+import envcrate.archive as a
+files = [os.path.join({str(files)!r}, n) for n in sorted(os.listdir({str(files)!r}))]
+reads = [(4 * i, p, 0, os.path.getsize(p), os.path.getsize(p)) for i, p in enumerate(files)]
+whole = [(i, pos, pos + n, None) for i, (pos, _, _, n, _) in enumerate(reads)]
+bufs = [mmap.mmap(-1, 1 << 16) for _ in range(3)]
+outs = [mmap.mmap(-1, a.compress_bound(1 << 16)) for _ in range(3)]
+workers = a._ProcessWorkers(1, bufs, outs, a._Codec("tar.zst", None), None)
+jobs = [workers.submit(k, k, reads, whole, 4 * len(reads)) for k in range(3)]
+print(sum(len(workers.result(k)[1]) for k in jobs))
+workers.close()
+"""
+    out = check([sys.executable, "-c", script], timeout=120)
+    assert out.stdout.strip() == "9000"

@@ -528,16 +528,30 @@ class _ProcessWorkers:
     """Forked worker processes, frame ``k`` to worker ``k % n``, over pipes;
     the frame buffers are shared memory mapped before the fork. Each has an
     interpreter lock of its own: reading files, which hands the lock back and
-    forth at every system call, then waits on no other thread."""
+    forth at every system call, then waits on no other thread.
+
+    A thread per worker takes its answers as they come: a worker blocked on
+    writing a large answer while this process is blocked on sending it the
+    next frame would otherwise wait forever."""
 
     def __init__(self, n: int, bufs, outs, codec, scanner):
         self.children: list[tuple[int, int, int]] = []  # (pid, requests, results)
+        self.answers: list[queue.SimpleQueue] = []
+        self.readers: list[threading.Thread] = []
         try:
             for _ in range(n):
                 self._fork(bufs, outs, codec, scanner)
         except BaseException:
             self.close(abort=True)
             raise
+        for _, _, results in self.children:  # threads only once every fork is done
+            answers: queue.SimpleQueue = queue.SimpleQueue()
+            reader = threading.Thread(
+                target=_take_answers, args=(results, answers), name="envcrate-answers", daemon=True
+            )
+            reader.start()
+            self.answers.append(answers)
+            self.readers.append(reader)
 
     def _fork(self, bufs, outs, codec, scanner) -> None:
         req_r, req_w = os.pipe()
@@ -564,12 +578,11 @@ class _ProcessWorkers:
         return k
 
     def result(self, k: int):
-        try:
-            ok, value = _receive(self.children[k % len(self.children)][2])
-        except EOFError:
+        ok, value = self.answers[k % len(self.answers)].get()
+        if ok is None:
             raise EnvcrateError(
                 "a packing worker process died (out of memory?); pack again, or with --threads 1"
-            ) from None
+            )
         if not ok:
             raise value
         return value
@@ -584,10 +597,22 @@ class _ProcessWorkers:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        for pid, _, results in self.children:
+        for pid, _, _ in self.children:
             os.waitpid(pid, 0)
+        for reader in self.readers:
+            reader.join()
+        for _, _, results in self.children:
             os.close(results)
-        self.children = []
+        self.children, self.readers = [], []
+
+
+def _take_answers(results: int, answers: queue.SimpleQueue) -> None:
+    while True:
+        try:
+            answers.put(_receive(results))
+        except (EOFError, OSError):
+            answers.put((None, None))  # the worker is gone
+            return
 
 
 def _serve(requests: int, results: int, bufs, outs, codec, scanner) -> None:
