@@ -8,20 +8,22 @@ Layout of a ``.tar.zst`` crate (a valid tar stream for stock tools)::
     skippable frame  padding (zeros), when the head was written into room
                      left for it in front of the body (see below)
     frames k+2..n    the env's entries, sorted, cut into independent frames
-                     of FRAME_SIZE bytes of tar stream (a file may span frames),
-                     then the two zero blocks that end a tar archive
+                     of RAMP, 2 RAMP, 4 RAMP, then FRAME_SIZE bytes of tar
+                     stream (a file may span frames), then the two zero
+                     blocks that end a tar archive
     skippable frame  envcrate index: per frame, (member, offset in member)
     skippable frame  zstd seek table (the "seekable" format)
 
 ``.tar.gz`` crates have the same members and the same cut, one gzip member
-per frame, no padding and no index. Frames are compressed independently by a
-thread pool and written in order, so the output does not depend on the
-thread count.
+per frame, no padding and no index. Frames are compressed independently by
+workers (see :class:`BodyWriter`) and written in order, so the output does
+not depend on the number of workers, nor on whether they are processes or
+threads.
 
 The manifest must come first but needs the crate id, known only once the body
 is written. The body of a ``.tar.zst`` is therefore written straight into the
 output behind room left for the head (manifest and table frames), whose size
-is estimated from the entries before packing starts; the head then goes into
+is estimated from the entries once they are all known; the head then goes into
 that room and a skippable frame pads what it leaves. If the head does not fit
 (or for ``.tar.gz``), the head is written to a new file and the body copied
 behind it. Either way each source file is read once and the result depends
@@ -280,7 +282,7 @@ class BodyWriter:
 
     def add(self, entry: Entry, data: bytes | None = None) -> None:
         """Archive ``entry``; ``data``, if given, is its archived content
-        already loaded (see :func:`prefetch`)."""
+        already loaded (a rewritten pyc, a source read to hash one)."""
         name = entry.path.encode("utf-8", "surrogateescape")
         if entry.type == "d":
             self._begin_member()

@@ -1,9 +1,11 @@
 """Packing: a source env becomes a crate archive.
 
-The story: read the env's entries, stream them once into compressed frames
-(hashing and scanning each file on the way), derive the crate id from the
-file table, build the manifest, and put manifest and table in front of the
-body. Nothing is visible under the final name until it is complete.
+The story: walk the env's entries and stream them, as they are found, once
+into compressed frames (hashing and scanning each file on the way); once the
+walk ends, check the free space and leave room for the head in front of the
+body; derive the crate id from the file table, build the manifest, and put
+manifest and table into that room. Nothing is visible under the final name
+until it is complete.
 """
 
 from __future__ import annotations
