@@ -460,3 +460,19 @@ workers.close()
 """
     out = check([sys.executable, "-c", script], timeout=120)
     assert out.stdout.strip() == "9000"
+
+
+def test_workers_are_threads_when_no_process_can_be_forked(monkeypatch):
+    import mmap
+
+    import envcrate.archive as archive
+
+    def cannot_fork():
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(archive.threading, "active_count", lambda: 1)
+    monkeypatch.setattr(archive.os, "fork", cannot_fork)
+    bufs, outs = [mmap.mmap(-1, 4096)], [mmap.mmap(-1, archive.compress_bound(4096))]
+    workers = archive._workers(1, bufs, outs, archive._Codec("tar.zst", None), None)
+    assert isinstance(workers, archive._ThreadWorkers)
+    workers.close()

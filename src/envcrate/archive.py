@@ -502,7 +502,10 @@ def _workers(n: int, bufs, outs, codec, scanner):
     """Worker processes where forking is safe (no other thread is running:
     a forked child inherits the locks other threads hold), else threads."""
     if USE_PROCESSES and hasattr(os, "fork") and threading.active_count() == 1:
-        return _ProcessWorkers(n, bufs, outs, codec, scanner)
+        try:
+            return _ProcessWorkers(n, bufs, outs, codec, scanner)
+        except OSError:  # no more processes allowed (ulimit -u): threads will do
+            pass
     return _ThreadWorkers(n, bufs, outs, codec, scanner)
 
 
@@ -558,7 +561,12 @@ class _ProcessWorkers:
     def _fork(self, bufs, outs, codec, scanner) -> None:
         req_r, req_w = os.pipe()
         res_r, res_w = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (req_r, req_w, res_r, res_w):
+                os.close(fd)
+            raise
         if pid == 0:  # the child: serve frames until the requests end
             status = 1
             try:
