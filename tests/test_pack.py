@@ -476,3 +476,45 @@ def test_workers_are_threads_when_no_process_can_be_forked(monkeypatch):
     workers = archive._workers(1, bufs, outs, archive._Codec("tar.zst", None), None)
     assert isinstance(workers, archive._ThreadWorkers)
     workers.close()
+
+
+def test_packing_waits_for_a_slow_walk_rather_than_hold_the_archive(
+    small_venv, tmp_path, monkeypatch
+):
+    import threading
+
+    import envcrate.archive as archive
+    import envcrate.packer as packer
+    from envcrate.envs import load_env
+
+    monkeypatch.setattr(archive, "FRAME_SIZE", 16 * 1024)  # frames before the walk ends
+    normal = pack(small_venv, tmp_path / "normal.tar.zst")
+    # A walk that ends only once the packer waits for it: past HOLD_LIMIT (0
+    # here) of compressed frames held back, it must, rather than pack on.
+    monkeypatch.setattr(packer, "HOLD_LIMIT", 0)
+    most = [0]
+    complete = archive.BodyWriter._complete
+
+    def complete_and_count(self, frame, size):
+        complete(self, frame, size)
+        most[0] = max(most[0], len(self._unwritten))
+
+    monkeypatch.setattr(archive.BodyWriter, "_complete", complete_and_count)
+    source = load_env(small_venv)
+    walk, finish_walk = source.walking, source.finish_walk
+    waits = threading.Event()
+
+    def slow_walk():
+        found = list(walk)
+        yield from found[:-1]
+        assert waits.wait(60), "the packer did not wait for the walk"
+        yield found[-1]
+
+    def finish_walk_and_tell():
+        waits.set()
+        finish_walk()
+
+    source.walking, source.finish_walk = slow_walk(), finish_walk_and_tell
+    waited = packer.pack_source(source, tmp_path / "waited.tar.zst", format="tar.zst")
+    assert waited.archive.read_bytes() == normal.archive.read_bytes()
+    assert len(_seek_entries(waited.archive.read_bytes())) > 30 and 0 < most[0] <= 8

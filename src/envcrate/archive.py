@@ -259,6 +259,7 @@ class BodyWriter:
         self._pending: deque = deque()  # (frame, handle)
         self._made = 0
         self._unwritten: list[bytes] = []  # compressed, waiting for the room estimate
+        self.held = 0  # bytes in _unwritten
         self._spanning = None  # sha256 of the file whose pieces are being hashed
         self._frame = self._new_frame()
         self._room: Future | None = None  # bytes left in front of the body
@@ -428,6 +429,7 @@ class BodyWriter:
                 data = memoryview(frame.out)[:size]
                 if self._room is not None and not self._room.done():
                     self._unwritten.append(bytes(data))
+                    self.held += size
                 else:
                     self._write_out(wait=False)  # what waited, first
                     if self._error is None:
@@ -451,6 +453,7 @@ class BodyWriter:
                 for data in self._unwritten:
                     self.out.write(data)
                 self._unwritten.clear()
+                self.held = 0
         except BaseException as e:
             self._error = e
 

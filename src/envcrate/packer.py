@@ -185,6 +185,7 @@ def identify(source: SourceEnv) -> str:
 
 
 _MAX_READS = 1024  # sources kept for reuse (about 20 MB of .py files)
+HOLD_LIMIT = 256 << 20  # compressed bytes held in memory while the walk goes on
 
 
 def _write_body(
@@ -192,7 +193,8 @@ def _write_body(
 ):
     """Pack the entries as the walk finds them. Nothing is written before the
     walk ends: then the free space is checked and the room for the head is
-    estimated (the frames compressed meanwhile wait in memory)."""
+    estimated. The frames compressed meanwhile wait in memory, up to
+    HOLD_LIMIT bytes; past that, packing waits for the walk."""
     writer.hold()
     walked = False
 
@@ -211,6 +213,10 @@ def _write_body(
         # sorts before its sources) rather than read again.
         reads: dict[str, bytes] = {}
         for entry in source.stream():
+            if not walked and writer.held > HOLD_LIMIT:
+                # The walk is slow (a metadata-bound shared filesystem): stop
+                # packing until it ends rather than hold the archive in memory.
+                source.finish_walk()
             if not walked and source.walked:
                 walked = True
                 when_walked()

@@ -42,9 +42,13 @@ class SourceEnv:
     @property
     def entries(self) -> list[Entry]:
         """Every entry, in archive order (the walk finished first)."""
+        self.finish_walk()
+        return self.found
+
+    def finish_walk(self) -> None:
+        """Wait until every entry has been found."""
         for _ in self.stream():
             pass
-        return self.found
 
     @property
     def walked(self) -> bool:
