@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, BinaryIO, Callable
 from . import tar
 from .entry import Entry
 from .errors import EnvcrateError
-from .fsutil import copy_range, read_file
+from .fsutil import copy_range, read_file, write_all
 from .manifest import FILES_MEMBER, MANIFEST_MEMBER, FileRow
 
 if TYPE_CHECKING:
@@ -648,9 +648,7 @@ def _send(fd: int, obj) -> None:
     import pickle
 
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(struct.pack("<Q", len(data)) + data)
-    while view:
-        view = view[os.write(fd, view) :]
+    write_all(fd, struct.pack("<Q", len(data)) + data)
 
 
 def _receive(fd: int):

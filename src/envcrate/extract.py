@@ -21,17 +21,12 @@ from typing import Callable
 
 from . import tar
 from .errors import ArchiveError, UnsafeArchiveError
+from .fsutil import write_all
 from .manifest import FILES_MEMBER, MANIFEST_MEMBER, FileRow
 from .reading import OpenedArchive
 
 LARGE_FILE = 4 << 20
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 def _create(path: bytes, mode: int) -> int:
@@ -47,7 +42,7 @@ def _create(path: bytes, mode: int) -> int:
 def _write_file(path: bytes, data: bytes, mode: int = 0o644) -> None:
     fd = _create(path, mode)
     try:
-        _write_all(fd, memoryview(data))
+        write_all(fd, data)
     finally:
         os.close(fd)
 
@@ -73,7 +68,7 @@ def _write_batch(batch: list[tuple[bytes, int, list[memoryview] | None]], held: 
             fd = _create(path, mode)
             try:
                 for piece in pieces:
-                    _write_all(fd, piece)
+                    write_all(fd, piece)
             finally:
                 os.close(fd)
     finally:
@@ -228,7 +223,7 @@ def extract(
                     # buffers it spans are not all held at once.
                     fd = _create(full, mode)
                     try:
-                        stream.pipe(member.size, functools.partial(_write_all, fd))
+                        stream.pipe(member.size, functools.partial(write_all, fd))
                     finally:
                         os.close(fd)
                 else:

@@ -43,6 +43,14 @@ def read_file(path: str, nofollow: bool = False) -> tuple[bytes, os.stat_result]
         os.close(fd)
 
 
+def write_all(fd: int, data) -> None:
+    """Write all of ``data`` (bytes or a memoryview) to ``fd``; a write may
+    take only part of it."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def copy_range(src: int, offset: int, count: int, dst: int) -> None:
     """Append ``count`` bytes of file ``src`` from ``offset`` to file ``dst``
     (at its position): in the kernel where the filesystem can, else through
@@ -62,9 +70,7 @@ def copy_range(src: int, offset: int, count: int, dst: int) -> None:
         chunk = os.pread(src, min(end - offset, 4 << 20), offset)
         if not chunk:
             raise OSError(f"{count} bytes to copy but the file ended")
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dst, view) :]
+        write_all(dst, chunk)
         offset += len(chunk)
 
 

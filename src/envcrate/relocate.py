@@ -20,6 +20,7 @@ import shutil
 
 from .compat import Interpreter
 from .errors import RelocationError, UnsafeArchiveError
+from .fsutil import write_all
 from .manifest import Manifest
 
 MAX_SHEBANG = 127
@@ -63,9 +64,7 @@ def _rewrite(path: str, data: bytes) -> None:
     tmp = path + ".envcrate-tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
     finally:
         os.close(fd)
     os.replace(tmp, path)
