@@ -789,91 +789,71 @@ def _skippable(magic: int, payload: bytes) -> bytes:
 _PADDING_MAGIC = 0x184D2A50
 
 
-def head_frames(
-    manifest: bytes, table: bytes, fmt: str, level: int | None, frame_size: int | None = None
-):
-    """The compressed manifest frame and file-table frames: (bytes, [(compressed,
-    decompressed) per frame])."""
-    frame_size = frame_size or FRAME_SIZE
+@dataclass
+class Head:
+    """What goes in front of the body: the manifest frame and the file-table
+    frames, compressed, then perhaps padding."""
+
+    data: bytes
+    frames: list[tuple[int, int]]  # (compressed, decompressed) per frame
+    index: list[list[int]]  # (member, offset) per frame
+
+
+def head_frames(manifest: bytes, table: bytes, fmt: str, level: int | None) -> Head:
+    """The compressed manifest frame and file-table frames (the table cut
+    every FRAME_SIZE bytes)."""
     codec = _Codec(fmt, level)
-    out, frames = [], []
-    first = _member_bytes(MANIFEST_MEMBER, manifest)
     second = _member_bytes(FILES_MEMBER, table)
-    pieces = [first] + [second[p : p + frame_size] for p in range(0, len(second), frame_size)]
-    for piece in pieces:
+    pieces = [(_member_bytes(MANIFEST_MEMBER, manifest), [0, 0])]
+    pieces += [(second[p : p + FRAME_SIZE], [1, p]) for p in range(0, len(second), FRAME_SIZE)]
+    out, frames = [], []
+    for piece, _ in pieces:
         data = codec.compress(piece)
         out.append(data)
         frames.append((len(data), len(piece)))
-    return b"".join(out), frames
+    return Head(b"".join(out), frames, [at for _, at in pieces])
 
 
-def assemble(
-    out: BinaryIO,
-    result: BodyResult,
-    manifest: bytes,
-    table: bytes,
-    fmt: str,
-    level: int | None,
-    frame_size: int | None = None,
-) -> bool:
+def assemble(out: BinaryIO, result: BodyResult, head: Head, fmt: str) -> bool:
     """Complete the archive whose body :class:`BodyWriter` wrote to ``out``:
-    the head (manifest and file-table frames) in the room left in front of
-    the body, padded by a skippable frame, then the index behind it. Returns
-    False, writing nothing, when the head does not fit; :func:`assemble_copy`
-    then makes the archive in another file."""
-    head, frames = head_frames(manifest, table, fmt, level, frame_size)
-    gap = result.offset - len(head)
+    the head in the room left in front of the body, padded by a skippable
+    frame, then the index behind it. Returns False, writing nothing, when the
+    head does not fit; :func:`assemble_copy` then makes the archive in
+    another file."""
+    gap = result.offset - len(head.data)
     if fmt != "tar.zst" or not (gap == 0 or gap >= 8):
         return False
     if gap:
-        head += _skippable(_PADDING_MAGIC, bytes(gap - 8))
-        frames.append((gap, 0))
+        # The padding decompresses to nothing: it "starts" where the body does.
+        padding = _skippable(_PADDING_MAGIC, bytes(gap - 8))
+        head = Head(head.data + padding, head.frames + [(gap, 0)], head.index + [result.index[0]])
     out.flush()
-    os.pwrite(out.fileno(), head, 0)
+    os.pwrite(out.fileno(), head.data, 0)
     out.seek(result.offset + sum(c for c, _ in result.frames))
-    out.write(_trailer(fmt, result, frames, frame_size))
+    out.write(_trailer(fmt, result, head))
     out.flush()
     return True
 
 
-def assemble_copy(
-    out: BinaryIO,
-    body: BinaryIO,
-    result: BodyResult,
-    manifest: bytes,
-    table: bytes,
-    fmt: str,
-    level: int | None,
-    frame_size: int | None = None,
-) -> None:
+def assemble_copy(out: BinaryIO, body: BinaryIO, result: BodyResult, head: Head, fmt: str) -> None:
     """Write the whole archive to ``out``: head, the body copied from
     ``body`` (where :class:`BodyWriter` wrote it), index."""
-    head, frames = head_frames(manifest, table, fmt, level, frame_size)
-    out.write(head)
+    out.write(head.data)
     out.flush()
     body.flush()
     copy_range(body.fileno(), result.offset, sum(c for c, _ in result.frames), out.fileno())
     out.seek(0, os.SEEK_END)
-    out.write(_trailer(fmt, result, frames, frame_size))
+    out.write(_trailer(fmt, result, head))
     out.flush()
 
 
-def _trailer(
-    fmt: str, result: BodyResult, head: list[tuple[int, int]], frame_size: int | None
-) -> bytes:
+def _trailer(fmt: str, result: BodyResult, head: Head) -> bytes:
     """The index and seek-table frames that end a tar.zst (nothing for
-    tar.gz); ``head`` lists the frames in front of the body (manifest, table
-    pieces, padding)."""
+    tar.gz)."""
     if fmt != "tar.zst":
         return b""
-    frame_size = frame_size or FRAME_SIZE
-    index = [[0, 0]]
-    for i, (_, d) in enumerate(head[1:]):
-        # A table piece starts at its offset in the table member; the padding
-        # decompresses to nothing, so it "starts" where the body does.
-        index.append([1, i * frame_size] if d else list(result.index[0]))
-    index += [list(x) for x in result.index]
-    frames = head + result.frames
+    index = [list(x) for x in head.index + result.index]
+    frames = head.frames + result.frames
     table_bytes = b"".join(struct.pack("<II", c, d) for c, d in frames)
     footer = struct.pack("<IBI", len(frames), 0, _SEEKABLE_FOOTER_MAGIC)
     index_bytes = json.dumps({"frames": index}, separators=(",", ":")).encode()

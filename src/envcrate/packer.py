@@ -148,12 +148,13 @@ def _complete(out, path: str, out_dir: Path, result, manifest: bytes, table: byt
     """Put the head in front of the body in ``out`` (at ``path``) and return
     the path of the finished archive: ``path``, or a new temporary file when
     the head does not fit the room left for it."""
-    if assemble(out, result, manifest, table, fmt, level):
+    head = head_frames(manifest, table, fmt, level)
+    if assemble(out, result, head, fmt):
         return path
     fd, new = tempfile.mkstemp(dir=out_dir, prefix=os.path.basename(path)[:-4], suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as copy:
-            assemble_copy(copy, out, result, manifest, table, fmt, level)
+            assemble_copy(copy, out, result, head, fmt)
     except BaseException:
         unlink_quietly(new)
         raise
@@ -265,7 +266,7 @@ def _head_room(source: SourceEnv, fmt: str, level: int | None) -> int:
         ]
     )
     manifest = _manifest(source, "sha256:" + "0" * 64, known, rows, sum(e.size for e in files))
-    head, _ = head_frames(manifest.to_bytes(), encode_table(rows), fmt, level)
+    head = head_frames(manifest.to_bytes(), encode_table(rows), fmt, level).data
     return len(head) + len(head) // 64 + (8 << 10)
 
 
