@@ -159,8 +159,8 @@ class _Frame:
     out: mmap.mmap  # its compressed bytes
     limit: int  # bytes of tar stream this frame takes
     used: int = 0
-    # (position, bytes or path, offset in it, length, size of the file or None)
-    fills: list = field(default_factory=list)
+    # Files to read into it: (position, path, offset in the file, length, file size)
+    reads: list = field(default_factory=list)
     whole: list = field(default_factory=list)  # (row, start, end, entry): files all in this frame
     pieces: list = field(default_factory=list)  # (row, start, end, entry, size, first, last)
     content: int = 0  # file bytes, for progress
@@ -205,7 +205,7 @@ class BodyWriter:
 
     The caller's thread plans: it lays each entry's header and content out in
     the tar stream (sizes are known from the walk), copies headers and loaded
-    bytes into the frame and hands full frames to workers. A worker reads the
+    bytes into the frame as it goes and hands full frames to workers. A worker reads the
     frame's files straight into it, hashes and scans the files that lie
     wholly inside it, and compresses it (:func:`_pack_frame`). Pieces of
     files that span frames are hashed and scanned in order as frames
@@ -312,16 +312,18 @@ class BodyWriter:
             self.bytes += size
 
     def _lay_out(self, row: int, entry: Entry, size: int, data: bytes | None) -> None:
-        """Plan a file's content: read from ``entry.source`` or copied from
-        ``data``, cut where frames end."""
-        source = entry.source if data is None else data
+        """Plan a file's content, cut where frames end: copied from ``data``
+        now, or read from ``entry.source`` by the worker."""
         done = 0
         while True:
             frame = self._frame
             start = frame.used
             n = min(frame.limit - start, size - done)
             if n:
-                frame.fills.append((start, source, done, n, size if data is None else None))
+                if data is None:
+                    frame.reads.append((start, entry.source, done, n, size))
+                else:
+                    frame.buf[start : start + n] = memoryview(data)[done : done + n]
                 frame.used += n
                 frame.content += n
                 self.member_pos += n
@@ -342,7 +344,7 @@ class BodyWriter:
         while done < len(data):
             frame = self._frame
             n = min(frame.limit - frame.used, len(data) - done)
-            frame.fills.append((frame.used, data, done, n, None))
+            frame.buf[frame.used : frame.used + n] = data[done : done + n]
             frame.used += n
             done += n
             self.member_pos += n
@@ -375,19 +377,11 @@ class BodyWriter:
         frame = self._frame
         if frame.used == 0:
             return
-        view = memoryview(frame.buf)
-        reads = []
-        for fill in frame.fills:
-            pos, source, offset, n, size = fill
-            if size is None:
-                view[pos : pos + n] = memoryview(source)[offset : offset + n]
-            else:
-                reads.append(fill)
         whole = [
             (row, s, e, (entry.path, entry.scan, entry.placeholder, entry.placeholder_mode))
             for row, s, e, entry in frame.whole
         ]
-        handle = self._workers.submit(self._made, frame.slot, reads, whole, frame.used)
+        handle = self._workers.submit(self._made, frame.slot, frame.reads, whole, frame.used)
         self._pending.append((frame, handle))
         if len(self._pending) > self.threads:
             self._drain(len(self._pending) - self.threads)
