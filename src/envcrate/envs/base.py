@@ -5,6 +5,7 @@ from __future__ import annotations
 import _imp
 import fnmatch
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -29,6 +30,9 @@ class SourceEnv:
     extra: dict = field(default_factory=dict)  # kind-specific manifest sections
     flags: dict = field(default_factory=dict)
     walking: Iterator[Entry] | None = None
+    # The thread that drains ``walking`` into ``found`` (see stream()).
+    _walker: threading.Condition | None = field(default=None, init=False, repr=False)
+    _walk_error: BaseException | None = field(default=None, init=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -59,7 +63,7 @@ class SourceEnv:
         """The entries in archive order as they are found: a thread walks
         ahead (the walk waits on system calls; the caller meanwhile packs
         what it has)."""
-        if self.walking is not None and not hasattr(self, "_walker"):
+        if self.walking is not None and self._walker is None:
             self._start_walker()
         i = 0
         while True:
@@ -67,7 +71,7 @@ class SourceEnv:
                 yield self.found[i]
                 i += 1
                 continue
-            walker = getattr(self, "_walker", None)
+            walker = self._walker
             if walker is None:
                 return
             with walker:
@@ -79,10 +83,7 @@ class SourceEnv:
                     return
 
     def _start_walker(self) -> None:
-        import threading
-
         self._walker = threading.Condition()
-        self._walk_error: BaseException | None = None
 
         def walk() -> None:
             batch: list[Entry] = []
