@@ -261,6 +261,7 @@ class BodyWriter:
         self._unwritten: list[bytes] = []  # compressed, waiting for the room estimate
         self.held = 0  # bytes in _unwritten
         self._spanning = None  # sha256 of the file whose pieces are being hashed
+        self._reads: dict[str, bytes] = {}  # files loaders read, kept until archived
         self._frame = self._new_frame()
         self._room: Future | None = None  # bytes left in front of the body
         self.offset = out.tell()
@@ -281,9 +282,14 @@ class BodyWriter:
 
     # -- planning (the caller's thread)
 
-    def add(self, entry: Entry, data: bytes | None = None) -> None:
-        """Archive ``entry``; ``data``, if given, is its archived content
-        already loaded (a rewritten pyc, a source read to hash one)."""
+    def add(self, entry: Entry) -> None:
+        """Archive ``entry``.
+
+        Loaders (pyc rewrites) run in this thread: it has time to spare, and
+        threads of their own would contend with the workers for the
+        interpreter lock at every system call. A pyc's source, read to hash
+        it, is archived from those bytes when its turn comes (a pycache sorts
+        before its sources) rather than read again."""
         name = entry.path.encode("utf-8", "surrogateescape")
         if entry.type == "d":
             self._begin_member()
@@ -297,10 +303,18 @@ class BodyWriter:
             self.rows.append(row_of(entry))
             self.digests.append(entry.target)
         else:
-            if data is None and entry.loader is not None:
-                data = entry.loader()
+            data = None
+            reads = self._reads
+            if entry.loader is not None:
+                data = entry.loader(reads)
                 if data is None:
-                    return
+                    return  # dropped
+                if len(reads) > _MAX_READS:
+                    reads.clear()
+            elif reads:
+                data = reads.pop(entry.source, None)
+                if data is not None and len(data) != entry.size:
+                    data = None  # changed since the walk: the worker will say so
             size = entry.size if data is None else len(data)
             self._begin_member()
             self._put(tar.header(name, tar.REGULAR, entry.mode, size))
@@ -664,6 +678,7 @@ def _read_exactly(fd: int, n: int) -> bytes:
 
 
 _ZEROS = bytes(tar.BLOCK)
+_MAX_READS = 1024  # sources kept for reuse (about 20 MB of .py files)
 
 
 def _read_into(view: memoryview, path: str, offset: int, size: int) -> None:

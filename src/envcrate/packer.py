@@ -185,7 +185,6 @@ def identify(source: SourceEnv) -> str:
     return crate_id_of_table(encode_table(rows))
 
 
-_MAX_READS = 1024  # sources kept for reuse (about 20 MB of .py files)
 HOLD_LIMIT = 256 << 20  # compressed bytes held in memory while the walk goes on
 
 
@@ -207,12 +206,6 @@ def _write_body(
         writer.leave_room(room)
 
     try:
-        # Loaders (pyc rewrites) run in this thread: it has time to spare, and
-        # threads of their own would contend with the workers for the
-        # interpreter lock at every system call. A pyc's source, read to hash
-        # it, is archived from those bytes when its turn comes (a pycache
-        # sorts before its sources) rather than read again.
-        reads: dict[str, bytes] = {}
         for entry in source.stream():
             if not walked and writer.held > HOLD_LIMIT:
                 # The walk is slow (a metadata-bound shared filesystem): stop
@@ -221,18 +214,7 @@ def _write_body(
             if not walked and source.walked:
                 walked = True
                 when_walked()
-            data = None
-            if entry.loader is not None:
-                data = entry.loader(reads)
-                if data is None:
-                    continue  # dropped
-                if len(reads) > _MAX_READS:
-                    reads.clear()
-            elif entry.type == "f" and reads:
-                data = reads.pop(entry.source, None)
-                if data is not None and len(data) != entry.size:
-                    data = None  # changed since the walk: the writer will say so
-            writer.add(entry, data)
+            writer.add(entry)
         if not walked:
             when_walked()
         return writer.finish()
