@@ -162,7 +162,7 @@ class _Frame:
     # Files to read into it: (position, path, offset in the file, length, file size)
     reads: list = field(default_factory=list)
     whole: list = field(default_factory=list)  # (row, start, end, entry): files all in this frame
-    pieces: list = field(default_factory=list)  # (row, start, end, entry, size, first, last)
+    pieces: list = field(default_factory=list)  # (row, start, end, entry, first, last)
     content: int = 0  # file bytes, for progress
     start_member: tuple[int, int] = (0, 0)
 
@@ -344,9 +344,7 @@ class BodyWriter:
             if done == 0 and n == size:
                 frame.whole.append((row, start, start + n, entry))
             else:
-                frame.pieces.append(
-                    (row, start, start + n, entry, size, done == 0, done + n == size)
-                )
+                frame.pieces.append((row, start, start + n, entry, done == 0, done + n == size))
             done += n
             if frame.used == frame.limit:
                 self._flush()
@@ -468,11 +466,11 @@ class BodyWriter:
     def _spanning_pieces(self, frame: _Frame) -> None:
         """Hash and scan the pieces of files that span frames, in order."""
         scanner = self.scanner
-        for row, start, end, entry, size, first, last in frame.pieces:
+        for row, start, end, entry, first, last in frame.pieces:
             if first:
                 self._spanning = hashlib.sha256()
                 if scanner is not None:
-                    scanner.begin(entry, size)
+                    scanner.begin(entry)
             self._spanning.update(memoryview(frame.buf)[start:end])
             if scanner is not None:
                 scanner.update(frame.buf, start, end)

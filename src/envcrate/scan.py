@@ -39,32 +39,13 @@ class Scanner:
         that one's mode), for :meth:`merge`; safe to call from several threads
         or a worker process."""
         path, scan, placeholder, placeholder_mode = meta
-        prefix_files = []
         glibc: set[tuple[int, ...]] = set()
         if buf[start : start + 4] == ELF_MAGIC:
             view = memoryview(buf)[start:end]
             glibc = glibc_needs(lambda off, n: bytes(view[off : off + n]))
-        if placeholder:
-            prefix_files.append(
-                {
-                    "path": path,
-                    "placeholder": placeholder,
-                    "mode": placeholder_mode,
-                }
-            )
-        if scan and self.needles:
-            found = [n for n in self.needles if buf.find(n, start, end) >= 0]
-            if found:
-                mode = "binary" if buf.find(b"\0", start, end) >= 0 else "text"
-                for needle in found:
-                    prefix_files.append(
-                        {
-                            "path": path,
-                            "placeholder": needle.decode("utf-8", "surrogateescape"),
-                            "mode": mode,
-                        }
-                    )
-        return prefix_files, glibc
+        found = [n for n in self.needles if buf.find(n, start, end) >= 0] if scan else []
+        binary = bool(found) and buf.find(b"\0", start, end) >= 0
+        return _prefix_files(path, placeholder, placeholder_mode, found, binary), glibc
 
     def merge(self, found: list[tuple[list[dict], set]]) -> None:
         """Add what :meth:`whole` returned."""
@@ -77,12 +58,10 @@ class Scanner:
         in another thread than the one that merges)."""
         return self._pieces.prefix_files, self._pieces.glibc
 
-    def begin(self, entry, size: int) -> None:
-        """Start on ``entry`` (an :class:`~envcrate.entry.Entry`), whose
-        archived content has ``size`` bytes."""
+    def begin(self, entry) -> None:
+        """Start on ``entry`` (an :class:`~envcrate.entry.Entry`)."""
         self._path = entry.path
         self._source = entry.source
-        self._size = size
         self._scan = entry.scan and bool(self.needles)
         self._known = entry.placeholder
         self._known_mode = entry.placeholder_mode
@@ -116,16 +95,21 @@ class Scanner:
             with open(self._source, "rb") as f:
                 fd = f.fileno()
                 self._pieces.glibc |= glibc_needs(lambda off, n: os.pread(fd, n, off))
-        if self._known:
-            self._pieces.prefix_files.append(
-                {"path": self._path, "placeholder": self._known, "mode": self._known_mode}
-            )
-        for needle in self.needles:
-            if needle in self._found:
-                self._pieces.prefix_files.append(
-                    {
-                        "path": self._path,
-                        "placeholder": needle.decode("utf-8", "surrogateescape"),
-                        "mode": "binary" if self._nul else "text",
-                    }
-                )
+        found = [n for n in self.needles if n in self._found]
+        self._pieces.prefix_files += _prefix_files(
+            self._path, self._known, self._known_mode, found, self._nul
+        )
+
+
+def _prefix_files(
+    path: str, known: str | None, known_mode: str, found: list[bytes], binary: bool
+) -> list[dict]:
+    """The manifest's records of a file: its known placeholder, then each
+    prefix found in it (text or binary, by whether it holds a NUL byte)."""
+    records = [{"path": path, "placeholder": known, "mode": known_mode}] if known else []
+    for needle in found:
+        placeholder = needle.decode("utf-8", "surrogateescape")
+        records.append(
+            {"path": path, "placeholder": placeholder, "mode": "binary" if binary else "text"}
+        )
+    return records
