@@ -180,6 +180,46 @@ def test_pycs_become_unchecked_hash(small_crate, tmp_path):
         assert int.from_bytes(p.read_bytes()[4:8], "little") == 1, p
 
 
+def test_pycs_rewritten_where_read_stale_and_sourceless_kept(tmp_path, monkeypatch):
+    """Workers rewrite pyc headers, hashing the source from the frame when it
+    lies in it and from the file otherwise; both give the same bytes, as
+    does identify(). A stale pyc (its source changed since) and a
+    sourceless one are archived as they are."""
+    import importlib.util
+
+    import envcrate.archive as archive
+    from envcrate.envs import load_env
+    from envcrate.packer import identify
+
+    venv = make_venv(tmp_path / "v")
+    site = next((venv / "lib").glob("python*/site-packages"))
+    for name in ("fresh", "stale", "gone"):
+        (site / f"{name}.py").write_text(f"NAME = {name!r}\n" * 50)
+    check([venv / "bin" / "python", "-m", "compileall", "-q", site])
+    (site / "stale.py").write_text("NAME = 'changed'\n")
+    (site / "gone.py").unlink()
+    cache = site / "__pycache__"
+    tag = sys.implementation.cache_tag
+    original = {n: (cache / f"{n}.{tag}.pyc").read_bytes() for n in ("fresh", "stale", "gone")}
+
+    normal = pack(venv, tmp_path / "normal.tar.zst")
+    monkeypatch.setattr(archive, "FRAME_SIZE", 1024)  # sources in other frames than their pycs
+    small = pack(venv, tmp_path / "small.tar.zst")
+    monkeypatch.undo()
+    assert small.id == normal.id == identify(load_env(venv))
+    for crate in (normal, small):
+        out = tmp_path / crate.archive.name.split(".")[0]
+        out.mkdir()
+        check(["tar", "-Izstd", "-xf", crate.archive, "-C", out])
+        got = {n: next(out.rglob(f"{n}.{tag}.pyc")).read_bytes() for n in original}
+        fresh_source = (site / "fresh.py").read_bytes()
+        assert got["fresh"][4:8] == b"\x01\0\0\0"
+        assert got["fresh"][8:16] == importlib.util.source_hash(fresh_source)
+        assert got["fresh"][16:] == original["fresh"][16:]
+        assert got["stale"] == original["stale"]
+        assert got["gone"] == original["gone"]
+
+
 def test_manifest_content(small_crate, small_venv):
     m = small_crate.manifest.data
     assert m["kind"] == "venv"
@@ -425,8 +465,8 @@ def test_worker_processes_report_errors_and_are_reaped(tmp_path):
     pids = [pid for pid, _, _ in workers.children]
     f = tmp_path / "f"
     f.write_bytes(b"hello")
-    good = workers.submit(0, 0, [(0, str(f), 0, 5, 5)], [(7, 0, 5, None)], 5)
-    bad = workers.submit(1, 1, [(0, str(tmp_path / "missing"), 0, 5, 5)], [], 5)
+    good = workers.submit(0, 0, [(0, str(f), 0, 5, 5)], [], [(7, 0, 5, None)], 5)
+    bad = workers.submit(1, 1, [(0, str(tmp_path / "missing"), 0, 5, 5)], [], [], 5)
     size, hashes, _ = workers.result(good)
     assert hashes == [(7, __import__("hashlib").sha256(b"hello").hexdigest())]
     assert zstandard.ZstdDecompressor().decompress(bytes(outs[0][:size])) == b"hello"
@@ -454,7 +494,7 @@ whole = [(i, pos, pos + n, None) for i, (pos, _, _, n, _) in enumerate(reads)]
 bufs = [mmap.mmap(-1, 1 << 16) for _ in range(3)]
 outs = [mmap.mmap(-1, a.compress_bound(1 << 16)) for _ in range(3)]
 workers = a._ProcessWorkers(1, bufs, outs, a._Codec("tar.zst", None), None)
-jobs = [workers.submit(k, k, reads, whole, 4 * len(reads)) for k in range(3)]
+jobs = [workers.submit(k, k, reads, [], whole, 4 * len(reads)) for k in range(3)]
 print(sum(len(workers.result(k)[1]) for k in jobs))
 workers.close()
 """

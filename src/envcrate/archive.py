@@ -51,6 +51,8 @@ from .entry import Entry
 from .errors import EnvcrateError
 from .fsutil import copy_range, read_file, write_all
 from .manifest import FILES_MEMBER, MANIFEST_MEMBER, FileRow
+from .pyc import HEADER as PYC_HEADER
+from .pyc import rewritten, source_of, unchecked_header
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -113,6 +115,11 @@ class _Codec:
         writer.flush(zstandard.FLUSH_FRAME)
         return sink.n
 
+    def ready(self) -> None:
+        """Make this thread's compressor now (forked workers inherit it)."""
+        if self.fmt == "tar.zst":
+            self._zstd()
+
     def _zstd(self):
         c = getattr(self._local, "c", None)
         if c is None:
@@ -161,25 +168,43 @@ class _Frame:
     used: int = 0
     # Files to read into it: (position, path, offset in the file, length, file size)
     reads: list = field(default_factory=list)
+    pycs: list = field(default_factory=list)  # (position, path): pyc headers to rewrite
     whole: list = field(default_factory=list)  # (row, start, end, entry): files all in this frame
     pieces: list = field(default_factory=list)  # (row, start, end, entry, first, last)
     content: int = 0  # file bytes, for progress
     start_member: tuple[int, int] = (0, 0)
 
 
-def _pack_frame(buf, out, reads, whole, used, codec, scanner):
+def _pack_frame(buf, out, reads, pycs, whole, used, codec, scanner):
     """A worker's job: read the files laid out in ``buf`` (``reads``:
-    position, path, offset, length, size), hash and scan those that lie whole
-    in it (``whole``: row, start, end, what the scanner needs), compress it
-    into ``out``. Returns (compressed length, [(row, sha256)], findings)."""
+    position, path, offset, length, size), rewrite the headers of the pycs
+    starting in it (``pycs``: position, path), hash and scan the files that
+    lie whole in it (``whole``: row, start, end, what the scanner needs),
+    compress it into ``out``. Returns (compressed length, [(row, sha256)],
+    findings)."""
     view = memoryview(buf)
     for pos, path, offset, n, size in reads:
         _read_into(view[pos : pos + n], path, offset, size)
+    if pycs:
+        _rewrite_pycs(view, pycs, reads)
     hashes = [(row, hashlib.sha256(view[s:e]).hexdigest()) for row, s, e, _ in whole]
     found = []
     if scanner is not None:
         found = [scanner.whole(meta, buf, s, e) for _, s, e, meta in whole]
     return codec.compress_into(view[:used], out), hashes, found
+
+
+def _rewrite_pycs(view: memoryview, pycs, reads) -> None:
+    """Make the pycs laid out in a frame unchecked-hash pycs, hashing their
+    sources from the frame where they lie whole in it (a module's source
+    mostly sorts next to its ``__pycache__``), else from the file."""
+    here = {path: (pos, n) for pos, path, offset, n, size in reads if offset == 0 and n == size}
+    for pos, path in pycs:
+        at = here.get(source_of(path))
+        code = None if at is None else view[at[0] : at[0] + at[1]]
+        header = unchecked_header(bytes(view[pos : pos + PYC_HEADER]), path, code)
+        if header is not None:
+            view[pos : pos + PYC_HEADER] = header
 
 
 @dataclass
@@ -232,7 +257,8 @@ class BodyWriter:
         self.threads = max(1, threads)
         self.scanner = scanner
         self.progress = progress or (lambda n: None)
-        self.frame_size = frame_size or FRAME_SIZE
+        size = frame_size or FRAME_SIZE
+        self.frame_size = size + tar.padding(size)  # frames end on a block boundary
         self.member = first_member - 1
         self.member_pos = 0
         self.rows: list[FileRow] = []
@@ -261,7 +287,6 @@ class BodyWriter:
         self._unwritten: list[bytes] = []  # compressed, waiting for the room estimate
         self.held = 0  # bytes in _unwritten
         self._spanning = None  # sha256 of the file whose pieces are being hashed
-        self._reads: dict[str, bytes] = {}  # files loaders read, kept until archived
         self._frame = self._new_frame()
         self._room: Future | None = None  # bytes left in front of the body
         self.offset = out.tell()
@@ -285,11 +310,8 @@ class BodyWriter:
     def add(self, entry: Entry) -> None:
         """Archive ``entry``.
 
-        Loaders (pyc rewrites) run in this thread: it has time to spare, and
-        threads of their own would contend with the workers for the
-        interpreter lock at every system call. A pyc's source, read to hash
-        it, is archived from those bytes when its turn comes (a pycache sorts
-        before its sources) rather than read again."""
+        Loaders (an edited ``pyvenv.cfg``, conda records) run in this thread:
+        there are few. Files, pycs among them, are read by the workers."""
         name = entry.path.encode("utf-8", "surrogateescape")
         if entry.type == "d":
             self._begin_member()
@@ -303,18 +325,7 @@ class BodyWriter:
             self.rows.append(row_of(entry))
             self.digests.append(entry.target)
         else:
-            data = None
-            reads = self._reads
-            if entry.loader is not None:
-                data = entry.loader(reads)
-                if data is None:
-                    return  # dropped
-                if len(reads) > _MAX_READS:
-                    reads.clear()
-            elif reads:
-                data = reads.pop(entry.source, None)
-                if data is not None and len(data) != entry.size:
-                    data = None  # changed since the walk: the worker will say so
+            data = None if entry.loader is None else entry.loader()
             size = entry.size if data is None else len(data)
             self._begin_member()
             self._put(tar.header(name, tar.REGULAR, entry.mode, size))
@@ -336,6 +347,10 @@ class BodyWriter:
             if n:
                 if data is None:
                     frame.reads.append((start, entry.source, done, n, size))
+                    if entry.pyc and done == 0:
+                        # Contents start on a block boundary and frames end on
+                        # one: the header is all in this frame.
+                        frame.pycs.append((start, entry.source))
                 else:
                     frame.buf[start : start + n] = memoryview(data)[done : done + n]
                 frame.used += n
@@ -393,7 +408,9 @@ class BodyWriter:
             (row, s, e, (entry.path, entry.scan, entry.placeholder, entry.placeholder_mode))
             for row, s, e, entry in frame.whole
         ]
-        handle = self._workers.submit(self._made, frame.slot, frame.reads, whole, frame.used)
+        handle = self._workers.submit(
+            self._made, frame.slot, frame.reads, frame.pycs, whole, frame.used
+        )
         self._pending.append((frame, handle))
         if len(self._pending) > self.threads:
             self._drain(len(self._pending) - self.threads)
@@ -525,10 +542,10 @@ class _ThreadWorkers:
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="envcrate-zstd")
         self._args = bufs, outs, codec, scanner
 
-    def submit(self, k: int, slot: int, reads, whole, used: int):
+    def submit(self, k: int, slot: int, reads, pycs, whole, used: int):
         bufs, outs, codec, scanner = self._args
         return self._pool.submit(
-            _pack_frame, bufs[slot], outs[slot], reads, whole, used, codec, scanner
+            _pack_frame, bufs[slot], outs[slot], reads, pycs, whole, used, codec, scanner
         )
 
     def result(self, handle):
@@ -552,6 +569,11 @@ class _ProcessWorkers:
         self.children: list[tuple[int, int, int]] = []  # (pid, requests, results)
         self.answers: list[queue.SimpleQueue] = []
         self.readers: list[threading.Thread] = []
+        # What every worker needs, loaded once here rather than in each
+        # after the fork (importing zstandard takes about 20 ms there).
+        import pickle  # noqa: F401
+
+        codec.ready()
         try:
             for _ in range(n):
                 self._fork(bufs, outs, codec, scanner)
@@ -592,8 +614,8 @@ class _ProcessWorkers:
         os.close(res_w)
         self.children.append((pid, req_w, res_r))
 
-    def submit(self, k: int, slot: int, reads, whole, used: int):
-        _send(self.children[k % len(self.children)][1], (slot, reads, whole, used))
+    def submit(self, k: int, slot: int, reads, pycs, whole, used: int):
+        _send(self.children[k % len(self.children)][1], (slot, reads, pycs, whole, used))
         return k
 
     def result(self, k: int):
@@ -637,11 +659,11 @@ def _take_answers(results: int, answers: queue.SimpleQueue) -> None:
 def _serve(requests: int, results: int, bufs, outs, codec, scanner) -> None:
     while True:
         try:
-            slot, reads, whole, used = _receive(requests)
+            slot, *job = _receive(requests)
         except EOFError:
             return
         try:
-            answer = (True, _pack_frame(bufs[slot], outs[slot], reads, whole, used, codec, scanner))
+            answer = (True, _pack_frame(bufs[slot], outs[slot], *job, codec, scanner))
         except BaseException as e:
             answer = (
                 False,
@@ -676,7 +698,6 @@ def _read_exactly(fd: int, n: int) -> bytes:
 
 
 _ZEROS = bytes(tar.BLOCK)
-_MAX_READS = 1024  # sources kept for reuse (about 20 MB of .py files)
 
 
 def _read_into(view: memoryview, path: str, offset: int, size: int) -> None:
@@ -718,12 +739,12 @@ PREFETCH_MAX_FILE = 1 << 20
 
 
 def _prefetched(e: Entry) -> bool:
-    return e.loader is not None or (e.type == "f" and e.size <= PREFETCH_MAX_FILE)
+    return e.loader is not None or (e.type == "f" and (e.pyc or e.size <= PREFETCH_MAX_FILE))
 
 
-def _load_batch(entries: list[Entry]) -> list[bytes | None]:
-    """Archived content of each entry; ``None`` where a loader drops it."""
-    out: list[bytes | None] = []
+def _load_batch(entries: list[Entry]) -> list[bytes]:
+    """Archived content of each entry."""
+    out: list[bytes] = []
     for e in entries:
         if e.loader is not None:
             out.append(e.loader())
@@ -734,17 +755,17 @@ def _load_batch(entries: list[Entry]) -> list[bytes | None]:
             raise EnvcrateError(f"cannot read {e.source}: {err.strerror}") from None
         if len(data) != e.size:
             raise EnvcrateError(f"{e.source} changed while it was being packed; pack again")
-        out.append(data)
+        out.append(rewritten(data, e.source) if e.pyc else data)
     return out
 
 
 def prefetch(
     entries: list[Entry], threads: int = 2, window: int = 8
 ) -> Iterator[tuple[Entry, bytes | None]]:
-    """Yield ``(entry, content)`` in order, small files and loader entries
-    loaded ahead by worker threads (their syscalls overlap the caller's work;
-    ``identify`` hashes them as they come); other entries come with ``None``,
-    and entries a loader drops are not yielded."""
+    """Yield ``(entry, content)`` in order, the archived content of small
+    files, pycs and loader entries loaded ahead by worker threads (their
+    syscalls overlap the caller's work; ``identify`` hashes them as they
+    come); other entries come with ``None``."""
     batches: list[list[Entry]] = []
     batch: list[Entry] = []
     size = 0
@@ -776,9 +797,7 @@ def prefetch(
                 if not _prefetched(e):
                     yield e, None
                 else:
-                    data = next(loaded)
-                    if data is not None:
-                        yield e, data
+                    yield e, next(loaded)
 
 
 def _member_bytes(name: str, data: bytes) -> bytes:

@@ -11,10 +11,10 @@ class Entry:
     """One path of a crate, as it will be archived.
 
     A file's archived bytes come from ``source`` (a path read once, streamed)
-    or from ``loader`` (bytes built in memory: a rewritten pyc, an edited
-    ``pyvenv.cfg``); a loader returning ``None`` drops the entry. A loader
-    may be given a dict, into which it puts other files it read on the way
-    (a pyc's source) for the caller to reuse.
+    or from ``loader`` (bytes built in memory: an edited ``pyvenv.cfg``). A
+    ``pyc`` is read from
+    ``source`` and archived as an unchecked-hash pyc (:mod:`envcrate.pyc`):
+    same size, another header.
     """
 
     path: str  # relative, "/"-separated
@@ -23,7 +23,8 @@ class Entry:
     size: int = 0
     source: str | None = None
     target: str = ""
-    loader: Callable[..., bytes | None] | None = None
+    loader: Callable[[], bytes] | None = None
+    pyc: bool = False
     scan: bool = True  # look for prefixes in this file
     # A prefix placeholder the archived bytes are known to embed (conda's
     # has_prefix) and how to replace it: "text" or "binary".

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import _imp
 import fnmatch
 import os
 import threading
@@ -11,7 +10,6 @@ from dataclasses import dataclass, field
 
 from ..entry import Entry
 from ..errors import SourceEnvError
-from ..fsutil import read_file
 from ..manifest import META_DIR, sort_key
 
 
@@ -212,37 +210,3 @@ def _link(full: str, path: str, prefixes: tuple[str, ...]) -> Entry:
         if resolved == ".." or resolved.startswith("../"):
             return Entry(path, "l", source=full)
     return Entry(path, "l", target=target)
-
-
-def pyc_loader(path: str):
-    """Rewrite a timestamp pyc as an unchecked-hash pyc; drop it when stale.
-    The source it reads to hash goes into ``reads``, if given."""
-
-    def load(reads: dict[str, bytes] | None = None) -> bytes | None:
-        data, _ = read_file(path)
-        if len(data) < 16:
-            return data
-        flags = int.from_bytes(data[4:8], "little")
-        if flags & 1:  # already hash-based: make it unchecked
-            return data[:4] + b"\x01\0\0\0" + data[8:]
-        cache_dir, base = os.path.split(path)
-        source = os.path.join(os.path.dirname(cache_dir), base.split(".", 1)[0] + ".py")
-        try:
-            code, st = read_file(source)
-        except OSError:
-            return data  # sourceless: leave as is
-        if data[8:12] != (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") or data[12:16] != (
-            len(code) & 0xFFFFFFFF
-        ).to_bytes(4, "little"):
-            return None  # stale: the interpreter would not have used it either
-        if reads is not None:
-            reads[source] = code
-        # The pyc's own magic number keys the hash, as importlib does.
-        return (
-            data[:4]
-            + b"\x01\0\0\0"
-            + _imp.source_hash(int.from_bytes(data[:4], "little"), code)
-            + data[16:]
-        )
-
-    return load

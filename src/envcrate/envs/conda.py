@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..entry import Entry
 from ..errors import SourceEnvError
-from .base import SourceEnv, inside, matches_any, pyc_loader, refuse_outside_link, walk
+from .base import SourceEnv, inside, matches_any, refuse_outside_link, walk
 from .dists import dist_pins, editable_installs, env_python
 
 # Top-level names of a conda installation that are not part of an env (as
@@ -120,7 +120,7 @@ def load(
                 entry.loader = _record_loader(entry.source)
                 entry.scan = False
             elif entry.path.endswith(".pyc") and "/__pycache__/" in entry.path:
-                entry.loader = pyc_loader(entry.source)
+                entry.pyc = True
                 entry.scan = False
         entries.append(entry)
 
@@ -325,7 +325,7 @@ def find_named(name: str) -> str:
 
 
 def _record_loader(path: str):
-    def load(reads=None) -> bytes:
+    def load() -> bytes:
         with open(path, encoding="utf-8") as f:
             info = json.load(f)
         for key in _HOST_FIELDS:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..entry import Entry
 from ..errors import SourceEnvError
-from .base import SourceEnv, iter_walk, pyc_loader, refuse_outside_link
+from .base import SourceEnv, iter_walk, refuse_outside_link
 from .dists import dist_pins, editable_installs, env_python
 
 RELOCATED_CFG_KEYS = (
@@ -100,7 +100,7 @@ def load(
                 entry.loader = _cfg_loader(cfg)
                 entry.scan = False
             elif entry.path.endswith(".pyc") and "/__pycache__/" in entry.path:
-                entry.loader = pyc_loader(entry.source)
+                entry.pyc = True
                 entry.scan = False
             yield entry
         source.python = _python_info(prefix, python(), cfg_values, site_dirs)
@@ -118,7 +118,7 @@ def _is_elf(path: str | None) -> bool:
 
 
 def _cfg_loader(cfg: list[tuple[str, str, str]]):
-    def load(reads=None) -> bytes:
+    def load() -> bytes:
         kept = [raw for key, _, raw in cfg if key not in RELOCATED_CFG_KEYS]
         return ("\n".join(kept) + "\n").encode("utf-8", "surrogateescape")
 
