@@ -467,9 +467,12 @@ def test_worker_processes_report_errors_and_are_reaped(tmp_path):
     f.write_bytes(b"hello")
     good = workers.submit(0, 0, [(0, str(f), 0, 5, 5)], [], [(7, 0, 5, None)], 5)
     bad = workers.submit(1, 1, [(0, str(tmp_path / "missing"), 0, 5, 5)], [], [], 5)
-    size, hashes, _ = workers.result(good)
+    hashes, _ = workers.filled(good)
+    size = workers.result(good)
     assert hashes == [(7, __import__("hashlib").sha256(b"hello").hexdigest())]
     assert zstandard.ZstdDecompressor().decompress(bytes(outs[0][:size])) == b"hello"
+    with pytest.raises(EnvcrateError, match="cannot read .*missing"):
+        workers.filled(bad)
     with pytest.raises(EnvcrateError, match="cannot read .*missing"):
         workers.result(bad)
     workers.close()
@@ -495,11 +498,11 @@ bufs = [mmap.mmap(-1, 1 << 16) for _ in range(3)]
 outs = [mmap.mmap(-1, a.compress_bound(1 << 16)) for _ in range(3)]
 workers = a._ProcessWorkers(1, bufs, outs, a._Codec("tar.zst", None), None)
 jobs = [workers.submit(k, k, reads, [], whole, 4 * len(reads)) for k in range(3)]
-print(sum(len(workers.result(k)[1]) for k in jobs))
+print(sum(len(workers.filled(k)[0]) for k in jobs), sum(workers.result(k) > 0 for k in jobs))
 workers.close()
 """
     out = check([sys.executable, "-c", script], timeout=120)
-    assert out.stdout.strip() == "9000"
+    assert out.stdout.split() == ["9000", "3"]
 
 
 def test_workers_are_threads_when_no_process_can_be_forked(monkeypatch):

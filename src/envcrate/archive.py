@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, BinaryIO, Callable
 from . import tar
 from .entry import Entry
 from .errors import EnvcrateError
-from .fsutil import copy_range, read_file, write_all
+from .fsutil import copy_range, read_file, write_all, write_all_at
 from .manifest import FILES_MEMBER, MANIFEST_MEMBER, FileRow
 from .pyc import HEADER as PYC_HEADER
 from .pyc import rewritten, source_of, unchecked_header
@@ -175,13 +175,14 @@ class _Frame:
     start_member: tuple[int, int] = (0, 0)
 
 
-def _pack_frame(buf, out, reads, pycs, whole, used, codec, scanner):
+def _pack_frame(buf, out, reads, pycs, whole, used, codec, scanner, report):
     """A worker's job: read the files laid out in ``buf`` (``reads``:
     position, path, offset, length, size), rewrite the headers of the pycs
     starting in it (``pycs``: position, path), hash and scan the files that
-    lie whole in it (``whole``: row, start, end, what the scanner needs),
-    compress it into ``out``. Returns (compressed length, [(row, sha256)],
-    findings)."""
+    lie whole in it (``whole``: row, start, end, what the scanner needs) and
+    ``report`` that: ([(row, sha256)], findings); then compress it into
+    ``out`` and return the compressed length. (Reporting before compressing
+    lets the head of the archive be made while the last frames compress.)"""
     view = memoryview(buf)
     for pos, path, offset, n, size in reads:
         _read_into(view[pos : pos + n], path, offset, size)
@@ -191,7 +192,8 @@ def _pack_frame(buf, out, reads, pycs, whole, used, codec, scanner):
     found = []
     if scanner is not None:
         found = [scanner.whole(meta, buf, s, e) for _, s, e, meta in whole]
-    return codec.compress_into(view[:used], out), hashes, found
+    report((hashes, found))
+    return codec.compress_into(view[:used], out)
 
 
 def _rewrite_pycs(view: memoryview, pycs, reads) -> None:
@@ -214,6 +216,10 @@ class BodyResult:
     index: list[tuple[int, int]]  # (member, offset) per body frame
     size: int  # uncompressed bytes of archived files
     offset: int = 0  # where the body starts in the output
+    head: Head | None = None  # what BodyWriter.finish's head_of made
+    # sha256 of the whole archive, when the head went into the room left for
+    # it and the archive is complete; else None (see assemble_copy).
+    blob: str | None = None
 
 
 def row_of(entry: Entry, size: int = 0, digest: str = "") -> FileRow:
@@ -287,6 +293,9 @@ class BodyWriter:
         self._unwritten: list[bytes] = []  # compressed, waiting for the room estimate
         self.held = 0  # bytes in _unwritten
         self._spanning = None  # sha256 of the file whose pieces are being hashed
+        self._blob = None  # sha256 of the archive, once the head is placed
+        self._placed: Head | None = None  # the head as placed, padding included
+        self._first_member: tuple[int, int] | None = None  # where the body starts
         self._frame = self._new_frame()
         self._room: Future | None = None  # bytes left in front of the body
         self.offset = out.tell()
@@ -412,6 +421,8 @@ class BodyWriter:
             self._made, frame.slot, frame.reads, frame.pycs, whole, frame.used
         )
         self._pending.append((frame, handle))
+        if self._first_member is None:
+            self._first_member = frame.start_member
         if len(self._pending) > self.threads:
             self._drain(len(self._pending) - self.threads)
         self._frame = self._new_frame()
@@ -430,55 +441,74 @@ class BodyWriter:
         and hand them to the completer."""
         for _ in range(n):
             frame, handle = self._pending.popleft()
-            size, hashes, found = self._workers.result(handle)
-            for i, digest in hashes:
-                self.digests[i] = digest
-            if self.scanner is not None:
-                self.scanner.merge(found)
-            self.progress(frame.content)
-            self.frames.append((size, frame.used))
-            self.index.append(frame.start_member)
-            if self._error is not None:
-                raise self._error
-            self._completer.submit(self._complete, frame, size)
+            self._filled(frame, handle)
+            self._done(frame, handle)
 
-    def _complete(self, frame: _Frame, size: int) -> None:
-        """The completer: the frame's pieces of spanning files, then its
-        compressed bytes, written at once if the room in front of the body is
-        known, else copied aside until it is; then the buffers are free."""
+    def _filled(self, frame: _Frame, handle) -> None:
+        """A worker has read, hashed and scanned a frame: record its digests
+        and findings; the completer hashes its pieces of spanning files."""
+        hashes, found = self._workers.filled(handle)
+        for i, digest in hashes:
+            self.digests[i] = digest
+        if self.scanner is not None:
+            self.scanner.merge(found)
+        self._check()
+        self._completer.submit(self._guarded, self._spanning_pieces, frame)
+
+    def _done(self, frame: _Frame, handle) -> None:
+        """A worker has compressed a frame: the completer writes it."""
+        size = self._workers.result(handle)
+        self.progress(frame.content)
+        self.frames.append((size, frame.used))
+        self.index.append(frame.start_member)
+        self._check()
+        self._completer.submit(self._complete, frame, size)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _guarded(self, job: Callable, *args) -> None:
+        """Run a completer job, unless one failed before; keep its error."""
+        if self._error is not None:
+            return
         try:
-            if self._error is None:  # nothing after a failure
-                self._spanning_pieces(frame)
-                data = memoryview(frame.out)[:size]
-                if self._room is not None and not self._room.done():
-                    self._unwritten.append(bytes(data))
-                    self.held += size
-                else:
-                    self._write_out(wait=False)  # what waited, first
-                    if self._error is None:
-                        self.out.write(data)
+            job(*args)
         except BaseException as e:
             self._error = e
+
+    def _complete(self, frame: _Frame, size: int) -> None:
+        """The completer: the frame's compressed bytes, written at once if the
+        room in front of the body is known, else copied aside until it is;
+        then the buffers are free."""
+        try:
+            data = memoryview(frame.out)[:size]
+            if self._room is not None and not self._room.done():
+                self._unwritten.append(bytes(data))
+                self.held += size
+            else:
+                self._guarded(self._write_out, False)  # what waited, first
+                self._guarded(self._write, data)
         finally:
             self._free.put(frame.slot)
+
+    def _write(self, data) -> None:
+        self.out.write(data)
+        if self._blob is not None:
+            self._blob.update(data)
 
     def _write_out(self, wait: bool) -> None:
         """Write the frames held back so far, if the room is known (``wait``:
         wait for it)."""
-        if self._error is not None:
-            return
-        try:
-            if self._room is not None and (wait or self._room.done()):
-                self.offset += self._room.result()
-                self._room = None
-                self.out.seek(self.offset)
-            if self._room is None:
-                for data in self._unwritten:
-                    self.out.write(data)
-                self._unwritten.clear()
-                self.held = 0
-        except BaseException as e:
-            self._error = e
+        if self._room is not None and (wait or self._room.done()):
+            self.offset += self._room.result()
+            self._room = None
+            self.out.seek(self.offset)
+        if self._room is None:
+            for data in self._unwritten:
+                self._write(data)
+            self._unwritten.clear()
+            self.held = 0
 
     def _spanning_pieces(self, frame: _Frame) -> None:
         """Hash and scan the pieces of files that span frames, in order."""
@@ -496,29 +526,87 @@ class BodyWriter:
                 if scanner is not None:
                     scanner.end()
 
-    def finish(self) -> BodyResult:
+    def _place_head(self, head: Head) -> None:
+        """The completer, once the head is made: write it into the room in
+        front of the body, padded, if it fits, and hash what is written so
+        far; the frames still to come are hashed as they are written."""
+        placed = _padded(head, self.offset, self._first_member, self.codec.fmt)
+        if placed is None:
+            return
+        self.out.flush()
+        fd = self.out.fileno()
+        write_all_at(fd, placed.data, 0)
+        blob = hashlib.sha256(placed.data)
+        pos, end = self.offset, self.out.tell()
+        view = memoryview(bytearray(4 << 20))
+        while pos < end:
+            n = os.preadv(fd, [view[: end - pos]], pos)
+            if not n:
+                raise EnvcrateError("the archive shrank while it was being written; pack again")
+            blob.update(view[:n])
+            pos += n
+        self._blob = blob
+        self._placed = placed
+
+    def _end(self) -> None:
+        """The completer, after the last frame: the trailer, if the head was
+        placed."""
+        if self._placed is not None:
+            self._write(_trailer(self.codec.fmt, self._placed, self.frames, self.index))
+            self.out.flush()
+
+    def finish(self, head_of: Callable[[list[FileRow]], Head]) -> BodyResult:
+        """End the tar stream and complete the archive. As soon as every
+        file's digest is known (the last frames may still be compressing),
+        ``head_of(rows)`` makes the head. If it fits the room left for it
+        (tar.zst), it goes there and the archive is completed and hashed as
+        it is written (``BodyResult.blob``); else :func:`assemble_copy`
+        makes the archive elsewhere."""
         self._begin_member()
         self._put(tar.END_OF_ARCHIVE)
         self._flush()
         try:
-            self._drain(len(self._pending))
-            self._completer.submit(self._write_out, True)
+            last = list(self._pending)
+            self._pending.clear()
+            for frame, handle in last:
+                self._filled(frame, handle)
+            # Every piece hashed and the room known.
+            self._completer.submit(self._guarded, self._write_out, True).result()
+            self._check()
+            if self.scanner is not None:
+                self.scanner.merge([self.scanner.pieces()])
+            rows = [
+                FileRow(r.type, r.path, r.mode, r.size, d) if r.type == "f" else r
+                for r, d in zip(self.rows, self.digests)
+            ]
+            head = head_of(rows)
+            self._completer.submit(self._guarded, self._place_head, head)
+            for frame, handle in last:
+                self._done(frame, handle)
+            self._workers.close()  # they exit while the last frames are written
+            # Freeing the frame buffers takes tens of milliseconds: here, while
+            # the completer hashes the archive, rather than at the end.
+            _release(self._bufs)
+            self._completer.submit(self._guarded, self._end).result()
+            _release(self._outs)
         finally:
             self._workers.close()
             self._completer.shutdown()
-        if self._error is not None:
-            raise self._error
-        if self.scanner is not None:
-            self.scanner.merge([self.scanner.pieces()])
-        rows = [
-            FileRow(r.type, r.path, r.mode, r.size, d) if r.type == "f" else r
-            for r, d in zip(self.rows, self.digests)
-        ]
-        return BodyResult(rows, self.frames, self.index, self.bytes, self.offset)
+        self._check()
+        blob = None if self._blob is None else self._blob.hexdigest()
+        return BodyResult(rows, self.frames, self.index, self.bytes, self.offset, head, blob)
 
     def abort(self) -> None:
         self._workers.close(abort=True)
         self._completer.shutdown(wait=True, cancel_futures=True)
+
+
+def _release(maps: list[mmap.mmap]) -> None:
+    for m in maps:
+        try:
+            m.close()
+        except BufferError:  # still viewed somewhere: freed with the view
+            pass
 
 
 USE_PROCESSES = True  # tests turn it off to check that threads give the same archive
@@ -543,13 +631,36 @@ class _ThreadWorkers:
         self._args = bufs, outs, codec, scanner
 
     def submit(self, k: int, slot: int, reads, pycs, whole, used: int):
+        from concurrent.futures import Future
+
         bufs, outs, codec, scanner = self._args
-        return self._pool.submit(
-            _pack_frame, bufs[slot], outs[slot], reads, pycs, whole, used, codec, scanner
-        )
+        filled: Future = Future()
+
+        def job():
+            try:
+                return _pack_frame(
+                    bufs[slot],
+                    outs[slot],
+                    reads,
+                    pycs,
+                    whole,
+                    used,
+                    codec,
+                    scanner,
+                    filled.set_result,
+                )
+            except BaseException as e:
+                if not filled.done():
+                    filled.set_exception(e)
+                raise
+
+        return filled, self._pool.submit(job)
+
+    def filled(self, handle):
+        return handle[0].result()
 
     def result(self, handle):
-        return handle.result()
+        return handle[1].result()
 
     def close(self, abort: bool = False) -> None:
         self._pool.shutdown(wait=True, cancel_futures=abort)
@@ -569,6 +680,7 @@ class _ProcessWorkers:
         self.children: list[tuple[int, int, int]] = []  # (pid, requests, results)
         self.answers: list[queue.SimpleQueue] = []
         self.readers: list[threading.Thread] = []
+        self._got: dict[tuple[int, str], object] = {}  # answers by (frame, kind)
         # What every worker needs, loaded once here rather than in each
         # after the fork (importing zstandard takes about 20 ms there).
         import pickle  # noqa: F401
@@ -615,18 +727,31 @@ class _ProcessWorkers:
         self.children.append((pid, req_w, res_r))
 
     def submit(self, k: int, slot: int, reads, pycs, whole, used: int):
-        _send(self.children[k % len(self.children)][1], (slot, reads, pycs, whole, used))
+        _send(self.children[k % len(self.children)][1], (k, slot, reads, pycs, whole, used))
         return k
 
+    def filled(self, k: int):
+        """What frame ``k``'s worker reported before compressing it."""
+        return self._answer(k, "filled")
+
     def result(self, k: int):
-        ok, value = self.answers[k % len(self.answers)].get()
-        if ok is None:
-            raise EnvcrateError(
-                "a packing worker process died (out of memory?); pack again, or with --threads 1"
-            )
-        if not ok:
-            raise value
-        return value
+        """Frame ``k``'s compressed length."""
+        return self._answer(k, "done")
+
+    def _answer(self, k: int, kind: str):
+        answers = self.answers[k % len(self.answers)]
+        while True:
+            if (k, "error") in self._got:
+                raise self._got[k, "error"]
+            if (k, kind) in self._got:
+                return self._got.pop((k, kind))
+            got = answers.get()
+            if got is None:
+                raise EnvcrateError(
+                    "a packing worker process died (out of memory?); pack again, or with --threads 1"
+                )
+            frame, what, value = got
+            self._got[frame, what] = value
 
     def close(self, abort: bool = False) -> None:
         import signal
@@ -652,23 +777,28 @@ def _take_answers(results: int, answers: queue.SimpleQueue) -> None:
         try:
             answers.put(_receive(results))
         except (EOFError, OSError):
-            answers.put((None, None))  # the worker is gone
+            answers.put(None)  # the worker is gone
             return
 
 
 def _serve(requests: int, results: int, bufs, outs, codec, scanner) -> None:
+    """A worker process: for each frame asked for, send (frame, "filled",
+    digests and findings) then (frame, "done", compressed length), or
+    (frame, "error", the error)."""
     while True:
         try:
-            slot, *job = _receive(requests)
+            k, slot, *job = _receive(requests)
         except EOFError:
             return
+
+        def report(filled, k=k) -> None:
+            _send(results, (k, "filled", filled))
+
         try:
-            answer = (True, _pack_frame(bufs[slot], outs[slot], *job, codec, scanner))
+            answer = (k, "done", _pack_frame(bufs[slot], outs[slot], *job, codec, scanner, report))
         except BaseException as e:
-            answer = (
-                False,
-                e if isinstance(e, EnvcrateError) else EnvcrateError(f"packing: {e!r}"),
-            )
+            error = e if isinstance(e, EnvcrateError) else EnvcrateError(f"packing: {e!r}")
+            answer = (k, "error", error)
         _send(results, answer)
 
 
@@ -840,46 +970,40 @@ def head_frames(manifest: bytes, table: bytes, fmt: str, level: int | None) -> H
     return Head(b"".join(out), frames, [at for _, at in pieces])
 
 
-def assemble(out: BinaryIO, result: BodyResult, head: Head, fmt: str) -> bool:
-    """Complete the archive whose body :class:`BodyWriter` wrote to ``out``:
-    the head in the room left in front of the body, padded by a skippable
-    frame, then the index behind it. Returns False, writing nothing, when the
-    head does not fit; :func:`assemble_copy` then makes the archive in
-    another file."""
-    gap = result.offset - len(head.data)
+def _padded(head: Head, offset: int, first: tuple[int, int], fmt: str) -> Head | None:
+    """``head`` padded by a skippable frame to fill the ``offset`` bytes in
+    front of a tar.zst body whose first frame starts at ``first`` (member,
+    offset); None if it does not fit."""
+    gap = offset - len(head.data)
     if fmt != "tar.zst" or not (gap == 0 or gap >= 8):
-        return False
-    if gap:
-        # The padding decompresses to nothing: it "starts" where the body does.
-        padding = _skippable(_PADDING_MAGIC, bytes(gap - 8))
-        head = Head(head.data + padding, head.frames + [(gap, 0)], head.index + [result.index[0]])
-    out.flush()
-    os.pwrite(out.fileno(), head.data, 0)
-    out.seek(result.offset + sum(c for c, _ in result.frames))
-    out.write(_trailer(fmt, result, head))
-    out.flush()
-    return True
+        return None
+    if not gap:
+        return head
+    # The padding decompresses to nothing: it "starts" where the body does.
+    padding = _skippable(_PADDING_MAGIC, bytes(gap - 8))
+    return Head(head.data + padding, head.frames + [(gap, 0)], head.index + [list(first)])
 
 
-def assemble_copy(out: BinaryIO, body: BinaryIO, result: BodyResult, head: Head, fmt: str) -> None:
-    """Write the whole archive to ``out``: head, the body copied from
-    ``body`` (where :class:`BodyWriter` wrote it), index."""
-    out.write(head.data)
+def assemble_copy(out: BinaryIO, body: BinaryIO, result: BodyResult, fmt: str) -> None:
+    """Write the whole archive to ``out`` when the head did not go into the
+    room in front of the body: head, the body copied from ``body`` (where
+    :class:`BodyWriter` wrote it), index."""
+    out.write(result.head.data)
     out.flush()
     body.flush()
     copy_range(body.fileno(), result.offset, sum(c for c, _ in result.frames), out.fileno())
     out.seek(0, os.SEEK_END)
-    out.write(_trailer(fmt, result, head))
+    out.write(_trailer(fmt, result.head, result.frames, result.index))
     out.flush()
 
 
-def _trailer(fmt: str, result: BodyResult, head: Head) -> bytes:
+def _trailer(fmt: str, head: Head, body_frames: list, body_index: list) -> bytes:
     """The index and seek-table frames that end a tar.zst (nothing for
     tar.gz)."""
     if fmt != "tar.zst":
         return b""
-    index = [list(x) for x in head.index + result.index]
-    frames = head.frames + result.frames
+    index = [list(x) for x in head.index + body_index]
+    frames = head.frames + body_frames
     table_bytes = b"".join(struct.pack("<II", c, d) for c, d in frames)
     footer = struct.pack("<IBI", len(frames), 0, _SEEKABLE_FOOTER_MAGIC)
     index_bytes = json.dumps({"frames": index}, separators=(",", ":")).encode()

@@ -51,6 +51,14 @@ def write_all(fd: int, data) -> None:
         view = view[os.write(fd, view) :]
 
 
+def write_all_at(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` to ``fd`` at ``offset`` (its position stays)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def copy_range(src: int, offset: int, count: int, dst: int) -> None:
     """Append ``count`` bytes of file ``src`` from ``offset`` to file ``dst``
     (at its position): in the kernel where the filesystem can, else through

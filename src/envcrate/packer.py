@@ -16,13 +16,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from . import __version__
 from .archive import (
     DEFAULT_LEVEL,
     FORMATS,
     BodyWriter,
-    assemble,
+    Head,
     assemble_copy,
     format_of_name,
     head_frames,
@@ -119,42 +120,47 @@ def pack_source(
             # Before the bar: it starts a thread, and the writer forks its
             # workers only while no other thread runs.
             writer = BodyWriter(out, format, level, threads, scanner)
+            manifest = None
+
+            def head_of(rows) -> Head:
+                nonlocal manifest
+                table = encode_table(rows)
+                manifest = _manifest(source, crate_id_of_table(table), scanner.findings, rows)
+                return head_frames(manifest.to_bytes(), table, format, level)
+
             try:
                 shown = bar(None, f"packing {source.name}", progress)
                 with shown as tick:
                     writer.progress = tick or writer.progress
-                    result = _write_body(writer, out_dir, source, format, level, shown)
+                    result = _write_body(writer, out_dir, source, format, level, shown, head_of)
             except BaseException:
                 writer.abort()
                 raise
-            table = encode_table(result.rows)
-            crate_id = crate_id_of_table(table)
-            manifest = _manifest(source, crate_id, scanner.findings, result.rows, result.size)
-            tmp = _complete(out, tmp, out_dir, result, manifest.to_bytes(), table, format, level)
-        blob, size = sha256_file(tmp)
+            if result.blob is not None:
+                blob, size = result.blob, os.fstat(out.fileno()).st_size
+        if result.blob is None:
+            tmp = _copy_behind_head(tmp, out_dir, result, format)
+            blob, size = sha256_file(tmp)
         os.chmod(tmp, 0o644 & ~current_umask())
-        final = out_dir / (out_name or f"{source.name}-{short_id(crate_id)}.{format}")
+        final = out_dir / (out_name or f"{source.name}-{short_id(manifest.id)}.{format}")
         os.replace(tmp, final)
     except BaseException:
         unlink_quietly(tmp)
         raise
     write_record(Path(str(final) + ".json"), manifest, format, "sha256:" + blob, size)
     return Crate(
-        crate_id, "sha256:" + blob, size, format, final, manifest, time.monotonic() - start
+        manifest.id, "sha256:" + blob, size, format, final, manifest, time.monotonic() - start
     )
 
 
-def _complete(out, path: str, out_dir: Path, result, manifest: bytes, table: bytes, fmt, level):
-    """Put the head in front of the body in ``out`` (at ``path``) and return
-    the path of the finished archive: ``path``, or a new temporary file when
-    the head does not fit the room left for it."""
-    head = head_frames(manifest, table, fmt, level)
-    if assemble(out, result, head, fmt):
-        return path
+def _copy_behind_head(path: str, out_dir: Path, result, fmt: str) -> str:
+    """Make the archive in a new temporary file, head first and the body
+    (at ``path``) copied behind it, when the head did not fit the room left
+    for it (or for tar.gz, where no room is left); return its path."""
     fd, new = tempfile.mkstemp(dir=out_dir, prefix=os.path.basename(path)[:-4], suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as copy:
-            assemble_copy(copy, out, result, head, fmt)
+        with os.fdopen(fd, "wb") as copy, open(path, "rb") as body:
+            assemble_copy(copy, body, result, fmt)
     except BaseException:
         unlink_quietly(new)
         raise
@@ -189,7 +195,13 @@ HOLD_LIMIT = 256 << 20  # compressed bytes held in memory while the walk goes on
 
 
 def _write_body(
-    writer: BodyWriter, out_dir: Path, source: SourceEnv, fmt: str, level: int | None, shown: bar
+    writer: BodyWriter,
+    out_dir: Path,
+    source: SourceEnv,
+    fmt: str,
+    level: int | None,
+    shown: bar,
+    head_of: Callable[[list], Head],
 ):
     """Pack the entries as the walk finds them. Nothing is written before the
     walk ends: then the free space is checked and the room for the head is
@@ -217,7 +229,7 @@ def _write_body(
             writer.add(entry)
         if not walked:
             when_walked()
-        return writer.finish()
+        return writer.finish(head_of)
     except BaseException:
         writer.abort()
         raise
@@ -247,7 +259,7 @@ def _head_room(source: SourceEnv, fmt: str, level: int | None) -> int:
             if e.placeholder
         ]
     )
-    manifest = _manifest(source, "sha256:" + "0" * 64, known, rows, sum(e.size for e in files))
+    manifest = _manifest(source, "sha256:" + "0" * 64, known, rows)
     head = head_frames(manifest.to_bytes(), encode_table(rows), fmt, level).data
     return len(head) + len(head) // 64 + (8 << 10)
 
@@ -286,7 +298,7 @@ def _check_space(out_dir: Path, total: int) -> None:
         )
 
 
-def _manifest(source: SourceEnv, crate_id: str, findings: Findings, rows, size: int) -> Manifest:
+def _manifest(source: SourceEnv, crate_id: str, findings: Findings, rows) -> Manifest:
     platform = dict(host_platform(), libc=libc_record(findings.glibc))
     data = {
         "schema": SCHEMA,
@@ -303,7 +315,7 @@ def _manifest(source: SourceEnv, crate_id: str, findings: Findings, rows, size: 
         "files": {
             "count": sum(1 for r in rows if r.type == "f"),
             "entries": len(rows),
-            "bytes": size,
+            "bytes": sum(r.size for r in rows if r.type == "f"),
         },
         "envcrate": __version__,
     }
