@@ -122,9 +122,8 @@ def pack_source(
             writer = BodyWriter(out, format, level, threads, scanner)
             manifest = None
 
-            def head_of(rows) -> Head:
+            def head_of(rows, table: bytes) -> Head:
                 nonlocal manifest
-                table = encode_table(rows)
                 manifest = _manifest(source, crate_id_of_table(table), scanner.findings, rows)
                 return head_frames(manifest.to_bytes(), table, format, level)
 
@@ -201,7 +200,7 @@ def _write_body(
     fmt: str,
     level: int | None,
     shown: bar,
-    head_of: Callable[[list], Head],
+    head_of: Callable[[list, bytes], Head],
 ):
     """Pack the entries as the walk finds them. Nothing is written before the
     walk ends: then the free space is checked and the room for the head is

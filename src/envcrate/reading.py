@@ -107,7 +107,7 @@ PIECE = 1 << 20
 
 class _Buffers:
     """Reusable buffers of one size. Fresh pages for every decompressed
-    frame (16 MiB, then freed) cost more system time than the
+    frame (8 MiB, then freed) cost more system time than the
     decompression itself on virtual machines; a few buffers taken and given
     back keep the reader's memory small and already mapped. ``take`` never
     blocks (it makes a new buffer when none is free), so a holder can never
