@@ -284,12 +284,7 @@ class BodyWriter:
         for slot in range(slots):
             self._free.put(slot)
         self._workers = _workers(self.threads, self._bufs, self._outs, self.codec, scanner)
-        from concurrent.futures import ThreadPoolExecutor  # not imported for unpacking
-
-        # Frames complete in order in a thread of their own (pieces of
-        # spanning files hashed and scanned, then written): page-cache writes
-        # and hashing would otherwise stall the planning thread.
-        self._completer = ThreadPoolExecutor(1, thread_name_prefix="envcrate-write")
+        self._completer = None  # see _later
         self._error: BaseException | None = None  # the completer's
         self._pending: deque = deque()  # (frame, handle)
         self._made = 0
@@ -304,22 +299,37 @@ class BodyWriter:
         self._final_rows: list[FileRow] = []  # ... here
         self._table: list[bytes] = []  # ... and encoded for the file table
         self._frame = self._new_frame()
+        self._holding = False  # nothing written until the room is known
         self._room: Future | None = None  # bytes left in front of the body
         self.offset = out.tell()
 
     def hold(self) -> None:
         """Write nothing until :meth:`leave_room` says where the body starts;
         compressed frames wait in memory."""
-        from concurrent.futures import Future
-
-        self._room = Future()
+        self._holding = True
 
     def leave_room(self, estimate: Callable[[], int]) -> None:
         """Start the body ``estimate()`` bytes into ``out`` (a thread runs
         ``estimate``)."""
+        from concurrent.futures import Future
+
+        self._room = Future()
         threading.Thread(
             target=self._run_estimate, args=(estimate, self._room), name="envcrate-room"
         ).start()
+
+    def _later(self, job: Callable, *args) -> Future:
+        """Run ``job(*args)`` in the completer thread, after the jobs given
+        before. Frames complete in order there (pieces of spanning files
+        hashed and scanned, rows finalized, then written): page-cache writes
+        and hashing would otherwise stall the planning thread."""
+        if self._completer is None:
+            # Made at the first frame's completion, when the planner waits
+            # anyway, rather than before the first frame is planned.
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._completer = ThreadPoolExecutor(1, thread_name_prefix="envcrate-write")
+        return self._completer.submit(job, *args)
 
     # -- planning (the caller's thread)
 
@@ -463,8 +473,8 @@ class BodyWriter:
         if self.scanner is not None:
             self.scanner.merge(found)
         self._check()
-        self._completer.submit(self._guarded, self._spanning_pieces, frame)
-        self._completer.submit(self._guarded, self._finalize, frame.rows_end)
+        self._later(self._guarded, self._spanning_pieces, frame)
+        self._later(self._guarded, self._finalize, frame.rows_end)
 
     def _done(self, frame: _Frame, handle) -> None:
         """A worker has compressed a frame: the completer writes it."""
@@ -473,7 +483,7 @@ class BodyWriter:
         self.frames.append((size, frame.used))
         self.index.append(frame.start_member)
         self._check()
-        self._completer.submit(self._complete, frame, size)
+        self._later(self._complete, frame, size)
 
     def _check(self) -> None:
         if self._error is not None:
@@ -494,7 +504,7 @@ class BodyWriter:
         then the buffers are free."""
         try:
             data = memoryview(frame.out)[:size]
-            if self._room is not None and not self._room.done():
+            if self._holding and (self._room is None or not self._room.done()):
                 self._unwritten.append(bytes(data))
                 self.held += size
             else:
@@ -511,11 +521,11 @@ class BodyWriter:
     def _write_out(self, wait: bool) -> None:
         """Write the frames held back so far, if the room is known (``wait``:
         wait for it)."""
-        if self._room is not None and (wait or self._room.done()):
+        if self._holding and (wait or (self._room is not None and self._room.done())):
             self.offset += self._room.result()
-            self._room = None
+            self._holding, self._room = False, None
             self.out.seek(self.offset)
-        if self._room is None:
+        if not self._holding:
             for data in self._unwritten:
                 self._write(data)
             self._unwritten.clear()
@@ -560,14 +570,11 @@ class BodyWriter:
         fd = self.out.fileno()
         write_all_at(fd, placed.data, 0)
         blob = hashlib.sha256(placed.data)
-        pos, end = self.offset, self.out.tell()
-        view = memoryview(bytearray(4 << 20))
-        while pos < end:
-            n = os.preadv(fd, [view[: end - pos]], pos)
-            if not n:
-                raise EnvcrateError("the archive shrank while it was being written; pack again")
-            blob.update(view[:n])
-            pos += n
+        end = self.out.tell()
+        if end > self.offset:  # the body so far, hashed where the page cache holds it
+            with mmap.mmap(fd, end, prot=mmap.PROT_READ) as written:
+                with memoryview(written) as view:
+                    blob.update(view[self.offset :])
         self._blob = blob
         self._placed = placed
 
@@ -594,31 +601,33 @@ class BodyWriter:
             for frame, handle in last:
                 self._filled(frame, handle)
             # Every piece hashed, every row final, and the room known.
-            self._completer.submit(self._guarded, self._write_out, True).result()
+            self._later(self._guarded, self._write_out, True).result()
             self._check()
             if self.scanner is not None:
                 self.scanner.merge([self.scanner.pieces()])
             rows = self._final_rows
             head = head_of(rows, b"".join(self._table))
-            self._completer.submit(self._guarded, self._place_head, head)
+            self._later(self._guarded, self._place_head, head)
             for frame, handle in last:
                 self._done(frame, handle)
             self._workers.close()  # they exit while the last frames are written
             # Freeing the frame buffers takes tens of milliseconds: here, while
             # the completer hashes the archive, rather than at the end.
             _release(self._bufs)
-            self._completer.submit(self._guarded, self._end).result()
+            self._later(self._guarded, self._end).result()
             _release(self._outs)
         finally:
             self._workers.close()
-            self._completer.shutdown()
+            if self._completer is not None:
+                self._completer.shutdown()
         self._check()
         blob = None if self._blob is None else self._blob.hexdigest()
         return BodyResult(rows, self.frames, self.index, self.bytes, self.offset, head, blob)
 
     def abort(self) -> None:
         self._workers.close(abort=True)
-        self._completer.shutdown(wait=True, cancel_futures=True)
+        if self._completer is not None:
+            self._completer.shutdown(wait=True, cancel_futures=True)
 
 
 def _release(maps: list[mmap.mmap]) -> None:
