@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -107,6 +108,10 @@ def test_small_frames_span_files_and_round_trip(small_venv, tmp_path, monkeypatc
     monkeypatch.undo()
     normal = pack(small_venv, tmp_path / "normal.tar.zst")
     assert small.id == normal.id  # file digests of spanning files are computed the same way
+    # The blob digest is hashed as the archive is written: most of this
+    # body is written before the head, the rest after.
+    for crate in (small, normal):
+        assert crate.blob == "sha256:" + hashlib.sha256(crate.archive.read_bytes()).hexdigest()
     # ... and so are their scans: the same prefix files and glibc needs.
     assert small.manifest.to_bytes() == normal.manifest.to_bytes()
     raw = small.archive.read_bytes()
@@ -143,6 +148,8 @@ def test_the_head_goes_into_room_left_for_it_or_the_body_is_copied(
     out.mkdir()
     tight = pack(small_venv, out / "tight.tar.zst")
     assert tight.id == roomy.id
+    for crate in (roomy, tight):
+        assert crate.blob == "sha256:" + hashlib.sha256(crate.archive.read_bytes()).hexdigest()
     assert all(d for _, d in _seek_entries(tight.archive.read_bytes()))  # no padding
     assert sorted(p.name for p in out.iterdir()) == ["tight.tar.zst", "tight.tar.zst.json"]
     verify_archive(tight.archive)
