@@ -104,7 +104,17 @@ def test_small_frames_span_files_and_round_trip(small_venv, tmp_path, monkeypatc
     import envcrate.archive as archive
 
     monkeypatch.setattr(archive, "FRAME_SIZE", 64 * 1024)
+    monkeypatch.setattr(archive, "TABLE_CHUNK", 4096)
     small = pack(small_venv, tmp_path / "small-frames.tar.zst")
+    # The table's pieces, compressed as rows became final, are the bytes a
+    # compression of the whole table gives (the room estimate's way).
+    from envcrate.reading import open_stream
+
+    opened = open_stream(str(small.archive))
+    head = archive.head_frames(opened.manifest_bytes, opened.table_bytes, "tar.zst", None)
+    opened.close()
+    assert len(head.frames) >= 5  # manifest, table header, whole pieces, the last piece
+    assert small.archive.read_bytes()[: len(head.data)] == head.data
     monkeypatch.undo()
     normal = pack(small_venv, tmp_path / "normal.tar.zst")
     assert small.id == normal.id  # file digests of spanning files are computed the same way
@@ -135,12 +145,13 @@ def test_the_head_goes_into_room_left_for_it_or_the_body_is_copied(
     from envcrate import unpack, verify_archive
 
     roomy = pack(small_venv, tmp_path / "roomy.tar.zst")
-    # Manifest frame, table frame, then the padding: a skippable frame that
-    # decompresses to nothing.
+    # Manifest frame, the table's header and content frames, then the
+    # padding: a skippable frame that decompresses to nothing.
     raw = roomy.archive.read_bytes()
-    (_, _), (table_c, _), (pad_c, pad_d) = _seek_entries(raw)[:3]
+    (_, _), (_, header_d), (_, table_d), (pad_c, pad_d) = _seek_entries(raw)[:4]
+    assert header_d == 512 and table_d % 512 == 0
     assert pad_d == 0 and 8 <= pad_c < 64 << 10
-    start = _seek_entries(raw)[0][0] + table_c
+    start = sum(c for c, _ in _seek_entries(raw)[:3])
     assert struct.unpack_from("<II", raw, start) == (0x184D2A50, pad_c - 8)
 
     monkeypatch.setattr(packer, "_head_room", lambda *a: 100)  # far too little

@@ -61,6 +61,10 @@ if TYPE_CHECKING:
 # shorten the end of a pack, when the last frames compress on their own.
 FRAME_SIZE = 8 << 20
 RAMP = 2 << 20
+# The file table's frames: compressed as packing goes, so that little is left
+# to compress once the last digest is known. A multiple of the tar block: a
+# whole piece needs no padding, last or not.
+TABLE_CHUNK = 256 << 10
 FORMATS = ("tar.zst", "tar.gz")
 DEFAULT_LEVEL = {"tar.zst": None, "tar.gz": 6}
 # The default zstd setting: level 3's window and match length with the "fast"
@@ -297,7 +301,8 @@ class BodyWriter:
         self._open_file = False  # a file's content goes on in the next frame
         self._final = 0  # rows before this have their digests ...
         self._final_rows: list[FileRow] = []  # ... here
-        self._table: list[bytes] = []  # ... and encoded for the file table
+        self._table = bytearray()  # ... and encoded for the file table
+        self._chunks: list[bytes] = []  # its whole TABLE_CHUNK pieces, compressed
         self._frame = self._new_frame()
         self._holding = False  # nothing written until the room is known
         self._room: Future | None = None  # bytes left in front of the body
@@ -556,8 +561,11 @@ class BodyWriter:
             for r, d in zip(self.rows[self._final : end], self.digests[self._final : end])
         ]
         self._final_rows += rows
-        self._table.append(encode_table(rows))
+        self._table += encode_table(rows)
         self._final = end
+        while len(self._table) >= (len(self._chunks) + 1) * TABLE_CHUNK:
+            at = len(self._chunks) * TABLE_CHUNK
+            self._chunks.append(self.codec.compress(self._table[at : at + TABLE_CHUNK]))
 
     def _place_head(self, head: Head) -> None:
         """The completer, once the head is made: write it into the room in
@@ -585,10 +593,11 @@ class BodyWriter:
             self._write(_trailer(self.codec.fmt, self._placed, self.frames, self.index))
             self.out.flush()
 
-    def finish(self, head_of: Callable[[list[FileRow], bytes], Head]) -> BodyResult:
+    def finish(self, manifest_of: Callable[[list[FileRow], bytes], bytes]) -> BodyResult:
         """End the tar stream and complete the archive. As soon as every
         file's digest is known (the last frames may still be compressing),
-        ``head_of(rows, encoded table)`` makes the head. If it fits the room left for it
+        ``manifest_of(rows, encoded table)`` makes the manifest and the head
+        is made. If it fits the room left for it
         (tar.zst), it goes there and the archive is completed and hashed as
         it is written (``BodyResult.blob``); else :func:`assemble_copy`
         makes the archive elsewhere."""
@@ -605,8 +614,11 @@ class BodyWriter:
             self._check()
             if self.scanner is not None:
                 self.scanner.merge([self.scanner.pieces()])
-            rows = self._final_rows
-            head = head_of(rows, b"".join(self._table))
+            rows, table = self._final_rows, bytes(self._table)
+            codec = self.codec
+            head = head_frames(
+                manifest_of(rows, table), table, codec.fmt, codec.level, self._chunks
+            )
             self._later(self._guarded, self._place_head, head)
             for frame, handle in last:
                 self._done(frame, handle)
@@ -984,16 +996,26 @@ class Head:
     index: list[list[int]]  # (member, offset) per frame
 
 
-def head_frames(manifest: bytes, table: bytes, fmt: str, level: int | None) -> Head:
-    """The compressed manifest frame and file-table frames (the table cut
-    every FRAME_SIZE bytes)."""
+def head_frames(
+    manifest: bytes, table: bytes, fmt: str, level: int | None, compressed: list[bytes] = ()
+) -> Head:
+    """The compressed manifest frame and file-table frames: the table's tar
+    header, then its content cut every TABLE_CHUNK bytes (the last piece
+    with the tar padding). ``compressed``: the first whole pieces,
+    compressed already (the same bytes: see :meth:`BodyWriter._finalize`)."""
     codec = _Codec(fmt, level)
-    second = _member_bytes(FILES_MEMBER, table)
-    pieces = [(_member_bytes(MANIFEST_MEMBER, manifest), [0, 0])]
-    pieces += [(second[p : p + FRAME_SIZE], [1, p]) for p in range(0, len(second), FRAME_SIZE)]
+    pieces = [
+        (_member_bytes(MANIFEST_MEMBER, manifest), [0, 0]),
+        (tar.header(FILES_MEMBER.encode(), tar.REGULAR, 0o644, len(table)), [1, 0]),
+    ]
+    for p in range(0, len(table), TABLE_CHUNK):
+        piece = table[p : p + TABLE_CHUNK]
+        if len(piece) < TABLE_CHUNK:
+            piece += bytes(tar.padding(len(table)))
+        pieces.append((piece, [1, tar.BLOCK + p]))
     out, frames = [], []
-    for piece, _ in pieces:
-        data = codec.compress(piece)
+    for k, (piece, _) in enumerate(pieces):
+        data = compressed[k - 2] if 2 <= k < 2 + len(compressed) else codec.compress(piece)
         out.append(data)
         frames.append((len(data), len(piece)))
     return Head(b"".join(out), frames, [at for _, at in pieces])

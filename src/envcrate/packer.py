@@ -23,7 +23,6 @@ from .archive import (
     DEFAULT_LEVEL,
     FORMATS,
     BodyWriter,
-    Head,
     assemble_copy,
     format_of_name,
     head_frames,
@@ -122,16 +121,16 @@ def pack_source(
             writer = BodyWriter(out, format, level, threads, scanner)
             manifest = None
 
-            def head_of(rows, table: bytes) -> Head:
+            def manifest_of(rows, table: bytes) -> bytes:
                 nonlocal manifest
                 manifest = _manifest(source, crate_id_of_table(table), scanner.findings, rows)
-                return head_frames(manifest.to_bytes(), table, format, level)
+                return manifest.to_bytes()
 
             try:
                 shown = bar(None, f"packing {source.name}", progress)
                 with shown as tick:
                     writer.progress = tick or writer.progress
-                    result = _write_body(writer, out_dir, source, format, level, shown, head_of)
+                    result = _write_body(writer, out_dir, source, format, level, shown, manifest_of)
             except BaseException:
                 writer.abort()
                 raise
@@ -200,7 +199,7 @@ def _write_body(
     fmt: str,
     level: int | None,
     shown: bar,
-    head_of: Callable[[list, bytes], Head],
+    manifest_of: Callable[[list, bytes], bytes],
 ):
     """Pack the entries as the walk finds them. Nothing is written before the
     walk ends: then the free space is checked and the room for the head is
@@ -228,7 +227,7 @@ def _write_body(
             writer.add(entry)
         if not walked:
             when_walked()
-        return writer.finish(head_of)
+        return writer.finish(manifest_of)
     except BaseException:
         writer.abort()
         raise
