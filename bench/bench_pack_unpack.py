@@ -174,7 +174,8 @@ def main() -> None:
             record(UNTAR_ZSTD, timed(["tar", "-I", "zstd", "-xf", t, "-C", d / "u-tar"]))
             (d / "u-gz").mkdir()
             record(UNTAR_GZ, timed(["tar", "-xzf", v, "-C", d / "u-gz"]))
-            print(f"round {i + 1}/{args.rounds} done", file=sys.stderr)
+            took = ", ".join(f"{k.split(' (')[0]} {v[-1]:.2f}" for k, v in times.items())
+            print(f"round {i + 1}/{args.rounds}: {took}", file=sys.stderr)
         check = subprocess.run(
             [
                 runs / "r0" / "u-envcrate" / "bin" / "python",
