@@ -463,6 +463,44 @@ def test_what_the_walk_cannot_pack_fails_the_pack_and_leaves_nothing(small_venv,
     assert list(out.iterdir()) == []
 
 
+def test_a_failed_pack_stops_the_walk(small_venv, tmp_path, monkeypatch):
+    import threading
+    import time
+    from dataclasses import replace
+
+    import envcrate.archive as archive
+    import envcrate.packer as packer
+    from envcrate.envs import load_env
+    from envcrate.errors import EnvcrateError
+
+    monkeypatch.setattr(archive, "FRAME_SIZE", 16 * 1024)  # the error surfaces mid-walk
+    source = load_env(small_venv)
+    entries = list(source.walking)
+    first = next(i for i, e in enumerate(entries) if e.type == "f")
+    entries[first] = replace(entries[first], source=str(tmp_path / "gone"))
+    failed = threading.Event()
+    pulled = [0]
+
+    def walk():
+        for e in entries:
+            pulled[0] += 1
+            yield e
+        assert failed.wait(60)
+        for e in entries:  # what a walk that went on would find
+            pulled[0] += 1
+            yield e
+
+    source.walking = walk()
+    with pytest.raises(EnvcrateError, match="cannot read .*gone"):
+        packer.pack_source(source, tmp_path / "x.tar.zst", format="tar.zst")
+    failed.set()
+    deadline = time.monotonic() + 30
+    while not source.walked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert source.walked
+    assert pulled[0] == len(entries) + 1  # it stopped at the first entry after the failure
+
+
 def test_worker_processes_and_threads_write_the_same_archive(small_venv, tmp_path, monkeypatch):
     import envcrate.archive as archive
 

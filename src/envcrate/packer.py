@@ -229,6 +229,7 @@ def _write_body(
             when_walked()
         return writer.finish(manifest_of)
     except BaseException:
+        source.stop_walk()  # else it walks on, for nothing, to the end
         writer.abort()
         raise
 

@@ -31,6 +31,7 @@ class SourceEnv:
     # The thread that drains ``walking`` into ``found`` (see stream()).
     _walker: threading.Condition | None = field(default=None, init=False, repr=False)
     _walk_error: BaseException | None = field(default=None, init=False, repr=False)
+    _stopping: bool = field(default=False, init=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -80,6 +81,11 @@ class SourceEnv:
                 if i >= len(self.found):
                     return
 
+    def stop_walk(self) -> None:
+        """Stop the walk early (packing failed): the walker thread ends after
+        the entry it is on, and :attr:`walked` turns true."""
+        self._stopping = True
+
     def _start_walker(self) -> None:
         self._walker = threading.Condition()
 
@@ -87,6 +93,8 @@ class SourceEnv:
             batch: list[Entry] = []
             try:
                 for entry in self.walking:
+                    if self._stopping:
+                        break
                     batch.append(entry)
                     if len(batch) == 64:
                         with self._walker:
