@@ -223,7 +223,7 @@ class BodyResult:
     index: list[tuple[int, int]]  # (member, offset) per body frame
     size: int  # uncompressed bytes of archived files
     offset: int = 0  # where the body starts in the output
-    head: Head | None = None  # what BodyWriter.finish's head_of made
+    head: Head | None = None  # the manifest and table frames finish made
     # sha256 of the whole archive, when the head went into the room left for
     # it and the archive is complete; else None (see assemble_copy).
     blob: str | None = None
@@ -243,11 +243,14 @@ class BodyWriter:
 
     The caller's thread plans: it lays each entry's header and content out in
     the tar stream (sizes are known from the walk), copies headers and loaded
-    bytes into the frame as it goes and hands full frames to workers. A worker reads the
-    frame's files straight into it, hashes and scans the files that lie
-    wholly inside it, and compresses it (:func:`_pack_frame`). Pieces of
-    files that span frames are hashed and scanned in order as frames
-    complete, by the thread that writes them.
+    bytes into the frame as it goes and hands full frames to workers. A
+    worker reads the frame's files straight into it, rewrites its pyc
+    headers, hashes and scans the files that lie wholly inside it, reports
+    that, and compresses it (:func:`_pack_frame`). In order, a completer
+    thread hashes and scans the pieces of files that span frames, adds the
+    rows whose digests are known to the file table and writes the frames.
+    Once the last digest is known, :meth:`finish` makes the head while the
+    last frames compress, places it and hashes the archive as it ends.
 
     Workers are processes forked with the frame buffers (shared memory)
     where that is safe (see :class:`_ProcessWorkers`), threads otherwise; the
