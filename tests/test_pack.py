@@ -218,7 +218,11 @@ def test_pycs_rewritten_where_read_stale_and_sourceless_kept(tmp_path, monkeypat
     (site / "gone.py").unlink()
     cache = site / "__pycache__"
     tag = sys.implementation.cache_tag
-    original = {n: (cache / f"{n}.{tag}.pyc").read_bytes() for n in ("fresh", "stale", "gone")}
+    # Too short to be a pyc, with the hash flag set where a header has it.
+    (site / "tiny.py").write_text("")
+    (cache / f"tiny.{tag}.pyc").write_bytes(b"\0\0\0\0\x03\0\0\0ab")
+    names = ("fresh", "stale", "gone", "tiny")
+    original = {n: (cache / f"{n}.{tag}.pyc").read_bytes() for n in names}
 
     normal = pack(venv, tmp_path / "normal.tar.zst")
     monkeypatch.setattr(archive, "FRAME_SIZE", 1024)  # sources in other frames than their pycs
@@ -236,6 +240,7 @@ def test_pycs_rewritten_where_read_stale_and_sourceless_kept(tmp_path, monkeypat
         assert got["fresh"][16:] == original["fresh"][16:]
         assert got["stale"] == original["stale"]
         assert got["gone"] == original["gone"]
+        assert got["tiny"] == original["tiny"]
 
 
 def test_manifest_content(small_crate, small_venv):

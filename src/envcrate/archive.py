@@ -381,7 +381,7 @@ class BodyWriter:
             if n:
                 if data is None:
                     frame.reads.append((start, entry.source, done, n, size))
-                    if entry.pyc and done == 0:
+                    if entry.pyc and done == 0 and size >= PYC_HEADER:
                         # Contents start on a block boundary and frames end on
                         # one: the header is all in this frame.
                         frame.pycs.append((start, entry.source))
