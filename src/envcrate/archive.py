@@ -218,15 +218,13 @@ def _rewrite_pycs(view: memoryview, pycs, reads) -> None:
 
 @dataclass
 class BodyResult:
-    rows: list[FileRow]
     frames: list[tuple[int, int]]  # (compressed, decompressed) per body frame
     index: list[tuple[int, int]]  # (member, offset) per body frame
-    size: int  # uncompressed bytes of archived files
-    offset: int = 0  # where the body starts in the output
-    head: Head | None = None  # the manifest and table frames finish made
+    offset: int  # where the body starts in the output
+    head: Head  # the manifest and table frames
     # sha256 of the whole archive, when the head went into the room left for
     # it and the archive is complete; else None (see assemble_copy).
-    blob: str | None = None
+    blob: str | None
 
 
 def row_of(entry: Entry, size: int = 0, digest: str = "") -> FileRow:
@@ -281,7 +279,6 @@ class BodyWriter:
         self.digests: list[str] = []
         self.frames: list[tuple[int, int]] = []
         self.index: list[tuple[int, int]] = []
-        self.bytes = 0
         # Anonymous shared memory: not zeroed under the GIL, and seen by
         # forked workers.
         slots = self.threads + 2
@@ -368,7 +365,6 @@ class BodyWriter:
             self.digests.append("")
             self._lay_out(row, entry, size, data)
             self._put(_ZEROS[: tar.padding(size)])
-            self.bytes += size
 
     def _lay_out(self, row: int, entry: Entry, size: int, data: bytes | None) -> None:
         """Plan a file's content, cut where frames end: copied from ``data``
@@ -637,7 +633,7 @@ class BodyWriter:
                 self._completer.shutdown()
         self._check()
         blob = None if self._blob is None else self._blob.hexdigest()
-        return BodyResult(rows, self.frames, self.index, self.bytes, self.offset, head, blob)
+        return BodyResult(self.frames, self.index, self.offset, head, blob)
 
     def abort(self) -> None:
         self._workers.close(abort=True)
