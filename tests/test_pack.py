@@ -517,11 +517,13 @@ def test_worker_processes_and_threads_write_the_same_archive(small_venv, tmp_pat
 
 
 def test_worker_processes_report_errors_and_are_reaped(tmp_path):
+    import mmap
+
     import envcrate.archive as archive
     from envcrate.errors import EnvcrateError
 
-    bufs = [__import__("mmap").mmap(-1, 1 << 16) for _ in range(3)]
-    outs = [__import__("mmap").mmap(-1, archive.compress_bound(1 << 16)) for _ in range(3)]
+    bufs = [mmap.mmap(-1, 1 << 16) for _ in range(3)]
+    outs = [mmap.mmap(-1, archive.compress_bound(1 << 16)) for _ in range(3)]
     workers = archive._ProcessWorkers(2, bufs, outs, archive._Codec("tar.zst", None), None)
     pids = [pid for pid, _, _ in workers.children]
     f = tmp_path / "f"
@@ -530,7 +532,7 @@ def test_worker_processes_report_errors_and_are_reaped(tmp_path):
     bad = workers.submit(1, 1, [(0, str(tmp_path / "missing"), 0, 5, 5)], [], [], 5)
     hashes, _ = workers.filled(good)
     size = workers.result(good)
-    assert hashes == [(7, __import__("hashlib").sha256(b"hello").hexdigest())]
+    assert hashes == [(7, hashlib.sha256(b"hello").hexdigest())]
     assert zstandard.ZstdDecompressor().decompress(bytes(outs[0][:size])) == b"hello"
     with pytest.raises(EnvcrateError, match="cannot read .*missing"):
         workers.filled(bad)

@@ -11,10 +11,9 @@ class Entry:
     """One path of a crate, as it will be archived.
 
     A file's archived bytes come from ``source`` (a path read once, streamed)
-    or from ``loader`` (bytes built in memory: an edited ``pyvenv.cfg``). A
-    ``pyc`` is read from
-    ``source`` and archived as an unchecked-hash pyc (:mod:`envcrate.pyc`):
-    same size, another header.
+    or from ``loader`` (bytes built in memory: an edited ``pyvenv.cfg``, a
+    conda record). A ``pyc`` is read from ``source`` and archived as an
+    unchecked-hash pyc (:mod:`envcrate.pyc`): same size, another header.
     """
 
     path: str  # relative, "/"-separated

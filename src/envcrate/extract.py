@@ -81,8 +81,9 @@ class _Writers:
 
     Creating a file costs a syscall that releases the GIL; with the parsing
     on the calling thread and decompression on others, three writers keep
-    both cores busier than two (2-6% faster on the reference crate). Directories go through the writers too (a mkdir can cost
-    hundreds of microseconds); a writer that finds a file's directory missing
+    both cores busier than two (2-6% faster on the reference crate).
+    Directories go through the writers too (a mkdir can cost hundreds of
+    microseconds); a writer that finds a file's directory missing
     because another writer has not made it yet makes it itself. Links are made
     only after :meth:`finish`. The reader's pieces that a batch's views lie
     in (:attr:`held`) are released once the batch is written. Plain threads
