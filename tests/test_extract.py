@@ -27,7 +27,14 @@ def _member(name: bytes, typeflag: bytes, mode: int, data: bytes = b"", link: by
     return h + data + b"\0" * tar.padding(len(data))
 
 
-def _crate(path: Path, members: list[tuple[FileRow, bytes]], table: bytes | None = None) -> Path:
+def _crate(
+    path: Path,
+    members: list[tuple[FileRow, bytes]],
+    table: bytes | None = None,
+    layout: str = "stream",
+) -> Path:
+    """A crafted crate: one zstd frame (``stream``), or seekable frames of 700
+    bytes with an index as envcrate writes them (``frames``)."""
     table = encode_table([row for row, _ in members]) if table is None else table
     manifest = {
         "schema": 1,
@@ -44,11 +51,47 @@ def _crate(path: Path, members: list[tuple[FileRow, bytes]], table: bytes | None
         "venv": {"base_links": [], "cfg": {}},
         "files": {"count": len(members), "entries": len(members), "bytes": 0},
     }
-    stream = _member(MANIFEST_MEMBER.encode(), b"0", 0o644, canonical_json(manifest))
-    stream += _member(FILES_MEMBER.encode(), b"0", 0o644, table)
-    stream += b"".join(raw for _, raw in members) + tar.END_OF_ARCHIVE
-    path.write_bytes(zstandard.ZstdCompressor().compress(stream))
+    head = [
+        _member(MANIFEST_MEMBER.encode(), b"0", 0o644, canonical_json(manifest)),
+        _member(FILES_MEMBER.encode(), b"0", 0o644, table),
+    ]
+    body = [raw for _, raw in members] + [tar.END_OF_ARCHIVE]
+    if layout == "frames":
+        path.write_bytes(seekable(head, body, 700))
+    else:
+        path.write_bytes(zstandard.ZstdCompressor().compress(b"".join(head + body)))
     return path
+
+
+def seekable(head: list[bytes], body: list[bytes], cut: int) -> bytes:
+    """A seekable tar.zst laid out as envcrate writes one: a frame per head
+    member, the body's members cut every ``cut`` bytes, then the index
+    ((member, offset into it) where each frame starts) and the seek table."""
+    import bisect
+    import itertools
+    import json
+    import struct
+
+    from envcrate import archive
+
+    frames = [(rec, [k, 0]) for k, rec in enumerate(head)]
+    ends = list(itertools.accumulate(len(r) for r in body))
+    data = b"".join(body)
+    for pos in range(0, len(data), cut):
+        m = bisect.bisect_right(ends, pos)
+        frames.append((data[pos : pos + cut], [len(head) + m, pos - (ends[m - 1] if m else 0)]))
+    c = zstandard.ZstdCompressor()
+    out, sizes = [], []
+    for piece, _ in frames:
+        z = c.compress(piece)
+        out.append(z)
+        sizes.append((len(z), len(piece)))
+    index = json.dumps({"frames": [at for _, at in frames]}).encode()
+    out.append(struct.pack("<II", archive._INDEX_MAGIC, len(index)) + index)
+    seek = b"".join(struct.pack("<II", *x) for x in sizes)
+    seek += struct.pack("<IBI", len(sizes), 0, archive._SEEKABLE_FOOTER_MAGIC)
+    out.append(struct.pack("<II", archive._SEEK_TABLE_MAGIC, len(seek)) + seek)
+    return b"".join(out)
 
 
 def _file(name: str, data: bytes = b"x", mode: int = 0o644) -> tuple[FileRow, bytes]:
@@ -80,30 +123,37 @@ CASES = {
 }
 
 
+LAYOUTS = ["stream", "frames"]  # read as one stream, or frame by frame (see envcrate.frames)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_hostile_archive_is_refused(tmp_path, case):
-    archive = _crate(tmp_path / "evil.tar.zst", [_file("ok.txt")] + CASES[case])
+def test_hostile_archive_is_refused(tmp_path, case, layout):
+    archive = _crate(tmp_path / "evil.tar.zst", [_file("ok.txt")] + CASES[case], layout=layout)
     dest = tmp_path / "out" / "dest"
     with pytest.raises(UnsafeArchiveError):
         unpack(archive, dest, python=sys.executable)
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_well_formed_crafted_archive_extracts(tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_well_formed_crafted_archive_extracts(tmp_path, layout):
     archive = _crate(
         tmp_path / "ok.tar.zst",
         [_file("a/b.txt", b"hello"), _link("c", "a/b.txt"), _file("pyvenv.cfg", b"version = 3\n")],
+        layout=layout,
     )
     dest = unpack(archive, tmp_path / "dest", python=sys.executable)
     assert (dest / "c").read_bytes() == b"hello"
 
 
-def test_a_file_table_that_is_not_rows_is_refused(tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_file_table_that_is_not_rows_is_refused(tmp_path, layout):
     """Its digest is the crate id, so only its content can be wrong: one
     line-error, nothing left behind."""
     members = [_file(f"f{i}.txt") for i in range(3)]
     table = encode_table([row for row, _ in members]).replace(b"f1.txt", b'f1.txt"', 1)
-    archive = _crate(tmp_path / "bad.tar.zst", members, table)
+    archive = _crate(tmp_path / "bad.tar.zst", members, table, layout)
     with pytest.raises(ArchiveError, match="file table"):
         unpack(archive, tmp_path / "out" / "dest", python=sys.executable)
     assert list((tmp_path / "out").iterdir()) == []

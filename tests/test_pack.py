@@ -525,7 +525,7 @@ def test_worker_processes_report_errors_and_are_reaped(tmp_path):
     bufs = [mmap.mmap(-1, 1 << 16) for _ in range(3)]
     outs = [mmap.mmap(-1, archive.compress_bound(1 << 16)) for _ in range(3)]
     workers = archive._ProcessWorkers(2, bufs, outs, archive._Codec("tar.zst", None), None)
-    pids = [pid for pid, _, _ in workers.children]
+    pids = [pid for pid, _, _ in workers.children.children]
     f = tmp_path / "f"
     f.write_bytes(b"hello")
     good = workers.submit(0, 0, [(0, str(f), 0, 5, 5)], [], [(7, 0, 5, None)], 5)

@@ -32,6 +32,7 @@ only on the content and settings.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -49,7 +50,7 @@ from typing import TYPE_CHECKING, BinaryIO, Callable
 from . import tar
 from .entry import Entry
 from .errors import EnvcrateError
-from .fsutil import copy_range, read_file, write_all, write_all_at
+from .fsutil import copy_range, read_file, write_all_at
 from .manifest import FILES_MEMBER, MANIFEST_MEMBER, FileRow, encode_table
 from .pyc import HEADER as PYC_HEADER
 from .pyc import rewritten, source_of, unchecked_header
@@ -707,67 +708,27 @@ class _ThreadWorkers:
 
 
 class _ProcessWorkers:
-    """Forked worker processes, frame ``k`` to worker ``k % n``, over pipes;
-    the frame buffers are shared memory mapped before the fork. Each has an
-    interpreter lock of its own: reading files, which hands the lock back and
-    forth at every system call, then waits on no other thread.
-
-    A thread per worker takes its answers as they come: a worker blocked on
-    writing a large answer while this process is blocked on sending it the
-    next frame would otherwise wait forever."""
+    """Forked worker processes (see :mod:`envcrate.procs`), frame ``k`` to
+    worker ``k % n``; the frame buffers are shared memory mapped before the
+    fork. Reading files, which hands the interpreter lock back and forth at
+    every system call, then waits on no other thread."""
 
     def __init__(self, n: int, bufs, outs, codec, scanner):
-        self.children: list[tuple[int, int, int]] = []  # (pid, requests, results)
-        self.answers: list[queue.SimpleQueue] = []
-        self.readers: list[threading.Thread] = []
+        from .procs import Children
+
+        self.answers: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(n)]
         self._got: dict[tuple[int, str], object] = {}  # answers by (frame, kind)
-        # What every worker needs, loaded once here rather than in each
-        # after the fork (importing zstandard takes about 20 ms there).
-        import pickle  # noqa: F401
-
+        # Loaded once here rather than in each worker after the fork
+        # (importing zstandard takes about 20 ms there).
         codec.ready()
-        try:
-            for _ in range(n):
-                self._fork(bufs, outs, codec, scanner)
-        except BaseException:
-            self.close(abort=True)
-            raise
-        for _, _, results in self.children:  # threads only once every fork is done
-            answers: queue.SimpleQueue = queue.SimpleQueue()
-            reader = threading.Thread(
-                target=_take_answers, args=(results, answers), name="envcrate-answers", daemon=True
-            )
-            reader.start()
-            self.answers.append(answers)
-            self.readers.append(reader)
-
-    def _fork(self, bufs, outs, codec, scanner) -> None:
-        req_r, req_w = os.pipe()
-        res_r, res_w = os.pipe()
-        try:
-            pid = os.fork()
-        except OSError:
-            for fd in (req_r, req_w, res_r, res_w):
-                os.close(fd)
-            raise
-        if pid == 0:  # the child: serve frames until the requests end
-            status = 1
-            try:
-                for _, w, r in self.children:
-                    os.close(w)
-                    os.close(r)
-                os.close(req_w)
-                os.close(res_r)
-                _serve(req_r, res_w, bufs, outs, codec, scanner)
-                status = 0
-            finally:
-                os._exit(status)
-        os.close(req_r)
-        os.close(res_w)
-        self.children.append((pid, req_w, res_r))
+        self.children = Children(
+            n,
+            functools.partial(_serve, bufs=bufs, outs=outs, codec=codec, scanner=scanner),
+            lambda i, message: self.answers[i].put(message),
+        )
 
     def submit(self, k: int, slot: int, reads, pycs, whole, used: int):
-        _send(self.children[k % len(self.children)][1], (k, slot, reads, pycs, whole, used))
+        self.children.send(k % len(self.children), (k, slot, reads, pycs, whole, used))
         return k
 
     def filled(self, k: int):
@@ -794,77 +755,30 @@ class _ProcessWorkers:
             self._got[frame, what] = value
 
     def close(self, abort: bool = False) -> None:
-        import signal
-
-        for pid, requests, _ in self.children:
-            os.close(requests)  # the worker sees the end and exits
-            if abort:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for pid, _, _ in self.children:
-            os.waitpid(pid, 0)
-        for reader in self.readers:
-            reader.join()
-        for _, _, results in self.children:
-            os.close(results)
-        self.children, self.readers = [], []
-
-
-def _take_answers(results: int, answers: queue.SimpleQueue) -> None:
-    while True:
-        try:
-            answers.put(_receive(results))
-        except (EOFError, OSError):
-            answers.put(None)  # the worker is gone
-            return
+        self.children.close(abort)
 
 
 def _serve(requests: int, results: int, bufs, outs, codec, scanner) -> None:
     """A worker process: for each frame asked for, send (frame, "filled",
     digests and findings) then (frame, "done", compressed length), or
     (frame, "error", the error)."""
+    from .procs import receive, send
+
     while True:
         try:
-            k, slot, *job = _receive(requests)
+            k, slot, *job = receive(requests)
         except EOFError:
             return
 
         def report(filled, k=k) -> None:
-            _send(results, (k, "filled", filled))
+            send(results, (k, "filled", filled))
 
         try:
             answer = (k, "done", _pack_frame(bufs[slot], outs[slot], *job, codec, scanner, report))
         except BaseException as e:
             error = e if isinstance(e, EnvcrateError) else EnvcrateError(f"packing: {e!r}")
             answer = (k, "error", error)
-        _send(results, answer)
-
-
-def _send(fd: int, obj) -> None:
-    import pickle
-
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    write_all(fd, struct.pack("<Q", len(data)) + data)
-
-
-def _receive(fd: int):
-    import pickle
-
-    head = _read_exactly(fd, 8)
-    return pickle.loads(_read_exactly(fd, struct.unpack("<Q", head)[0]))
-
-
-def _read_exactly(fd: int, n: int) -> bytes:
-    parts = []
-    while n:
-        chunk = os.read(fd, n)
-        if not chunk:
-            raise EOFError
-        parts.append(chunk)
-        n -= len(chunk)
-    return b"".join(parts)
+        send(results, answer)
 
 
 _ZEROS = bytes(tar.BLOCK)

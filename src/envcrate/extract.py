@@ -29,14 +29,14 @@ LARGE_FILE = 4 << 20
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _create(path: bytes, mode: int) -> int:
+def _create(path: bytes, mode: int, flags: int = _FLAGS) -> int:
     try:
-        return os.open(path, _FLAGS, mode)
+        return os.open(path, flags, mode)
     except FileNotFoundError:
         # A parent the archive did not list, or one a writer has not made
         # yet; no links exist yet, so makedirs cannot be led astray.
         os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
-        return os.open(path, _FLAGS, mode)
+        return os.open(path, flags, mode)
 
 
 def _write_file(path: bytes, data: bytes, mode: int = 0o644) -> None:
@@ -181,11 +181,7 @@ def extract(
     than a chmod of every file afterwards)."""
     progress = progress or (lambda n: None)
     root = os.fsencode(dest)
-    meta = root + b"/" + MANIFEST_MEMBER.split("/")[0].encode()
-    os.mkdir(meta, 0o755)
-    meta_mode = 0o444 if read_only else 0o644
-    _write_file(root + b"/" + MANIFEST_MEMBER.encode(), opened.manifest_bytes, meta_mode)
-    _write_file(root + b"/" + FILES_MEMBER.encode(), opened.table_bytes, meta_mode)
+    write_head_files(root, opened.manifest_bytes, opened.table_bytes, read_only)
 
     stream = opened.stream
     links: list[tuple[bytes, bytes]] = []
@@ -239,11 +235,7 @@ def extract(
                     raise ArchiveError(
                         f"archive member {path} does not match the crate's file table"
                     )
-                if _link_escapes(name, target):
-                    raise UnsafeArchiveError(
-                        f"link {path} -> {row.digest} leaves the destination; refusing to extract"
-                    )
-                links.append((full, target))
+                links.append((name, target))
             else:
                 raise UnsafeArchiveError(
                     f"archive member {path} has type {member.type!r} (device, fifo or hard link); refusing to extract"
@@ -255,15 +247,37 @@ def extract(
         raise ArchiveError(
             "the archive lacks entries listed in the crate's file table; it is truncated"
         )
-    for full, target in links:
+    make_links(root, links)
+
+
+def write_head_files(
+    root: bytes, manifest_bytes: bytes, table_bytes: bytes, read_only: bool
+) -> None:
+    """The manifest and the file table, in ``root/.envcrate``."""
+    os.mkdir(root + b"/" + MANIFEST_MEMBER.split("/")[0].encode(), 0o755)
+    mode = 0o444 if read_only else 0o644
+    _write_file(root + b"/" + MANIFEST_MEMBER.encode(), manifest_bytes, mode)
+    _write_file(root + b"/" + FILES_MEMBER.encode(), table_bytes, mode)
+
+
+def make_links(root: bytes, links: list[tuple[bytes, bytes]]) -> None:
+    """Make the symlinks (name, target) under ``root`` once every file is
+    written; refuse any that leaves it."""
+    for name, target in links:
+        if _link_escapes(name, target):
+            raise UnsafeArchiveError(
+                f"link {os.fsdecode(name)} -> {os.fsdecode(target)} leaves the destination; "
+                "refusing to extract"
+            )
+    for name, target in links:
+        full = root + b"/" + name
         os.makedirs(os.path.dirname(full), 0o755, exist_ok=True)
         os.symlink(target, full)
     # Lexical checks cannot see chains of links (a -> ., b -> a/..): resolve for real.
     real_root = os.path.realpath(root)
-    for full, _ in links:
-        real = os.path.realpath(full)
+    for name, _ in links:
+        real = os.path.realpath(root + b"/" + name)
         if real != real_root and not real.startswith(real_root + b"/"):
-            name = full[len(root) + 1 :].decode("utf-8", "surrogateescape")
             raise UnsafeArchiveError(
-                f"link {name} resolves outside the destination; refusing to extract"
+                f"link {os.fsdecode(name)} resolves outside the destination; refusing to extract"
             )

@@ -31,7 +31,7 @@ _TEMPLATE[263:265] = b"00"
 _TEMPLATE[329:337] = b"0000000\0"  # devmajor
 _TEMPLATE[337:345] = b"0000000\0"  # devminor
 _TEMPLATE = bytes(_TEMPLATE)
-_MAX_OCTAL_SIZE = 8**11 - 1
+MAX_OCTAL_SIZE = 8**11 - 1
 
 
 def padding(size: int) -> int:
@@ -74,9 +74,9 @@ def header(name: bytes, typeflag: bytes, mode: int, size: int = 0, linkname: byt
     if len(linkname) > 100:
         records += _pax_record(b"linkpath", linkname)
         linkname = linkname[:100]
-    if size > _MAX_OCTAL_SIZE:
+    if size > MAX_OCTAL_SIZE:
         records += _pax_record(b"size", b"%d" % size)
-    head = _ustar(name, typeflag, mode, min(size, _MAX_OCTAL_SIZE), linkname)
+    head = _ustar(name, typeflag, mode, min(size, MAX_OCTAL_SIZE), linkname)
     if not records:
         return head
     pax = _ustar(b"././@PaxHeader", PAX, 0o644, len(records), b"")

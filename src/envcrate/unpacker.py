@@ -20,6 +20,7 @@ from typing import Callable
 from .compat import Interpreter, check_host, find_interpreter, probe_memo, require_supported_os
 from .errors import ArchiveError, DigestMismatchError, EnvcrateError
 from .extract import extract
+from .frames import extract_frames, read_plan
 from .fsutil import current_umask, remove_tree
 from .manifest import Manifest, crate_id_of_table, iter_table
 from .progress import bar
@@ -97,6 +98,32 @@ def _check_blob(archive: str, blob: str) -> None:
         ) from None
 
 
+def _check_head(archive: str, manifest: Manifest, manifest_bytes: bytes, table: bytes) -> None:
+    if Manifest.from_bytes(manifest_bytes).data != manifest.data:
+        raise DigestMismatchError(f"{archive}: the manifest changed while it was being read")
+    if crate_id_of_table(table) != manifest.id:
+        raise DigestMismatchError(
+            f"{archive}: the file table does not match crate id {manifest.id}"
+        )
+
+
+def _extract(archive: str, tmp: str, manifest: Manifest, digest, tick, read_only: bool) -> None:
+    """Extract ``archive`` into ``tmp``, hashing it into ``digest``: frame by
+    frame where it has a seek table and an index, else as one stream."""
+    plan = read_plan(archive)
+    if plan is not None:
+        _check_head(archive, manifest, plan.manifest_bytes, plan.table_bytes)
+        extract_frames(archive, plan, tmp, digest, tick, read_only=read_only)
+        return
+    opened = open_stream(archive, digest)
+    try:
+        _check_head(archive, manifest, opened.manifest_bytes, opened.table_bytes)
+        extract(opened, iter_table(opened.table_bytes), tmp, tick, read_only=read_only)
+        opened.finish()
+    finally:
+        opened.close()
+
+
 def fill(
     archive: str,
     final: Path,
@@ -118,28 +145,15 @@ def fill(
     tmp = tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.envcrate-")
     try:
         phase("EXTRACTING")
-        opened = open_stream(archive, digest)
         try:
-            if Manifest.from_bytes(opened.manifest_bytes).data != manifest.data:
-                raise DigestMismatchError(
-                    f"{archive}: the manifest changed while it was being read"
-                )
-            rows = iter_table(opened.table_bytes)
-            if crate_id_of_table(opened.table_bytes) != manifest.id:
-                raise DigestMismatchError(
-                    f"{archive}: the file table does not match crate id {manifest.id}"
-                )
             with bar(
                 manifest.file_bytes, f"unpacking {manifest.data.get('name', '')}", progress
             ) as tick:
-                extract(opened, rows, tmp, tick, read_only=read_only)
-            opened.finish()
+                _extract(archive, tmp, manifest, digest, tick, read_only)
         except ArchiveError:
             if blob:  # say what is wrong with the bytes, not where it showed first
                 _check_blob(archive, blob)
             raise
-        finally:
-            opened.close()
         if digest is not None:
             phase("VERIFYING")
             if "sha256:" + digest.hexdigest() != blob:

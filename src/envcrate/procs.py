@@ -1,0 +1,129 @@
+"""Forked worker processes that serve requests over pipes: packing's frame
+compressors and unpacking's file writers.
+
+Each child has an interpreter lock of its own, so its system calls wait on no
+thread of the parent. Requests and answers are pickled, length-prefixed
+messages on a pair of pipes per child; a thread per child takes the answers
+as they come (a child blocked on writing a large answer while the parent is
+blocked on sending it the next request would otherwise wait forever).
+Shared memory for bulk data must be mapped before the fork.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import threading
+from typing import Callable
+
+from .fsutil import write_all
+
+
+class Children:
+    """``n`` forked children, each running ``serve(requests, answers)`` (two
+    file descriptors) until its requests end; ``answered(i, message)`` is
+    called on a thread of this process for each answer of child ``i``, and
+    with None once the child is gone."""
+
+    def __init__(self, n: int, serve: Callable[[int, int], None], answered: Callable):
+        self.children: list[tuple[int, int, int]] = []  # (pid, requests, answers)
+        self._readers: list[threading.Thread] = []
+        try:
+            for _ in range(n):
+                self._fork(serve)
+        except BaseException:
+            self.close(abort=True)
+            raise
+        for i, (_, _, answers) in enumerate(self.children):  # threads only after the forks
+            reader = threading.Thread(
+                target=_take_answers,
+                args=(i, answers, answered),
+                name="envcrate-answers",
+                daemon=True,
+            )
+            reader.start()
+            self._readers.append(reader)
+
+    def __len__(self) -> int:
+        return len(self.children)
+
+    def _fork(self, serve: Callable[[int, int], None]) -> None:
+        req_r, req_w = os.pipe()
+        ans_r, ans_w = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (req_r, req_w, ans_r, ans_w):
+                os.close(fd)
+            raise
+        if pid == 0:  # the child: serve until the requests end, never return
+            status = 1
+            try:
+                for _, w, r in self.children:  # else a sibling would never see its end
+                    os.close(w)
+                    os.close(r)
+                os.close(req_w)
+                os.close(ans_r)
+                serve(req_r, ans_w)
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(req_r)
+        os.close(ans_w)
+        self.children.append((pid, req_w, ans_r))
+
+    def send(self, i: int, message) -> None:
+        send(self.children[i][1], message)
+
+    def close(self, abort: bool = False) -> None:
+        """End the requests and wait for every child (killed first with
+        ``abort``: nothing it would still do is wanted)."""
+        import signal
+
+        for pid, requests, _ in self.children:
+            os.close(requests)  # the child sees the end and exits
+            if abort:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for pid, _, _ in self.children:
+            os.waitpid(pid, 0)
+        for reader in self._readers:
+            reader.join()
+        for _, _, answers in self.children:
+            os.close(answers)
+        self.children, self._readers = [], []
+
+
+def _take_answers(i: int, answers: int, answered: Callable) -> None:
+    while True:
+        try:
+            message = receive(answers)
+        except (EOFError, OSError):
+            answered(i, None)  # the child is gone
+            return
+        answered(i, message)
+
+
+def send(fd: int, message) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    write_all(fd, struct.pack("<Q", len(data)) + data)
+
+
+def receive(fd: int):
+    """The next message on ``fd``; EOFError once its writer is gone."""
+    head = _read_exactly(fd, 8)
+    return pickle.loads(_read_exactly(fd, struct.unpack("<Q", head)[0]))
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    parts = []
+    while n:
+        chunk = os.read(fd, n)
+        if not chunk:
+            raise EOFError
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
