@@ -190,7 +190,7 @@ def extract_frames(
         for m in sorted(dispatch.spanning):
             row = rows[m]
             name = row[4].encode("utf-8", "surrogateescape")
-            os.chmod(root + b"/" + name, _file_mode(row[1], True) & ~mask)
+            os.chmod(root + b"/" + name, _READ_ONLY_MODES[row[1]] & ~mask)
     make_links(root, rows.links())
 
 
@@ -303,11 +303,8 @@ class _Rows:
         return out
 
 
-def _file_mode(mode: str, read_only: bool) -> int:
-    if mode not in ("644", "755"):
-        raise ArchiveError(f"a file of the crate has mode {mode}; the crate is corrupt")
-    m = 0o755 if mode == "755" else 0o644
-    return m & ~0o222 if read_only else m
+_MODES = {"644": 0o644, "755": 0o755}  # the file modes a crate has
+_READ_ONLY_MODES = {k: v & ~0o222 for k, v in _MODES.items()}
 
 
 # A file written in parts is opened by the writer of each frame it spans.
@@ -387,7 +384,10 @@ class _Work:
                 f"the crate's file table lists {p}, which is not a plain relative path; refusing to extract"
             )
         if t == "f":
-            _file_mode(mode, False)
+            if mode not in _MODES:
+                raise ArchiveError(
+                    f"the crate's file table gives {p} mode {mode}; the crate is corrupt"
+                )
             if len(name) <= 100 and size <= tar.MAX_OCTAL_SIZE:
                 return row, name, size, None
             return row, name, size, tar.header(name, tar.REGULAR, int(mode, 8), size)
@@ -411,7 +411,8 @@ class _Work:
         pos, n = 0, len(data)
         span: list[int] = []
         nbytes = 0
-        root, read_only, last = self.root + b"/", self.read_only, self.rows.end
+        root, last, entry = self.root + b"/", self.rows.end, self.entry
+        modes = _READ_ONLY_MODES if self.read_only else _MODES
         while pos < n:
             if m >= last:  # the end-of-archive blocks, then nothing
                 if m > last:
@@ -428,10 +429,29 @@ class _Work:
                 pos += len(h) - at
                 m, at = m + 1, 0
                 continue
-            row, name, size, h = self.entry(m)
+            row, name, size, h = entry(m)
             t = row[0]
             hlen = tar.BLOCK if h is None else len(h)
-            rec = hlen + size + tar.padding(size)
+            rec = hlen + size + (-size % tar.BLOCK)
+            if at == 0 and h is None and pos + rec <= n:  # the common case: all of it is here
+                if not _plain_header_matches(data[pos : pos + hlen], row, name):
+                    raise _mismatch(self.path, data[pos : pos + hlen], 0, row)
+                if t == "f":
+                    fd = _create(root + name, modes[row[1]])
+                    try:
+                        if size:
+                            piece = data[pos + hlen : pos + hlen + size]
+                            k = os.write(fd, piece)
+                            if k < size:  # a short write: rare
+                                write_all(fd, piece[k:])
+                    finally:
+                        os.close(fd)
+                    nbytes += size
+                elif t == "d":
+                    _make_dir(root + name)
+                pos += rec
+                m += 1
+                continue
             end = at + (n - pos)  # how far into the member this frame reaches
             if at < hlen:
                 if h is None and at == 0 and end >= hlen:
@@ -448,14 +468,14 @@ class _Work:
                 if a < b or (not size and at < hlen <= end):
                     full = root + name
                     if a == hlen and b == hlen + size:  # the whole file is here
-                        fd = _create(full, _file_mode(row[1], read_only))
+                        fd = _create(full, modes[row[1]])
                         try:
                             write_all(fd, data[pos + a - at : pos + b - at])
                         finally:
                             os.close(fd)
                     else:
                         span.append(m)
-                        fd = _create(full, _file_mode(row[1], False) | 0o200, _PART)
+                        fd = _create(full, _MODES[row[1]] | 0o200, _PART)
                         try:
                             write_all_at(fd, data[pos + a - at : pos + b - at], a - hlen)
                         finally:
