@@ -161,3 +161,25 @@ def test_a_writer_that_dies_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(EnvcrateError, match="writer process died"):
         unpack(archive, tmp_path / "out" / "dest", python=sys.executable)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_without_processes_the_archive_is_read_as_a_stream(tmp_path, monkeypatch):
+    """Where no process can be forked (ulimit -u), the same tree comes from
+    the threaded stream path."""
+    members = _members()
+    archive = _crate(tmp_path / "a.tar.zst", members, layout="frames")
+    expected = _tree(unpack(archive, tmp_path / "forked", python=sys.executable))
+
+    def cannot_fork():
+        raise OSError(11, "Resource temporarily unavailable")
+
+    import envcrate.extract as extract
+
+    streamed = []
+    real_extract = extract.extract
+    monkeypatch.setattr(os, "fork", cannot_fork)
+    monkeypatch.setattr(
+        "envcrate.unpacker.extract", lambda *a, **k: streamed.append(1) or real_extract(*a, **k)
+    )
+    dest = unpack(archive, tmp_path / "threads", python=sys.executable)
+    assert streamed and _tree(dest) == expected

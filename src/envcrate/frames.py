@@ -149,26 +149,34 @@ def extract_frames(
     progress: Callable[[int], None] | None = None,
     read_only: bool = False,
     processes: int | None = None,
-) -> None:
+) -> bool:
     """Extract the body of the crate at ``path`` into the existing empty
     ``dest``, per ``plan``; hash the whole archive into ``digest`` (if any)
-    meanwhile."""
+    meanwhile. False, with nothing written, when no writer process can be
+    forked (``ulimit -u``): the caller reads the archive as a stream.
+
+    The writers are forked even when other threads run here (a cache
+    filler's heartbeat): they take no lock such a thread could hold, as
+    they only read the archive, decompress and make files."""
     from .procs import Children
 
     progress = progress or (lambda n: None)
     root = os.fsencode(dest)
-    write_head_files(root, plan.manifest_bytes, plan.table_bytes, read_only)
     lines = plan.table_bytes.split(b"\n")
     if lines and not lines[-1]:
         lines.pop()
     rows = _Rows(lines)
     dispatch = _Dispatch(plan.frames)
-    children = Children(
-        processes or _default_processes(),
-        _Work(path, root, rows, read_only).serve,
-        dispatch.answered,
-    )
     try:
+        children = Children(
+            processes or _default_processes(),
+            _Work(path, root, rows, read_only).serve,
+            dispatch.answered,
+        )
+    except OSError:
+        return False
+    try:
+        write_head_files(root, plan.manifest_bytes, plan.table_bytes, read_only)
         dispatch.start(children)
         if digest is not None:
             _hash_file(path, digest)
@@ -192,6 +200,7 @@ def extract_frames(
             name = row[4].encode("utf-8", "surrogateescape")
             os.chmod(root + b"/" + name, _READ_ONLY_MODES[row[1]] & ~mask)
     make_links(root, rows.links())
+    return True
 
 
 class _Dispatch:

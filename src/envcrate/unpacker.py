@@ -113,8 +113,8 @@ def _extract(archive: str, tmp: str, manifest: Manifest, digest, tick, read_only
     plan = read_plan(archive)
     if plan is not None:
         _check_head(archive, manifest, plan.manifest_bytes, plan.table_bytes)
-        extract_frames(archive, plan, tmp, digest, tick, read_only=read_only)
-        return
+        if extract_frames(archive, plan, tmp, digest, tick, read_only=read_only):
+            return
     opened = open_stream(archive, digest)
     try:
         _check_head(archive, manifest, opened.manifest_bytes, opened.table_bytes)
