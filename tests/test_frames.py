@@ -155,9 +155,10 @@ def test_frames_that_do_not_join_are_refused(tmp_path, monkeypatch, lie):
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_a_writer_that_dies_is_an_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["serve", "frame"])  # before it reads a request, or on one
+def test_a_writer_that_dies_is_an_error(tmp_path, monkeypatch, when):
     archive = _crate(tmp_path / "a.tar.zst", _members(), layout="frames")
-    monkeypatch.setattr(frames._Work, "frame", lambda *args: os._exit(3))
+    monkeypatch.setattr(frames._Work, when, lambda *args: os._exit(3))
     with pytest.raises(EnvcrateError, match="writer process died"):
         unpack(archive, tmp_path / "out" / "dest", python=sys.executable)
     assert list((tmp_path / "out").iterdir()) == []

@@ -728,7 +728,12 @@ class _ProcessWorkers:
         )
 
     def submit(self, k: int, slot: int, reads, pycs, whole, used: int):
-        self.children.send(k % len(self.children), (k, slot, reads, pycs, whole, used))
+        from .procs import ChildGone
+
+        try:
+            self.children.send(k % len(self.children), (k, slot, reads, pycs, whole, used))
+        except ChildGone:
+            raise _worker_died() from None
         return k
 
     def filled(self, k: int):
@@ -748,14 +753,18 @@ class _ProcessWorkers:
                 return self._got.pop((k, kind))
             got = answers.get()
             if got is None:
-                raise EnvcrateError(
-                    "a packing worker process died (out of memory?); pack again, or with --threads 1"
-                )
+                raise _worker_died()
             frame, what, value = got
             self._got[frame, what] = value
 
     def close(self, abort: bool = False) -> None:
         self.children.close(abort)
+
+
+def _worker_died() -> EnvcrateError:
+    return EnvcrateError(
+        "a packing worker process died (out of memory?); pack again, or with --threads 1"
+    )
 
 
 def _serve(requests: int, results: int, bufs, outs, codec, scanner) -> None:

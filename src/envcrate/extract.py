@@ -1,4 +1,7 @@
-"""Safe extraction of a crate into an empty directory.
+"""Safe extraction of a crate read as one stream into an empty directory
+(``tar.gz`` crates, and ``tar.zst`` ones without a seek table and index;
+the others are extracted frame by frame, see :mod:`envcrate.frames`), and
+what both ways share: the metadata files and the links.
 
 Every member must match the next row of the crate's file table (path, type,
 size, mode, link target), so what lands on disk is exactly what the crate id

@@ -12,10 +12,14 @@ each frame. Nothing is shared between the processes but the file table
 held by one while another creates files, and nothing is copied between
 them.
 
-The stream is checked as tightly as by a single pass: every header must be
-exactly the one the file table's row gives (the packer writes them so,
-:func:`tar.header`), which also checks its path, type, mode, size and link
-target, and each frame must end where the index says the next one starts.
+The stream is checked as tightly as by a single pass: every header must
+carry the path, type, mode, size and link target of its file-table row (all
+of its bytes must be those :func:`tar.header` makes where it has pax records
+or a frame cuts it), and each frame must end where the index says the next
+one starts. Paths, modes and sizes come from the table, whose digest is the
+crate id; a file spanning frames is the only one opened without
+``O_EXCL`` (by each of its frames' writers), and links are made only after
+every file.
 The archive's digest is computed by this process as the writers work.
 Archives without a seek table and index (``tar.gz``, or written by other
 tools) go through :func:`envcrate.extract.extract` instead.
@@ -35,6 +39,7 @@ from .errors import ArchiveError, EnvcrateError, UnsafeArchiveError
 from .extract import _create, _make_dir, make_links, write_head_files
 from .fsutil import current_umask, write_all, write_all_at
 from .manifest import FILES_MEMBER, MANIFEST_MEMBER
+from .procs import ChildGone, Children
 
 HEAD_MEMBERS = 2  # the manifest and the file table come before the entries
 MAX_FRAME = 64 << 20  # a larger frame is refused rather than allocated
@@ -158,8 +163,6 @@ def extract_frames(
     The writers are forked even when other threads run here (a cache
     filler's heartbeat): they take no lock such a thread could hold, as
     they only read the archive, decompress and make files."""
-    from .procs import Children
-
     progress = progress or (lambda n: None)
     root = os.fsencode(dest)
     lines = plan.table_bytes.split(b"\n")
@@ -230,7 +233,11 @@ class _Dispatch:
 
     def _assign(self, i: int) -> None:
         if self._next < len(self.frames) and self._error is None:
-            self._children.send(i, (self._next, self.frames[self._next]))
+            try:
+                self._children.send(i, (self._next, self.frames[self._next]))
+            except ChildGone:
+                self._error = _died()
+                return
             self._next += 1
 
     def answered(self, i: int, message) -> None:
@@ -238,9 +245,7 @@ class _Dispatch:
         with self._changed:
             if message is None:
                 if self._error is None and self._finished < len(self.frames):
-                    self._error = EnvcrateError(
-                        "a file writer process died (out of memory?); unpack again"
-                    )
+                    self._error = _died()
             else:
                 k, error, end, span, nbytes = message
                 if error is not None:
@@ -264,6 +269,10 @@ class _Dispatch:
                 reported = self.written
             if self._error is not None:
                 raise self._error
+
+
+def _died() -> EnvcrateError:
+    return EnvcrateError("a file writer process died (out of memory?); unpack again")
 
 
 class _Rows:
@@ -354,9 +363,12 @@ class _Work:
                 if len(dbuf) < dsize:
                     dbuf = bytearray(dsize)
                 cview = memoryview(cbuf)[:csize]
-                got = os.preadv(fd, [cview], offset)
-                if got != csize:
-                    raise ArchiveError(f"{self.path} is truncated")
+                got = 0
+                while got < csize:  # a network filesystem may return less
+                    step = os.preadv(fd, [cview[got:]], offset + got)
+                    if step == 0:
+                        raise ArchiveError(f"{self.path} is truncated")
+                    got += step
                 data = memoryview(dbuf)[:dsize]
                 reader = dctx.stream_reader(cview)
                 n = 0

@@ -20,6 +20,10 @@ from typing import Callable
 from .fsutil import write_all
 
 
+class ChildGone(Exception):
+    """A child died (killed, out of memory) before it was sent a request."""
+
+
 class Children:
     """``n`` forked children, each running ``serve(requests, answers)`` (two
     file descriptors) until its requests end; ``answered(i, message)`` is
@@ -74,7 +78,11 @@ class Children:
         self.children.append((pid, req_w, ans_r))
 
     def send(self, i: int, message) -> None:
-        send(self.children[i][1], message)
+        """Send child ``i`` a request; :class:`ChildGone` if it has died."""
+        try:
+            send(self.children[i][1], message)
+        except BrokenPipeError:
+            raise ChildGone from None
 
     def close(self, abort: bool = False) -> None:
         """End the requests and wait for every child (killed first with
