@@ -32,7 +32,9 @@ LARGE_FILE = 4 << 20
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _create(path: bytes, mode: int, flags: int = _FLAGS) -> int:
+def create_file(path: bytes, mode: int, flags: int = _FLAGS) -> int:
+    """A new file's descriptor (``O_EXCL``, no link followed, unless
+    ``flags`` say otherwise), its parent directories made if missing."""
     try:
         return os.open(path, flags, mode)
     except FileNotFoundError:
@@ -43,14 +45,15 @@ def _create(path: bytes, mode: int, flags: int = _FLAGS) -> int:
 
 
 def _write_file(path: bytes, data: bytes, mode: int = 0o644) -> None:
-    fd = _create(path, mode)
+    fd = create_file(path, mode)
     try:
         write_all(fd, data)
     finally:
         os.close(fd)
 
 
-def _make_dir(path: bytes) -> None:
+def make_dir(path: bytes) -> None:
+    """A directory of the crate (or nothing, if another writer made it)."""
     try:
         os.mkdir(path, 0o755)
     except FileNotFoundError:  # a parent the archive did not list
@@ -66,9 +69,9 @@ def _write_batch(batch: list[tuple[bytes, int, list[memoryview] | None]], held: 
     try:
         for path, mode, pieces in batch:
             if pieces is None:
-                _make_dir(path)
+                make_dir(path)
                 continue
-            fd = _create(path, mode)
+            fd = create_file(path, mode)
             try:
                 for piece in pieces:
                     write_all(fd, piece)
@@ -221,7 +224,7 @@ def extract(
                 if member.size > LARGE_FILE:
                     # Written here as it streams in, so that the reader's
                     # buffers it spans are not all held at once.
-                    fd = _create(full, mode)
+                    fd = create_file(full, mode)
                     try:
                         stream.pipe(member.size, functools.partial(write_all, fd))
                     finally:

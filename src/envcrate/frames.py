@@ -36,7 +36,7 @@ from typing import Callable
 from . import tar
 from .archive import _INDEX_MAGIC
 from .errors import ArchiveError, EnvcrateError, UnsafeArchiveError
-from .extract import _create, _make_dir, make_links, write_head_files
+from .extract import create_file, make_dir, make_links, write_head_files
 from .fsutil import current_umask, write_all, write_all_at
 from .manifest import FILES_MEMBER, MANIFEST_MEMBER
 from .procs import ChildGone, Children
@@ -458,7 +458,7 @@ class _Work:
                 if not _plain_header_matches(data[pos : pos + hlen], row, name):
                     raise _mismatch(self.path, data[pos : pos + hlen], 0, row)
                 if t == "f":
-                    fd = _create(root + name, modes[row[1]])
+                    fd = create_file(root + name, modes[row[1]])
                     try:
                         if size:
                             piece = data[pos + hlen : pos + hlen + size]
@@ -469,7 +469,7 @@ class _Work:
                         os.close(fd)
                     nbytes += size
                 elif t == "d":
-                    _make_dir(root + name)
+                    make_dir(root + name)
                 pos += rec
                 m += 1
                 continue
@@ -489,21 +489,21 @@ class _Work:
                 if a < b or (not size and at < hlen <= end):
                     full = root + name
                     if a == hlen and b == hlen + size:  # the whole file is here
-                        fd = _create(full, modes[row[1]])
+                        fd = create_file(full, modes[row[1]])
                         try:
                             write_all(fd, data[pos + a - at : pos + b - at])
                         finally:
                             os.close(fd)
                     else:
                         span.append(m)
-                        fd = _create(full, _MODES[row[1]] | 0o200, _PART)
+                        fd = create_file(full, _MODES[row[1]] | 0o200, _PART)
                         try:
                             write_all_at(fd, data[pos + a - at : pos + b - at], a - hlen)
                         finally:
                             os.close(fd)
                     nbytes += b - a
             elif t == "d" and at < hlen <= end:
-                _make_dir(root + name)
+                make_dir(root + name)
             if end < rec:  # the member goes on in the next frame
                 return (m, end), span, nbytes
             pos += rec - at
