@@ -164,7 +164,25 @@ class SeaweedFS:
             client.put_object(Bucket=self.bucket(), Key=".probe", Body=b"x")
             return True
 
-        wait_for(ready, 90, "SeaweedFS did not answer S3")
+        try:
+            wait_for(ready, 90, "SeaweedFS did not answer S3")
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; {self._diagnosis()}") from None
+
+    def _diagnosis(self) -> str:
+        """Why the server may not answer: the free disk space (below 1% its
+        volumes turn read-only and every write fails with "no volume server
+        capacity") and the last errors of its log."""
+        usage = shutil.disk_usage(self.data)
+        try:
+            log = (self.workdir / "weed.log").read_text(errors="replace").splitlines()
+        except OSError:
+            log = []
+        errors = [line for line in log if line.startswith("E")][-3:]
+        return (
+            f"{usage.free >> 20} MiB free of {usage.total >> 20} MiB in {self.data}; "
+            f"last errors in weed.log: {errors or 'none'}"
+        )
 
     _bucket = "envcrate-test"
 
