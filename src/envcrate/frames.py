@@ -37,7 +37,7 @@ from . import tar
 from .archive import _INDEX_MAGIC
 from .errors import ArchiveError, EnvcrateError, UnsafeArchiveError
 from .extract import create_file, make_dir, make_links, write_head_files
-from .fsutil import current_umask, write_all, write_all_at
+from .fsutil import current_umask, hash_file, write_all, write_all_at
 from .manifest import FILES_MEMBER, MANIFEST_MEMBER
 from .procs import ChildGone, Children
 
@@ -116,6 +116,8 @@ def _read_head(f, head: list[Frame], path: str) -> tuple[bytes, bytes]:
     hold exactly those two members."""
     import zstandard
 
+    from .reading import Piece, TarStream, _expect
+
     d = zstandard.ZstdDecompressor()
     parts = []
     for fr in head:
@@ -128,22 +130,14 @@ def _read_head(f, head: list[Frame], path: str) -> tuple[bytes, bytes]:
             raise ArchiveError(f"{path}: a frame of the archive does not match its seek table")
         parts.append(data)
     data = b"".join(parts)
-    out, pos = [], 0
-    for name in (MANIFEST_MEMBER, FILES_MEMBER):
-        block = data[pos : pos + tar.BLOCK]
-        if len(block) < tar.BLOCK:
-            raise ArchiveError(f"{path} lacks its {name} member; it is not an envcrate archive")
-        member, typeflag, _, size, _ = tar.parse_header(block)
-        if member != name.encode() or typeflag != tar.REGULAR:
-            raise ArchiveError(f"{path} lacks its {name} member; it is not an envcrate archive")
-        pos += tar.BLOCK
-        out.append(data[pos : pos + size])
-        pos += size + tar.padding(size)
-    if pos != len(data):
+    stream = TarStream(iter([Piece(data, len(data))]))
+    manifest_bytes = _expect(stream, MANIFEST_MEMBER, path)
+    table_bytes = _expect(stream, FILES_MEMBER, path)
+    if stream.read(1):
         raise ArchiveError(
             f"{path}: the head of the archive holds more than its manifest and table"
         )
-    return out[0], out[1]
+    return manifest_bytes, table_bytes
 
 
 def extract_frames(
@@ -182,7 +176,7 @@ def extract_frames(
         write_head_files(root, plan.manifest_bytes, plan.table_bytes, read_only)
         dispatch.start(children)
         if digest is not None:
-            _hash_file(path, digest)
+            hash_file(path, digest)
         dispatch.wait(progress)
         children.close()
     except BaseException:
@@ -523,7 +517,7 @@ def _mismatch(path: str, part, at: int, row: list) -> ArchiveError:
             "refusing to extract"
         )
     try:
-        setuid = int(mode.split(b"\0", 1)[0].strip() or b"0", 8) & 0o7000
+        setuid = tar.number(mode) & 0o7000
     except ValueError:
         setuid = 0
     if setuid:
@@ -565,14 +559,6 @@ def _header_of(row: list, name: bytes) -> bytes:
     if t == "d":
         return tar.header(name, tar.DIRECTORY, 0o755)
     return tar.header(name, tar.SYMLINK, 0o777, 0, digest.encode("utf-8", "surrogateescape"))
-
-
-def _hash_file(path: str, digest) -> None:
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            digest.update(view[:n])
 
 
 def _default_processes() -> int:

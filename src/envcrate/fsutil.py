@@ -120,14 +120,21 @@ def sha256_file(path: str | os.PathLike) -> tuple[str, int]:
     import hashlib
 
     h = hashlib.sha256()
+    size = hash_file(path, h)
+    return h.hexdigest(), size
+
+
+def hash_file(path: str | os.PathLike, digest) -> int:
+    """Feed a file's content to ``digest`` (a hashlib object), read in 4 MiB
+    pieces; its size."""
     size = 0
     with open(path, "rb") as f:
         buf = bytearray(4 << 20)
         view = memoryview(buf)
         while n := f.readinto(buf):
-            h.update(view[:n])
+            digest.update(view[:n])
             size += n
-    return h.hexdigest(), size
+    return size
 
 
 def remove_tree(path: str | os.PathLike) -> None:

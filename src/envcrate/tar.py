@@ -94,7 +94,8 @@ class Member:
     linkname: bytes
 
 
-def _number(field: bytes) -> int:
+def number(field: bytes) -> int:
+    """A numeric header field: octal, or base-256 for large values."""
     if field[:1] == b"\x80":  # base-256 (GNU) for large values
         return int.from_bytes(field[1:], "big")
     field = field.split(b"\0", 1)[0].strip()
@@ -118,7 +119,7 @@ def parse_header(block: bytes, check_sum: bool = True) -> tuple[bytes, bytes, in
     """(name, typeflag, mode, size, linkname) of a raw header block."""
     if check_sum:
         chk = block[148:156]
-        stored = int(chk[:6], 8) if chk[6:8] == b"\0 " and chk[:6].isdigit() else _number(chk)
+        stored = int(chk[:6], 8) if chk[6:8] == b"\0 " and chk[:6].isdigit() else number(chk)
         actual = sum(block) - sum(chk) + 8 * 32
         if stored != actual:
             raise ArchiveError("a tar header has a wrong checksum; the archive is corrupt")
@@ -131,8 +132,8 @@ def parse_header(block: bytes, check_sum: bool = True) -> tuple[bytes, bytes, in
     return (
         name,
         typeflag,
-        _number(block[100:108]),
-        _number(block[124:136]),
+        number(block[100:108]),
+        number(block[124:136]),
         block[157:257].split(b"\0", 1)[0],
     )
 
