@@ -38,7 +38,7 @@ from .archive import _INDEX_MAGIC
 from .errors import ArchiveError, EnvcrateError, UnsafeArchiveError
 from .extract import create_file, make_dir, make_links, write_head_files
 from .fsutil import current_umask, hash_file, write_all, write_all_at
-from .manifest import FILES_MEMBER, MANIFEST_MEMBER
+from .manifest import FILES_MEMBER, MANIFEST_MEMBER, FileRow, decode_rows, table_lines
 from .procs import ChildGone, Children
 
 HEAD_MEMBERS = 2  # the manifest and the file table come before the entries
@@ -159,10 +159,7 @@ def extract_frames(
     they only read the archive, decompress and make files."""
     progress = progress or (lambda n: None)
     root = os.fsencode(dest)
-    lines = plan.table_bytes.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()
-    rows = _Rows(lines)
+    rows = _Rows(table_lines(plan.table_bytes))
     dispatch = _Dispatch(plan.frames)
     try:
         children = Children(
@@ -194,8 +191,7 @@ def extract_frames(
         mask = current_umask()
         for m in sorted(dispatch.spanning):
             row = rows[m]
-            name = row[4].encode("utf-8", "surrogateescape")
-            os.chmod(root + b"/" + name, _READ_ONLY_MODES[row[1]] & ~mask)
+            os.chmod(root + b"/" + _encoded(row.path), _READ_ONLY_MODES[row.mode] & ~mask)
     make_links(root, rows.links())
     return True
 
@@ -278,41 +274,35 @@ class _Rows:
     def __init__(self, lines: list[bytes]):
         self.lines = lines
         self.end = HEAD_MEMBERS + len(lines)  # the end-of-archive blocks' ordinal
-        self._blocks: dict[int, list] = {}
+        self._blocks: dict[int, list[FileRow]] = {}
 
-    def __getitem__(self, member: int) -> list:
-        """[type, mode, size, digest, path] of the entry that is ``member``."""
-        i = member - HEAD_MEMBERS
-        b, k = divmod(i, self.BLOCK)
+    def __getitem__(self, member: int) -> FileRow:
+        """The row of the entry that is ``member``."""
+        b, k = divmod(member - HEAD_MEMBERS, self.BLOCK)
         block = self._blocks.get(b)
         if block is None:
-            part = self.lines[b * self.BLOCK : (b + 1) * self.BLOCK]
-            try:
-                block = json.loads(b"[" + b",".join(part) + b"]")
-                for _, _, size, digest, p in block:
-                    if not (
-                        isinstance(size, int) and isinstance(p, str) and isinstance(digest, str)
-                    ):
-                        raise TypeError
-            except (ValueError, TypeError):
-                raise ArchiveError(
-                    f"line {b * self.BLOCK + 1}.. of the crate's file table is not a valid row; the crate is corrupt"
-                ) from None
+            block = decode_rows(self.lines[b * self.BLOCK : (b + 1) * self.BLOCK], b * self.BLOCK)
+            for row in block:
+                if not (
+                    isinstance(row.size, int)
+                    and isinstance(row.path, str)
+                    and isinstance(row.digest, str)
+                ):
+                    raise ArchiveError(
+                        f"line {b * self.BLOCK + 1}.. of the crate's file table is not a valid "
+                        "row; the crate is corrupt"
+                    )
             self._blocks[b] = block
         return block[k]
 
     def links(self) -> list[tuple[bytes, bytes]]:
-        out = []
-        for line in self.lines:
-            if line.startswith(b'["l"'):
-                t, mode, size, target, p = json.loads(line)
-                out.append(
-                    (
-                        p.encode("utf-8", "surrogateescape"),
-                        target.encode("utf-8", "surrogateescape"),
-                    )
-                )
-        return out
+        """(path, target) of every link, found without decoding other rows."""
+        links = decode_rows([line for line in self.lines if line.startswith(b'["l"')])
+        return [(_encoded(row.path), _encoded(row.digest)) for row in links]
+
+
+def _encoded(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
 
 
 _MODES = {"644": 0o644, "755": 0o755}  # the file modes a crate has
@@ -382,12 +372,12 @@ class _Work:
                 answer = (k, e, None, None, 0)
             send(answers, answer)
 
-    def entry(self, m: int) -> tuple[list, bytes, int, bytes | None]:
+    def entry(self, m: int) -> tuple[FileRow, bytes, int, bytes | None]:
         """Member ``m``'s row, its path, its size in the stream, and its
         whole header when that is not one plain ustar block (else None)."""
         row = self.rows[m]
-        t, mode, size, digest, p = row
-        name = p.encode("utf-8", "surrogateescape")
+        t, p, mode, size, digest = row
+        name = _encoded(p)
         if (
             b"\0" in name
             or name[:1] in (b"/", b".", b"")
@@ -411,7 +401,7 @@ class _Work:
                 return row, name, 0, None
             return row, name, 0, tar.header(name, tar.DIRECTORY, 0o755)
         if t == "l":
-            link = digest.encode("utf-8", "surrogateescape")
+            link = _encoded(digest)
             if len(name) <= 100 and len(link) <= 100:
                 return row, name, 0, None
             return row, name, 0, tar.header(name, tar.SYMLINK, 0o777, 0, link)
@@ -445,14 +435,14 @@ class _Work:
                 m, at = m + 1, 0
                 continue
             row, name, size, h = entry(m)
-            t = row[0]
+            t = row.type
             hlen = tar.BLOCK if h is None else len(h)
             rec = hlen + size + (-size % tar.BLOCK)
             if at == 0 and h is None and pos + rec <= n:  # the common case: all of it is here
                 if not _plain_header_matches(data[pos : pos + hlen], row, name):
                     raise _mismatch(self.path, data[pos : pos + hlen], 0, row)
                 if t == "f":
-                    fd = create_file(root + name, modes[row[1]])
+                    fd = create_file(root + name, modes[row.mode])
                     try:
                         if size:
                             piece = data[pos + hlen : pos + hlen + size]
@@ -483,14 +473,14 @@ class _Work:
                 if a < b or (not size and at < hlen <= end):
                     full = root + name
                     if a == hlen and b == hlen + size:  # the whole file is here
-                        fd = create_file(full, modes[row[1]])
+                        fd = create_file(full, modes[row.mode])
                         try:
                             write_all(fd, data[pos + a - at : pos + b - at])
                         finally:
                             os.close(fd)
                     else:
                         span.append(m)
-                        fd = create_file(full, _MODES[row[1]] | 0o200, _PART)
+                        fd = create_file(full, _MODES[row.mode] | 0o200, _PART)
                         try:
                             write_all_at(fd, data[pos + a - at : pos + b - at], a - hlen)
                         finally:
@@ -505,7 +495,7 @@ class _Work:
         return (m, 0), span, nbytes
 
 
-def _mismatch(path: str, part, at: int, row: list) -> ArchiveError:
+def _mismatch(path: str, part, at: int, row: FileRow) -> ArchiveError:
     """The error for a header that is not the row's (``part``: its bytes in
     this frame, from ``at``): the most telling one its fields here give."""
     part = bytes(part)
@@ -513,7 +503,7 @@ def _mismatch(path: str, part, at: int, row: list) -> ArchiveError:
     mode = part[100 - at : 108 - at] if at <= 100 and at + len(part) >= 108 else b""
     if typeflag not in (tar.REGULAR, b"\0", tar.DIRECTORY, tar.SYMLINK, tar.PAX):
         return UnsafeArchiveError(
-            f"archive member {row[4]} has type {typeflag!r} (device, fifo or hard link); "
+            f"archive member {row.path} has type {typeflag!r} (device, fifo or hard link); "
             "refusing to extract"
         )
     try:
@@ -522,22 +512,22 @@ def _mismatch(path: str, part, at: int, row: list) -> ArchiveError:
         setuid = 0
     if setuid:
         return UnsafeArchiveError(
-            f"archive member {row[4]} has setuid/setgid/sticky bits; refusing to extract"
+            f"archive member {row.path} has setuid/setgid/sticky bits; refusing to extract"
         )
     return ArchiveError(
-        f"{path}: the archive member {row[4]} does not match the crate's file table"
+        f"{path}: the archive member {row.path} does not match the crate's file table"
     )
 
 
 _TYPEFLAGS = {"f": ord(tar.REGULAR), "d": ord(tar.DIRECTORY), "l": ord(tar.SYMLINK)}
 
 
-def _plain_header_matches(block: memoryview, row: list, name: bytes) -> bool:
+def _plain_header_matches(block: memoryview, row: FileRow, name: bytes) -> bool:
     """Whether a one-block ustar header has the fields the row gives: name,
     type, mode, size and link target (the rest does not change what is
     written, and tar's own checksum guards nothing the archive's digest
     does not)."""
-    t, mode, size, digest, _ = row
+    t, _, mode, size, digest = row
     if t == "d":
         name += b"/"
     k = len(name)
@@ -546,19 +536,19 @@ def _plain_header_matches(block: memoryview, row: list, name: bytes) -> bool:
     if t == "f":
         return block[100:108] == b"%07o\0" % int(mode, 8) and block[124:136] == b"%011o\0" % size
     if t == "l":
-        link = digest.encode("utf-8", "surrogateescape")
+        link = _encoded(digest)
         j = len(link)
         return block[157 : 157 + j] == link and (j == 100 or block[157 + j] == 0)
     return True
 
 
-def _header_of(row: list, name: bytes) -> bytes:
-    t, mode, size, digest, _ = row
+def _header_of(row: FileRow, name: bytes) -> bytes:
+    t, _, mode, size, digest = row
     if t == "f":
         return tar.header(name, tar.REGULAR, int(mode, 8), size)
     if t == "d":
         return tar.header(name, tar.DIRECTORY, 0o755)
-    return tar.header(name, tar.SYMLINK, 0o777, 0, digest.encode("utf-8", "surrogateescape"))
+    return tar.header(name, tar.SYMLINK, 0o777, 0, _encoded(digest))
 
 
 def _default_processes() -> int:

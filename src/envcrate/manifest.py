@@ -71,21 +71,32 @@ def iter_table(data: bytes, block: int = 1024) -> Iterator[FileRow]:
     json.loads per block (per-line calls cost ~20 µs each), and extraction
     starts after the first block instead of after the whole table (50 ms
     for 15,000 rows)."""
+    lines = table_lines(data)
+    for i in range(0, len(lines), block):
+        yield from decode_rows(lines[i : i + block], i)
+
+
+def table_lines(data: bytes) -> list[bytes]:
+    """A file table's lines, one per row."""
     lines = data.split(b"\n")
     if lines and not lines[-1]:
         lines.pop()
-    new = tuple.__new__
-    for i in range(0, len(lines), block):
-        try:
-            rows = json.loads(b"[" + b",".join(lines[i : i + block]) + b"]")
-            for t, mode, size, digest, path in rows:
-                yield new(FileRow, (t, path, mode, size, digest))
-        except (ValueError, TypeError):
-            from .errors import ArchiveError
+    return lines
 
-            raise ArchiveError(
-                f"line {i + 1}.. of the crate's file table is not a valid row; the crate is corrupt"
-            ) from None
+
+def decode_rows(lines: list[bytes], first: int = 0) -> list[FileRow]:
+    """The rows of these lines of a file table (``first``: the number of
+    lines before them, for the error)."""
+    new = tuple.__new__
+    try:
+        rows = json.loads(b"[" + b",".join(lines) + b"]")
+        return [new(FileRow, (t, path, mode, size, digest)) for t, mode, size, digest, path in rows]
+    except (ValueError, TypeError):
+        from .errors import ArchiveError
+
+        raise ArchiveError(
+            f"line {first + 1}.. of the crate's file table is not a valid row; the crate is corrupt"
+        ) from None
 
 
 def crate_id_of_table(table: bytes) -> str:
