@@ -177,6 +177,7 @@ def extract_frames(
         dispatch.wait(progress)
         children.close()
     except BaseException:
+        dispatch.stop()  # else a reader thread could send to a closed pipe
         children.close(abort=True)
         raise
     # Each frame must end where the next starts, the last past the end of the archive.
@@ -220,6 +221,11 @@ class _Dispatch:
             for _ in range(2):  # each busy, and one more waiting in its pipe
                 for i in range(len(children)):
                     self._assign(i)
+
+    def stop(self) -> None:
+        """Hand out no more frames."""
+        with self._changed:
+            self._next = len(self.frames)
 
     def _assign(self, i: int) -> None:
         if self._next < len(self.frames) and self._error is None:

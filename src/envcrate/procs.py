@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import struct
 import threading
 from typing import Callable
@@ -36,18 +37,18 @@ class Children:
         try:
             for _ in range(n):
                 self._fork(serve)
-        except BaseException:
+            for i, (_, _, answers) in enumerate(self.children):  # threads only after the forks
+                reader = threading.Thread(
+                    target=_take_answers,
+                    args=(i, answers, answered),
+                    name="envcrate-answers",
+                    daemon=True,
+                )
+                reader.start()
+                self._readers.append(reader)
+        except BaseException:  # Ctrl-C included: no child is left unwaited
             self.close(abort=True)
             raise
-        for i, (_, _, answers) in enumerate(self.children):  # threads only after the forks
-            reader = threading.Thread(
-                target=_take_answers,
-                args=(i, answers, answered),
-                name="envcrate-answers",
-                daemon=True,
-            )
-            reader.start()
-            self._readers.append(reader)
 
     def __len__(self) -> int:
         return len(self.children)
@@ -55,8 +56,14 @@ class Children:
     def _fork(self, serve: Callable[[int, int], None]) -> None:
         req_r, req_w = os.pipe()
         ans_r, ans_w = os.pipe()
+
+        def record(pid: int) -> None:
+            os.close(req_r)
+            os.close(ans_w)
+            self.children.append((pid, req_w, ans_r))
+
         try:
-            pid = os.fork()
+            pid = fork(record)
         except OSError:
             for fd in (req_r, req_w, ans_r, ans_w):
                 os.close(fd)
@@ -73,9 +80,6 @@ class Children:
                 status = 0
             finally:
                 os._exit(status)
-        os.close(req_r)
-        os.close(ans_w)
-        self.children.append((pid, req_w, ans_r))
 
     def send(self, i: int, message) -> None:
         """Send child ``i`` a request; :class:`ChildGone` if it has died."""
@@ -87,8 +91,6 @@ class Children:
     def close(self, abort: bool = False) -> None:
         """End the requests and wait for every child (killed first with
         ``abort``: nothing it would still do is wanted)."""
-        import signal
-
         for pid, requests, _ in self.children:
             os.close(requests)  # the child sees the end and exits
             if abort:
@@ -103,6 +105,31 @@ class Children:
         for _, _, answers in self.children:
             os.close(answers)
         self.children, self._readers = [], []
+
+
+def fork(record: Callable[[int], None]) -> int:
+    """``os.fork()``; 0 in the child. In the parent, ``record(pid)`` keeps the
+    child before a Ctrl-C can unwind this call: an interrupt raised as the
+    fork returns would lose the child, never to be waited for. (Interrupts
+    are raised in the main thread only; there, one that comes meanwhile is
+    held and raised again once the child is recorded.)"""
+    if threading.current_thread() is not threading.main_thread():
+        pid = os.fork()
+        if pid:
+            record(pid)
+        return pid
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    pid = -1
+    try:
+        pid = os.fork()
+        if pid:
+            record(pid)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and pid != 0:  # the child must not unwind its parent's calls
+            signal.raise_signal(signal.SIGINT)
+    return pid
 
 
 def _take_answers(i: int, answers: int, answered: Callable) -> None:
