@@ -193,6 +193,41 @@ def test_digest_mismatch_from_record(small_crate, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tar.zst"]
 
 
+def test_cli_digest_mismatch_with_the_hash_run_aside(small_crate, tmp_path):
+    """The command line hashes the archive in a child process while it
+    imports; a digest that does not match is still refused, given or
+    recorded, and nothing is left."""
+    copy = tmp_path / "c.tar.zst"
+    shutil.copy(small_crate.archive, copy)
+    out = envcrate("unpack", copy, tmp_path / "dest", "--sha256", "sha256:" + "0" * 64)
+    assert out.returncode == 1 and "expected sha256:0000" in out.stderr, out.stderr
+    record = json.loads(Path(str(small_crate.archive) + ".json").read_text())
+    for a in record["archives"]:
+        a["blob"] = "sha256:" + "1" * 64
+    Path(str(copy) + ".json").write_text(json.dumps(record))
+    out = envcrate("unpack", copy, tmp_path / "dest")
+    assert out.returncode == 1 and "expected sha256:1111" in out.stderr, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tar.zst", "c.tar.zst.json"]
+
+
+def test_background_hash(tmp_path):
+    import hashlib
+
+    from envcrate.procs import BackgroundHash
+
+    data = os.urandom(5 << 20)
+    (tmp_path / "f").write_bytes(data)
+    assert BackgroundHash(tmp_path / "f").result() == hashlib.sha256(data).hexdigest()
+    assert BackgroundHash(tmp_path / "missing").result() is None
+    with open(tmp_path / "sparse", "wb") as f:
+        f.truncate(64 << 30)  # minutes to hash
+    running = BackgroundHash(tmp_path / "sparse")
+    pid = running._pid
+    running.cancel()
+    with pytest.raises(ChildProcessError):  # killed and reaped
+        os.waitpid(pid, os.WNOHANG)
+
+
 @pytest.fixture(scope="module")
 def big_file_venv(tmp_path_factory) -> Path:
     """A venv with a file larger than the reader's pieces and than a frame's

@@ -346,16 +346,27 @@ def cmd_pack(args) -> int:
 
 
 def cmd_unpack(args) -> int:
-    from .progress import wanted
-    from .unpacker import read_manifest, unpack
+    from .procs import BackgroundHash
 
-    dest = unpack(
-        args.archive,
-        args.dest,
-        python=args.python,
-        blob=args.sha256,
-        progress=wanted(args.progress),
-    )
+    hashed = None
+    if args.sha256 or os.path.isfile(args.archive + ".json"):  # a digest to check
+        # Started first: it hashes while this process imports the unpacker.
+        hashed = BackgroundHash(args.archive)
+    try:
+        from .progress import wanted
+        from .unpacker import read_manifest, unpack
+
+        dest = unpack(
+            args.archive,
+            args.dest,
+            python=args.python,
+            blob=args.sha256,
+            progress=wanted(args.progress),
+            hashed=hashed,
+        )
+    finally:
+        if hashed is not None:
+            hashed.cancel()
     manifest = read_manifest(args.archive)
     return _emit(args, {"id": manifest.id, "prefix": str(dest)}, str(dest))
 

@@ -18,7 +18,7 @@ import struct
 import threading
 from typing import Callable
 
-from .fsutil import write_all
+from .fsutil import hash_file, write_all
 
 
 class ChildGone(Exception):
@@ -130,6 +130,68 @@ def fork(record: Callable[[int], None]) -> int:
         if held and pid != 0:  # the child must not unwind its parent's calls
             signal.raise_signal(signal.SIGINT)
     return pid
+
+
+class BackgroundHash:
+    """The sha256 of a file, computed by a forked child while this process
+    goes on. ``envcrate unpack`` starts one before importing the unpacker:
+    the archive is then hashed on the core that the imports and the reading
+    of the head leave idle, instead of beside the file writers, which keep
+    both cores busy."""
+
+    def __init__(self, path: str | os.PathLike):
+        import hashlib
+
+        self._pid: int | None = None
+        self._fd: int | None = None
+        r, w = os.pipe()
+
+        def record(pid: int) -> None:
+            os.close(w)
+            self._pid, self._fd = pid, r
+
+        try:
+            pid = fork(record)
+        except OSError:
+            os.close(r)
+            os.close(w)
+            return  # no child: result() is None and the caller hashes
+        if pid == 0:  # the child: hash, write the digest, never return
+            status = 1
+            try:
+                os.close(r)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends it at once
+                digest = hashlib.sha256()
+                hash_file(path, digest)
+                write_all(w, digest.hexdigest().encode())
+                status = 0
+            finally:
+                os._exit(status)
+
+    def result(self) -> str | None:
+        """The hex digest, once the child is done; None if it could not hash
+        the file (the caller then hashes it, and meets the error itself)."""
+        if self._fd is None:
+            return None
+        data = b""
+        while chunk := os.read(self._fd, 128):
+            data += chunk
+        self._end()
+        return data.decode() if len(data) == 64 else None
+
+    def cancel(self) -> None:
+        """Stop the child if it still runs (nothing is left behind)."""
+        if self._pid is not None:
+            try:
+                os.kill(self._pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._end()
+
+    def _end(self) -> None:
+        os.close(self._fd)
+        os.waitpid(self._pid, 0)
+        self._pid = self._fd = None
 
 
 def _take_answers(i: int, answers: int, answered: Callable) -> None:

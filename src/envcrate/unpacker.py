@@ -21,8 +21,9 @@ from .compat import Interpreter, check_host, find_interpreter, probe_memo, requi
 from .errors import ArchiveError, DigestMismatchError, EnvcrateError
 from .extract import extract
 from .frames import extract_frames, read_plan
-from .fsutil import current_umask, remove_tree
+from .fsutil import current_umask, remove_tree, sha256_file
 from .manifest import Manifest, crate_id_of_table, iter_table
+from .procs import BackgroundHash
 from .progress import bar
 from .reading import open_stream, read_manifest_bytes
 from .record import recorded_blob
@@ -57,10 +58,12 @@ def unpack(
     python: str | None = None,
     blob: str | None = None,
     progress: bool = False,
+    hashed: BackgroundHash | None = None,
 ) -> Path:
     """Extract and relocate ``archive`` into ``dest`` (which must not exist or
     be empty). ``blob`` is the expected archive digest; by default the one
-    recorded beside the archive (``<archive>.json``) is checked when present."""
+    recorded beside the archive (``<archive>.json``) is checked when present.
+    ``hashed``: the archive's hash, started by the caller (who cancels it)."""
     require_supported_os()
     archive = os.fspath(archive)
     manifest = read_manifest(archive)
@@ -83,7 +86,7 @@ def unpack(
         blob = recorded_blob(archive)
     if final.exists():
         final.rmdir()  # empty, checked above
-    fill(archive, final, manifest, interpreter, blob=blob, progress=progress)
+    fill(archive, final, manifest, interpreter, blob=blob, progress=progress, hashed=hashed)
     return final
 
 
@@ -135,13 +138,15 @@ def fill(
     phase: Callable[[str], None] | None = None,
     seal: Callable[[str], None] | None = None,
     read_only: bool = False,
+    hashed: BackgroundHash | None = None,
 ) -> bool:
     """Extract ``archive`` into a temporary directory beside ``final`` while
-    checking ``blob``, relocate it for ``final``, let ``seal`` finish it, and
-    rename it into place. Returns False when ``final`` appeared meanwhile
-    (another filler won): this copy is then discarded."""
+    checking ``blob`` (hashing the archive meanwhile, unless ``hashed`` does),
+    relocate it for ``final``, let ``seal`` finish it, and rename it into
+    place. Returns False when ``final`` appeared meanwhile (another filler
+    won): this copy is then discarded."""
     phase = phase or (lambda state: None)
-    digest = hashlib.sha256() if blob else None
+    digest = hashlib.sha256() if blob and hashed is None else None
     tmp = tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.envcrate-")
     try:
         phase("EXTRACTING")
@@ -154,11 +159,14 @@ def fill(
             if blob:  # say what is wrong with the bytes, not where it showed first
                 _check_blob(archive, blob)
             raise
-        if digest is not None:
+        if blob:
             phase("VERIFYING")
-            if "sha256:" + digest.hexdigest() != blob:
+            got = digest.hexdigest() if digest is not None else hashed.result()
+            if got is None:  # the background hash failed
+                got = sha256_file(archive)[0]
+            if "sha256:" + got != blob:
                 raise DigestMismatchError(
-                    f"{archive} has digest sha256:{digest.hexdigest()}, expected {blob}; the archive "
+                    f"{archive} has digest sha256:{got}, expected {blob}; the archive "
                     "is corrupt or was replaced: fetch it again"
                 )
         phase("RELOCATING")
