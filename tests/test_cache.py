@@ -170,6 +170,25 @@ def test_corrupted_blob_fails_and_leaves_nothing(shipped, small_crate, tmp_path,
     assert len(failed) == 1 and "digest" in failed[0]["error"]
 
 
+def test_a_blob_altered_where_extraction_never_reads_fails(shipped, small_crate, tmp_path, env):
+    """A byte changed in the padding in front of the body: every file comes
+    out right, and only the archive's digest tells."""
+    import struct
+
+    from envcrate.archive import _PADDING_MAGIC
+
+    blob = shipped / blob_key(small_crate.blob)
+    data = bytearray(blob.read_bytes())
+    pad = data.find(struct.pack("<I", _PADDING_MAGIC))
+    assert pad > 0 and struct.unpack_from("<I", data, pad + 4)[0] > 64
+    data[pad + 64] ^= 0xFF
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    cache = tmp_path / "cache"
+    fails(envcrate("ensure", "small", "--store", shipped, "--cache", cache, env=env), "digest")
+    assert os.listdir(cache / "e") == []
+
+
 def test_gc_keeps_what_run_holds(shipped, small_crate, tmp_path, env):
     cache = tmp_path / "cache"
     go = tmp_path / "go"
