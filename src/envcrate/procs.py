@@ -113,22 +113,20 @@ def fork(record: Callable[[int], None]) -> int:
     fork returns would lose the child, never to be waited for. (Interrupts
     are raised in the main thread only; there, one that comes meanwhile is
     held and raised again once the child is recorded.)"""
-    if threading.current_thread() is not threading.main_thread():
-        pid = os.fork()
-        if pid:
-            record(pid)
-        return pid
+    main = threading.current_thread() is threading.main_thread()
     held = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    if main:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     pid = -1
     try:
         pid = os.fork()
         if pid:
             record(pid)
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if held and pid != 0:  # the child must not unwind its parent's calls
-            signal.raise_signal(signal.SIGINT)
+        if main:
+            signal.signal(signal.SIGINT, previous)
+            if held and pid != 0:  # the child must not unwind its parent's calls
+                signal.raise_signal(signal.SIGINT)
     return pid
 
 

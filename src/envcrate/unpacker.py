@@ -21,7 +21,7 @@ from .compat import Interpreter, check_host, find_interpreter, probe_memo, requi
 from .errors import ArchiveError, DigestMismatchError, EnvcrateError
 from .extract import extract
 from .frames import extract_frames, read_plan
-from .fsutil import current_umask, remove_tree, sha256_file
+from .fsutil import current_umask, remove_tree
 from .manifest import Manifest, crate_id_of_table, iter_table
 from .procs import BackgroundHash
 from .progress import bar
@@ -90,10 +90,12 @@ def unpack(
     return final
 
 
-def _check_blob(archive: str, blob: str) -> None:
-    from .stores import file_digest
+def _check_blob(archive: str, blob: str, got: str | None = None) -> None:
+    """Refuse ``archive`` unless its digest (``got``, else hashed now) is ``blob``."""
+    if got is None:
+        from .stores import file_digest
 
-    got = file_digest(Path(archive))
+        got = file_digest(Path(archive))
     if got != blob:
         raise DigestMismatchError(
             f"{archive} has digest {got}, expected {blob}; the archive is corrupt "
@@ -162,13 +164,8 @@ def fill(
         if blob:
             phase("VERIFYING")
             got = digest.hexdigest() if digest is not None else hashed.result()
-            if got is None:  # the background hash failed
-                got = sha256_file(archive)[0]
-            if "sha256:" + got != blob:
-                raise DigestMismatchError(
-                    f"{archive} has digest sha256:{got}, expected {blob}; the archive "
-                    "is corrupt or was replaced: fetch it again"
-                )
+            # None: the background hash failed, and the file is hashed here.
+            _check_blob(archive, blob, None if got is None else "sha256:" + got)
         phase("RELOCATING")
         relocate(tmp, str(final), manifest, interpreter)
         os.chmod(tmp, 0o755 & ~current_umask())
