@@ -223,7 +223,8 @@ def _fill(
     dl = os.path.join(cache, "dl")
     for d in ("dl", "e", "locks"):
         make_dirs_under(cache, os.path.join(cache, d))
-    if crate_id is None:  # an archive file or URL not seen before: its manifest names it
+    if crate_id is None:  # an archive URL not seen before: its manifest names it
+        # (unchecked here: the fill refuses an archive that is not that crate)
         crate_id = source.manifest(dl, ev).id
         ev.crate = crate_id
     name = crate_id.split(":", 1)[1][:16]
@@ -241,6 +242,13 @@ def _fill(
 
             require_supported_os()
             manifest = source.manifest(dl, ev)
+            if manifest.id != crate_id:
+                from .errors import DigestMismatchError
+
+                raise DigestMismatchError(
+                    f"{ref_of(source)} holds crate {manifest.id}, not {crate_id}; "
+                    "it is corrupt or was replaced"
+                )
             check_host(manifest.platform)
             interpreter = interpreter_for(manifest, python, probe_memo())
             interp_path = interpreter.executable if interpreter is not None else None
@@ -267,6 +275,7 @@ def _fill(
                 manifest,
                 interpreter,
                 blob=blob,
+                crate_id=crate_id,
                 progress=progress,
                 phase=ev.emit,
                 seal=lambda tmp: _seal(tmp, manifest, blob, interp_path),
@@ -278,6 +287,15 @@ def _fill(
         if blob:
             _index_blob(cache, blob, crate_id)
         return Ensured(crate_id, str(entry), "READY" if placed else "WAITED", cache, key, 0)
+
+
+def ref_of(source: _Source) -> str:
+    """What ``source`` is, for a message."""
+    for attr in ("url", "path"):
+        value = getattr(source, attr, None)
+        if value:
+            return str(value).split("?", 1)[0]
+    return "the archive"
 
 
 def _index_blob(cache: str, blob: str, crate_id: str) -> None:
@@ -328,7 +346,8 @@ def _seal(tmp: str, manifest, blob: str | None, interpreter: str | None) -> None
     import json
 
     with open(os.path.join(tmp, READY), "w", encoding="utf-8", errors="surrogateescape") as f:
-        f.write(f"{manifest.id}\n{interpreter or ''}\n")  # read by the warm path (cache.read_ready)
+        # Plain lines read by the warm path (cache.read_ready), then JSON.
+        f.write(f"{manifest.id}\n{interpreter or ''}\n{blob or ''}\n")
         json.dump(marker, f, sort_keys=True)
     make_read_only(tmp, [READY, *copies])
 

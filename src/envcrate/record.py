@@ -67,8 +67,9 @@ def recorded_blob(archive: str | os.PathLike, fmt: str | None = None) -> str | N
 
 
 def manifest_of(record: dict) -> Manifest:
-    """The manifest a crate record (``crates/<id>.json``) carries."""
-    return Manifest({k: v for k, v in record.items() if k != "archives"})
+    """The manifest a crate record (``crates/<id>.json``) carries, its
+    fields checked (:func:`envcrate.manifest.check_manifest`)."""
+    return Manifest.from_data({k: v for k, v in record.items() if k != "archives"})
 
 
 def blob_of(record: dict | None, fmt: str) -> str | None:
