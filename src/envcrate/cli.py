@@ -372,10 +372,10 @@ def cmd_unpack(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .unpacker import read_manifest
-
     if os.path.isfile(args.ref) and not args.store and not args.cache:
-        manifest = read_manifest(args.ref)
+        from .unpacker import read_head
+
+        manifest = read_head(args.ref)  # the id checked against the table
         size, where = os.path.getsize(args.ref), args.ref
     elif args.cache:
         from . import cache_admin
