@@ -75,9 +75,10 @@ class Seed:
         return f"<seed {self.fmt} {self.id[:19]} of {len(self.data)} bytes>"
 
 
-def make_seeds(root: Path) -> dict[str, Seed]:
-    """Pack a tiny venv with a few added files, in both formats."""
-    venv = make_venv(root / "venv")
+def make_seeds(root: Path, venv: Path | None = None) -> dict[str, Seed]:
+    """Pack a tiny venv (``venv``, else one made here) with a few added
+    files, in both formats."""
+    venv = venv or make_venv(root / "venv")
     extra = venv / "share" / "fuzz"
     extra.mkdir(parents=True)
     lines = b"".join(b"line %07d of a file that spans frames\n" % i for i in range(BIG // 38 + 1))
@@ -699,7 +700,8 @@ SEMANTIC = {
     "base link over a file": (("venv", "base_links", 0, "path"), "pyvenv.cfg"),
     "base link of no kind": (("venv", "base_links", 0, "kind"), "hardlink"),
     "relocated file outside": (("prefix_files", 0, "path"), "../../escaped"),
-    "relocated file absolute": (("prefix_files", 0, "path"), "/etc/hostname"),
+    # The archive's own copy: a regular file, outside the destination.
+    "relocated file absolute": (("prefix_files", 0, "path"), "{sandbox}/../in/crafted.tar.zst"),
     "relocated file missing": (("prefix_files", 0, "path"), "no/such/file"),
     "empty placeholder": (("prefix_files", 0, "placeholder"), ""),
     "relocation mode unknown": (("prefix_files", 0, "mode"), "rot13"),
