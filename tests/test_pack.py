@@ -291,10 +291,17 @@ def _site(venv: Path) -> Path:
     return next(venv.glob("lib/python*/site-packages"))
 
 
-@pytest.mark.parametrize(
-    "kind",
-    ["pep660", "egg-link", "direct-url", "abs-pth"],
-)
+# Each kind of editable or out-of-env install, and how the refusal must name
+# it: the distribution (or .pth file) and what gave it away.
+EDITABLE = {
+    "pep660": "mypkg (PEP 660 editable, __editable__.mypkg-1.0.pth)",
+    "egg-link": "mypkg (egg-link)",
+    "direct-url": "six (editable from file:///src/six)",
+    "abs-pth": "extra.pth (adds /opt/elsewhere/lib, outside the env)",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EDITABLE))
 def test_editable_installs_are_refused_then_allowed(tmp_path, kind):
     venv = make_venv(tmp_path / "v", ["six"])
     site = _site(venv)
@@ -313,7 +320,13 @@ def test_editable_installs_are_refused_then_allowed(tmp_path, kind):
     assert out.returncode == 1
     line = out.stderr.strip()
     assert line.startswith("envcrate: error:") and "\n" not in line and "--allow-editable" in line
-    assert ("mypkg" in line) or ("six" in line) or ("extra.pth" in line)
+    # This case's install is named, and no other: the six installed as usual
+    # (and the files of the other cases, absent here) are not flagged.
+    assert EDITABLE[kind] in line
+    for other, named in EDITABLE.items():
+        name = named.split(" ", 1)[0]
+        if name != EDITABLE[kind].split(" ", 1)[0]:
+            assert name not in line, other
     assert not list(tmp_path.glob("*.tar.zst"))
     crate = pack(venv, tmp_path, allow=["editable"])
     assert crate.manifest.data["flags"]["editable"]
@@ -385,13 +398,23 @@ def test_verify_names_the_first_mismatch(small_venv, tmp_path):
     out = envcrate("verify", bad)
     assert out.returncode == 1
     assert "six.py" in out.stderr and "content differs" in out.stderr
-    # A flipped byte is caught by the blob digest recorded beside the archive.
-    raw = bytearray(crate.archive.read_bytes())
-    raw[-20] ^= 0xFF
-    flipped = tmp_path / "flipped.tar.gz"
-    flipped.write_bytes(bytes(raw))
-    out = envcrate("verify", flipped, "--sha256", crate.blob)
-    assert out.returncode == 1 and "envcrate: error:" in out.stderr
+    # A flipped byte is caught by the blob digest given with --sha256, and
+    # the error says so: the archive's digest is not the one expected. In the
+    # first gzip member's mtime, which no decompressor checks, the digest is
+    # all that can catch it (verify without it passes); in the deflate data
+    # near the end, decompression fails first, and the error must still say
+    # what is wrong with the bytes, not where it showed first.
+    for pos in (4, -20):
+        raw = bytearray(crate.archive.read_bytes())
+        raw[pos] ^= 0xFF
+        flipped = tmp_path / "flipped.tar.gz"
+        flipped.write_bytes(bytes(raw))
+        if pos == 4:
+            assert envcrate("verify", flipped).returncode == 0
+        out = envcrate("verify", flipped, "--sha256", crate.blob)
+        assert out.returncode == 1 and out.stderr.startswith("envcrate: error:"), out.stderr
+        actual = "sha256:" + hashlib.sha256(raw).hexdigest()
+        assert crate.blob in out.stderr and actual in out.stderr, (pos, out.stderr)
 
 
 def test_pack_through_a_symlinked_prefix(small_venv, tmp_path):
