@@ -20,7 +20,7 @@ from conftest import envcrate
 from test_extract import _crate, _file, _link
 
 from envcrate import pack, unpack
-from envcrate.errors import ArchiveError, DigestMismatchError, EnvcrateError, UnsafeArchiveError
+from envcrate.errors import ArchiveError, DigestMismatchError, EnvcrateError
 from envcrate.manifest import FileRow
 
 LAYOUTS = ["stream", "frames", "gz"]  # plain tar.zst, seekable tar.zst, tar.gz
@@ -198,7 +198,7 @@ def test_relocation_never_rewrites_a_file_outside(tmp_path, where):
     path = {"absolute": str(victim), "dotdot": "../../victim.txt", "a link": "l"}[where]
     extra = {"prefix_files": [{"path": path, "placeholder": "/nowhere", "mode": "text"}]}
     archive = _crate(tmp_path / "a.tar.zst", members, extra=extra)
-    with pytest.raises(UnsafeArchiveError, match="not a file of the crate"):
+    with pytest.raises(ArchiveError, match="not a file of the crate|prefix_files"):
         unpack(archive, tmp_path / "dest", python=sys.executable)
     assert victim.read_text() == "/nowhere is here\n"
     assert not (tmp_path / "dest").exists()

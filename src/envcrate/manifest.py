@@ -269,36 +269,42 @@ def check_manifest(data) -> None:
     for key in ("name", "prefix", "envcrate"):
         if key in data and not isinstance(data[key], str):
             raise bad(key, "is not a string")
-    if not isinstance(data.get("prefix"), str):
-        raise bad("prefix", "is missing")
+    if not isinstance(data.get("prefix"), str) or not data["prefix"].startswith("/"):
+        raise bad("prefix", "is not an absolute path")
     _check_strings(data.get("prefix_aliases", []), bad, "prefix_aliases")
     platform = data.get("platform")
     if not isinstance(platform, dict) or not all(
         isinstance(platform.get(k), str) for k in ("os", "machine")
     ):
         raise bad("platform", "lacks its os or machine")
-    libc = platform.get("libc")
-    if libc is not None and not (
+    libc = platform.get("libc", {})
+    if not (
         isinstance(libc, dict)
+        and isinstance(libc.get("family", ""), str)
         and (
             libc.get("version") is None
             or (isinstance(libc["version"], str) and _VERSION.fullmatch(libc["version"]))
         )
     ):
         raise bad("platform.libc", "is not a libc family and version")
-    python = data.get("python")
-    if python is not None and not (
+    python = data.get("python", {})
+    if not (
         isinstance(python, dict)
         and all(
             isinstance(python.get(k, ""), str) for k in ("implementation", "version", "abiflags")
         )
+        and (not python.get("version") or _VERSION.fullmatch(python["version"]))
     ):
         raise bad("python", "is not an implementation, version and ABI flags")
+    if data["kind"] == "venv" and not (python or {}).get("version"):
+        raise bad("python", "lacks the version a venv needs")
     files = data.get("files")
     if not isinstance(files, dict) or not all(
         type(files.get(k)) is int and files[k] >= 0 for k in ("count", "bytes")
     ):
         raise bad("files", "lacks its count or bytes")
+    if "entries" in files and not (type(files["entries"]) is int and files["entries"] >= 0):
+        raise bad("files.entries", "is not a count")
     prefix_files = data.get("prefix_files", [])
     if not isinstance(prefix_files, list) or not all(
         isinstance(r, dict)
@@ -307,10 +313,13 @@ def check_manifest(data) -> None:
         and r["placeholder"]
         and "\0" not in r["placeholder"]
         and r.get("mode") in ("text", "binary")
+        and _plain(r["path"])
         for r in prefix_files
     ):
-        raise bad("prefix_files", "are not (path, placeholder, text or binary) records")
+        raise bad("prefix_files", "are not (relative path, placeholder, text or binary) records")
     venv = data.get("venv")
+    if data["kind"] == "venv" and not isinstance(venv, dict):
+        raise bad("venv", "is missing")
     if venv is not None:
         links = venv.get("base_links", []) if isinstance(venv, dict) else None
         if not isinstance(links, list) or not all(
@@ -338,8 +347,15 @@ def check_manifest(data) -> None:
     ):
         raise bad("pins", "are not name and version records")
     for key in ("flags", "conda"):
-        if key in data and data[key] is not None and not isinstance(data[key], dict):
+        if key in data and not isinstance(data[key], dict):
             raise bad(key, "is not an object")
+
+
+def _plain(path: str) -> bool:
+    """A relative path without empty, ``.`` or ``..`` components."""
+    return (
+        bool(path) and "\0" not in path and all(p not in ("", ".", "..") for p in path.split("/"))
+    )
 
 
 def _check_strings(value, bad, field: str) -> None:

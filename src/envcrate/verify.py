@@ -9,8 +9,9 @@ import os
 from dataclasses import dataclass
 
 from . import tar
-from .errors import DigestMismatchError
+from .errors import ArchiveError, DigestMismatchError
 from .extract import check_member, content_mismatch
+from .fsutil import sha256_file
 from .manifest import Manifest, crate_id_of, decode_table
 from .reading import open_stream
 from .record import recorded_blob
@@ -34,6 +35,22 @@ def verify_archive(archive: str | os.PathLike, blob: str | None = None) -> Verif
     archive = os.fspath(archive)
     if blob is None:
         blob = recorded_blob(archive)
+    try:
+        v = _verify(archive, blob)
+    except ArchiveError:
+        if blob:  # say what is wrong with the bytes, not where it showed first
+            got = "sha256:" + sha256_file(archive)[0]
+            if got != blob:
+                raise _blob_mismatch(archive, got, blob) from None
+        raise
+    return v
+
+
+def _blob_mismatch(archive: str, got: str, blob: str) -> DigestMismatchError:
+    return DigestMismatchError(f"{archive}: the archive's digest is {got}, its record says {blob}")
+
+
+def _verify(archive: str, blob: str | None) -> Verified:
     digest = hashlib.sha256()
     opened = open_stream(archive, digest)
     try:
@@ -67,7 +84,5 @@ def verify_archive(archive: str | os.PathLike, blob: str | None = None) -> Verif
         opened.close()
     got = "sha256:" + digest.hexdigest()
     if blob and got != blob:
-        raise DigestMismatchError(
-            f"{archive}: the archive's digest is {got}, its record says {blob}"
-        )
+        raise _blob_mismatch(archive, got, blob)
     return Verified(manifest.id, got, bool(blob), len(tree.rows))
