@@ -113,8 +113,11 @@ def test_32_processes_fill_an_empty_cache_once(shipped, small_crate, tmp_path, e
     states = [e["state"] for e in events_of(ev)]
     assert states.count("DOWNLOADING") == 1 and states.count("EXTRACTING") == 1
     assert states.count("FAILED") == 0
+    # 32 at once: some waited, each said so once, naming the filler when
+    # its holder file was there to read.
     waiting = [e for e in events_of(ev) if e["state"] == "WAITING"]
-    assert all(w.get("holder") is None or "pid" in w["holder"] for w in waiting)
+    assert waiting and len(waiting) == sum(o["state"] == "WAITED" for o in outs)
+    assert all(w.get("holder") is None or {"host", "pid"} <= set(w["holder"]) for w in waiting)
     assert [n for n in os.listdir(cache / "e") if n.startswith(".")] == []
 
 
@@ -189,9 +192,27 @@ def test_a_blob_altered_where_extraction_never_reads_fails(shipped, small_crate,
     assert os.listdir(cache / "e") == []
 
 
-def test_gc_keeps_what_run_holds(shipped, small_crate, tmp_path, env):
-    cache = tmp_path / "cache"
-    go = tmp_path / "go"
+@pytest.fixture
+def user_shipped(small_crate, user_dir):
+    """The small crate in a directory store that the test users can read."""
+    store = user_dir / "store"
+    open_store(store).publish(
+        small_crate.archive,
+        small_crate.manifest.data,
+        "tar.zst",
+        small_crate.blob,
+        small_crate.size,
+        tag="small",
+    )
+    return store
+
+
+def test_gc_keeps_what_run_holds(users, user_shipped, small_crate, user_dir, env):
+    """As a plain user (root ignores the permission bits that make removing
+    a read-only entry hard)."""
+    me, shipped = users[0], user_shipped
+    cache = me.home / "cache"
+    go = user_dir / "go"
     waiter = (
         "import os, sys, time\n"
         "deadline = time.monotonic() + 120\n"
@@ -199,31 +220,44 @@ def test_gc_keeps_what_run_holds(shipped, small_crate, tmp_path, env):
         "    time.sleep(0.02)\n"
         "sys.exit(7)\n"
     )
-    held = subprocess.Popen(
-        [*CLI, "run", "small", "--store", shipped, "--cache", cache, "--", "python", "-c", waiter],
-        env=env,
-    )
+    argv = [
+        *CLI,
+        "run",
+        "small",
+        "--store",
+        shipped,
+        "--cache",
+        cache,
+        "--",
+        "python",
+        "-c",
+        waiter,
+    ]
+    held = subprocess.Popen(me.cmd(argv), env=me.env(env))
     try:
         wait_for(lambda: list((cache / "leases").glob("*/*")), 60, "run took no lease")
-        report = ok(envcrate("gc", "--cache", cache, "--max-size", "0", "--json", env=env))
+        report = ok(me.envcrate("gc", "--cache", cache, "--max-size", "0", "--json", env=env))
         assert report["removed"] == [] and len(report["kept"]) == 1
-        fails(envcrate("rm", small_crate.id, "--cache", cache, env=env), "in use")
-        assert ok(envcrate("ls", "--cache", cache, "--json", env=env))["crates"][0]["in_use"]
+        fails(me.envcrate("rm", small_crate.id, "--cache", cache, env=env), "in use")
+        assert ok(me.envcrate("ls", "--cache", cache, "--json", env=env))["crates"][0]["in_use"]
     finally:
         go.touch()
         assert held.wait(timeout=60) == 7  # run passes the status through
-    report = ok(envcrate("gc", "--cache", cache, "--max-size", "0", "--json", env=env))
+    report = ok(me.envcrate("gc", "--cache", cache, "--max-size", "0", "--json", env=env))
     assert [r["id"] for r in report["removed"]] == [small_crate.id]
-    assert ok(envcrate("ls", "--cache", cache, "--json", env=env))["crates"] == []
+    assert ok(me.envcrate("ls", "--cache", cache, "--json", env=env))["crates"] == []
+    assert os.listdir(cache / "e") == []
 
 
-def test_gc_by_age_and_size_lru_first(small_venv, tmp_path, env):
+def test_gc_by_age_and_size_lru_first(users, small_venv, tmp_path, user_dir, env):
+    """As a plain user, who can remove the read-only entries they filled."""
     from conftest import install, make_venv
 
     from envcrate import pack
 
-    store = tmp_path / "store"
-    cache = tmp_path / "cache"
+    me = users[0]
+    store = user_dir / "store"
+    cache = me.home / "cache"
     ids = []
     for name in ("one", "two"):
         venv = make_venv(tmp_path / name, ["six"])
@@ -231,37 +265,51 @@ def test_gc_by_age_and_size_lru_first(small_venv, tmp_path, env):
             install(venv, ["pyflakes"])
         crate = pack(venv, tmp_path)
         ok(envcrate("push", crate.archive, "--store", store, "--json", env=env))
-        ok(envcrate("ensure", crate.id, "--store", store, "--cache", cache, "--json", env=env))
+        ok(me.envcrate("ensure", crate.id, "--store", store, "--cache", cache, "--json", env=env))
         ids.append(crate.id)
     # "one" was used long ago, "two" just now.
     old = time.time() - 10 * 86400
     for used in (cache / "used").iterdir():
         if used.name.startswith(ids[0].split(":")[1][:16]):
             os.utime(used, (old, old))
-    dry = ok(envcrate("gc", "--cache", cache, "--unused-for", "7d", "--dry-run", "--json", env=env))
+    dry = ok(
+        me.envcrate("gc", "--cache", cache, "--unused-for", "7d", "--dry-run", "--json", env=env)
+    )
     assert [r["id"] for r in dry["removed"]] == [ids[0]]
-    assert len(ok(envcrate("ls", "--cache", cache, "--json", env=env))["crates"]) == 2
+    assert len(ok(me.envcrate("ls", "--cache", cache, "--json", env=env))["crates"]) == 2
     sizes = {
         c["id"]: c["size"]
-        for c in ok(envcrate("ls", "--cache", cache, "--json", env=env))["crates"]
+        for c in ok(me.envcrate("ls", "--cache", cache, "--json", env=env))["crates"]
     }
     budget = str(sizes[ids[1]] + 1)
-    done = ok(envcrate("gc", "--cache", cache, "--max-size", budget, "--json", env=env))
+    done = ok(me.envcrate("gc", "--cache", cache, "--max-size", budget, "--json", env=env))
     assert [r["id"] for r in done["removed"]] == [ids[0]] and done["freed"] == sizes[ids[0]]
-    left = ok(envcrate("ls", "--cache", cache, "--json", env=env))["crates"]
+    left = ok(me.envcrate("ls", "--cache", cache, "--json", env=env))["crates"]
     assert [c["id"] for c in left] == [ids[1]]
+    assert len(os.listdir(cache / "e")) == 1  # and no trash
+
+
+def _shell(name: str) -> str:
+    """The path of a shell the test command installs; missing is a failure."""
+    import shutil
+
+    found = shutil.which(name)
+    assert found, f"{name} is not installed: the README's test command installs zsh, fish and tcsh"
+    return found
 
 
 def test_activate_over_another_active_venv(shipped, small_crate, tmp_path, env):
-    import shutil
-
     other = tmp_path / "other"
     check([sys.executable, "-m", "venv", "--without-pip", other])
     cache = tmp_path / "cache"
     prefix = ok(
         envcrate("ensure", "small", "--store", shipped, "--cache", cache, "--json", env=env)
     )["prefix"]
-    cli = " ".join(f"'{c}'" for c in CLI)
+    # The script sets PYTHONPATH for the env to drop; envcrate itself runs
+    # with this test's (a checkout's src/, or none when installed).
+    here = os.environ.get("PYTHONPATH")
+    pp = f"env PYTHONPATH='{here}'" if here else "env -u PYTHONPATH"
+    cli = pp + " " + " ".join(f"'{c}'" for c in CLI)
     script = (
         f'VIRTUAL_ENV={other}; export VIRTUAL_ENV; PATH="{other}/bin:$PATH"; export PATH\n'
         "PYTHONPATH=/nowhere; export PYTHONPATH\n"
@@ -270,22 +318,23 @@ def test_activate_over_another_active_venv(shipped, small_crate, tmp_path, env):
         'python -c "import six, sys; print(sys.prefix)"\n'
         'echo "VIRTUAL_ENV=$VIRTUAL_ENV PYTHONPATH=${PYTHONPATH-unset}"\n'
     )
-    shells = [s for s in ("sh", "bash", "dash", "zsh") if shutil.which(s)]
-    for sh in shells:
+    for sh in ("sh", "bash", "dash", "zsh"):
         kind = "sh" if sh == "dash" else sh
-        out = run([sh, "-c", script.replace("SHELL", kind)], env=env)
+        out = run([_shell(sh), "-c", script.replace("SHELL", kind)], env=env)
         assert out.returncode == 0, (sh, out.stderr)
         assert out.stdout.splitlines() == [prefix, f"VIRTUAL_ENV={prefix} PYTHONPATH=unset"], sh
-    leases = list((cache / "leases").glob("*/*"))
-    assert leases  # the shells registered themselves (they have exited since)
-    if shutil.which("fish"):
-        fish = (
-            f"set -gx VIRTUAL_ENV {other}; set -gx PATH {other}/bin $PATH\n"
-            f"{cli} activate small --store {shipped} --cache {cache} --shell fish | source\n"
-            'python -c "import sys; print(sys.prefix)"\n'
-        )
-        out = run(["fish", "-c", fish], env=env)
-        assert out.stdout.strip() == prefix, out.stderr
+    fish = (
+        f"set -gx VIRTUAL_ENV {other}; set -gx PATH {other}/bin $PATH\n"
+        f"{cli} activate small --store {shipped} --cache {cache} --shell fish | source\n"
+        "or exit 9\n"
+        'python -c "import sys; print(sys.prefix)"\n'
+    )
+    out = run([_shell("fish"), "-c", fish], env=env)
+    assert out.returncode == 0 and out.stdout.strip() == prefix, out.stderr
+    leases = [p.name for p in (cache / "leases").glob("*/*")]
+    # The shells registered themselves (they have exited since) and removed
+    # the short-lived lease activate held for each meanwhile.
+    assert len(leases) == 5 and not [n for n in leases if ".ttl-" in n], leases
 
     failing = f'out=$({cli} activate no-such-tag --store {shipped} --cache {cache}) && eval "$out"\necho reached=$?\n'
     out = run(["sh", "-c", failing], env=env)
@@ -404,7 +453,9 @@ def test_cache_info_verify_and_rm(shipped, small_crate, tmp_path, env):
     target.chmod(0o644)
     target.write_text(target.read_text() + "\n# changed\n")
     (target.parent / "extra.py").write_text("")
-    os.unlink(next(prefix.glob("lib/python*/site-packages/pyflakes/api.py")))
+    api = next(prefix.glob("lib/python*/site-packages/pyflakes/api.py"))
+    api.parent.chmod(0o755)  # read-only: without write permission only root could unlink
+    api.unlink()
     out = envcrate("verify", small_crate.id, "--cache", cache, "--json", env=env)
     assert out.returncode == 1
     report = json.loads(out.stdout)["entries"][0]
