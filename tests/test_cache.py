@@ -607,3 +607,208 @@ def test_waiting_for_the_lock_wakes_when_it_is_released(tmp_path, where):
         os.close(fd)
         holder.kill()
         holder.wait()
+
+
+# ------------------------------------------------- processes, races and full disks
+
+
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory):
+    """A crate with numpy (the one large package), whose extraction lasts
+    long enough to kill its filler in the middle of it."""
+    from conftest import make_venv
+
+    from envcrate import pack
+
+    root = tmp_path_factory.mktemp("big")
+    crate = pack(make_venv(root / "numpy", ["numpy"]), root)
+    store = root / "store"
+    open_store(store).publish(
+        crate.archive, crate.manifest.data, "tar.zst", crate.blob, crate.size, tag="big"
+    )
+    return store
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie waiting for its reaper does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_killing_only_the_filler_kills_its_writers(big_store, tmp_path, env):
+    """SIGKILL to the ensure process alone (not its group) in the middle of
+    extracting: its forked writers die with it, even one that is busy (here
+    frozen with SIGSTOP: a writer that is not waiting for its next request
+    would otherwise go on writing into the fill directory the next filler
+    removes, "Directory not empty"), and an immediate retry fills the entry."""
+    cache, ev = tmp_path / "cache", tmp_path / "ev.jsonl"
+    args = ["big", "--store", big_store, "--cache", cache, "--json"]
+    victim = subprocess.Popen(
+        [*CLI, "ensure", *args, "--events", ev],
+        env=dict(env, ENVCRATE_TEST_STOP_AT="EXTRACTING"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    writers: list[int] = []
+    try:
+        wait_for(lambda: _stopped(victim.pid), 60, "the filler did not stop at EXTRACTING")
+        # Stopped there, it has no writers yet: let it go on until it has
+        # forked them, freeze them, and kill it alone.
+        os.kill(victim.pid, signal.SIGCONT)
+        writers = wait_for(lambda: _children(victim.pid), 30, "the filler forked no writers")
+        for w in writers:
+            os.kill(w, signal.SIGSTOP)
+        victim.kill()
+        victim.wait()
+        wait_for(lambda: not any(map(_running, writers)), 5, "writers outlived the filler")
+        again = ok(envcrate("ensure", *args, env=env))
+        assert again["state"] == "READY"
+        assert [n for n in os.listdir(cache / "e") if n.startswith(".")] == []
+    finally:
+        victim.kill()
+        victim.wait()
+        for w in writers:  # on failure: none is left behind
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_gc_never_removes_an_entry_between_a_hit_and_its_lease(shipped, tmp_path, env):
+    """gc --max-size 0 in a loop beside many runs: each run's command finds
+    its prefix there (it used to run in a deleted one, 2 runs in 120)."""
+    import threading
+
+    cache = tmp_path / "cache"
+    args = ["small", "--store", shipped, "--cache", cache]
+    ok(envcrate("ensure", *args, "--json", env=env))
+    stop = threading.Event()
+    gcs = []
+
+    def collect():
+        while not stop.is_set():
+            gcs.append(envcrate("gc", "--cache", cache, "--max-size", "0", "--json", env=env))
+
+    probe = (
+        "import os, sys; sys.exit(0 if os.path.isdir(os.environ['VIRTUAL_ENV'] + '/lib') else 3)"
+    )
+    failed = []
+
+    def runs(n):
+        for _ in range(n):
+            out = envcrate("run", *args, "--", "python", "-c", probe, env=env)
+            if out.returncode != 0:
+                failed.append((out.returncode, out.stderr))
+
+    collector = threading.Thread(target=collect)
+    collector.start()
+    try:
+        workers = [threading.Thread(target=runs, args=(40,)) for _ in range(3)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=300)
+    finally:
+        stop.set()
+        collector.join(timeout=120)
+    assert failed == []
+    assert all(g.returncode == 0 for g in gcs), [g.stderr for g in gcs if g.returncode]
+    assert sum(len(json.loads(g.stdout)["removed"]) for g in gcs) > 0  # gc did remove meanwhile
+
+
+def _cache_leftovers(cache: Path, memo: Path) -> list[str]:
+    """What is in a cache (and the probe memo) besides ready entries and the
+    files that belong to them."""
+    keys = (
+        {n for n in os.listdir(cache / "e") if not n.startswith(".")}
+        if (cache / "e").exists()
+        else set()
+    )
+    odd = []
+    for dirpath, dirnames, filenames in os.walk(cache):
+        rel = os.path.relpath(dirpath, cache)
+        top = rel.split(os.sep)[0]
+        if rel == "e":
+            dirnames[:] = []
+            odd += [f"e/{n}" for n in os.listdir(dirpath) if n not in keys]
+            continue
+        for name in filenames:
+            p = f"{rel}/{name}"
+            if top == "locks" and (name.endswith(".lock") or name[: -len(".use")] in keys):
+                continue
+            if top in ("used", "leases") and (name in keys or rel.split(os.sep)[-1] in keys):
+                continue
+            if top in ("blobs", "tags") and not name.startswith("."):
+                continue
+            odd.append(p)
+    if memo.is_dir():
+        odd += [f"memo/{n}" for n in os.listdir(memo) if len(n) != 16]
+    return sorted(odd)
+
+
+def test_a_full_disk_leaves_nothing_that_gc_does_not_clean(shipped, tmp_path, env):
+    """ensure on a small filesystem filled almost full, leaving it more room
+    each time: whatever phase the disk fills up in, what is left is what gc
+    cleans (once old enough)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", disk]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        cache = disk / "cache"
+        env = dict(env, XDG_CACHE_HOME=str(disk / "xdg"))  # the probe memo too
+        memo = disk / "xdg" / "envcrate" / "pythons"
+        args = ["ensure", "small", "--store", shipped, "--cache", cache, "--json"]
+
+        def free() -> int:
+            st = os.statvfs(disk)
+            return st.f_bavail * st.f_frsize
+
+        before = free()
+        ok(envcrate(*args, env=env))
+        need = before - free()  # what one fill takes, memo included
+        ok(envcrate("gc", "--cache", cache, "--max-size", "0", "--json", env=env))
+        rooms = [0, 4096, 8192] + [need * k // 8 for k in range(1, 8)] + [need - 8192, need - 4096]
+        outcomes = []
+        for room in rooms:
+            subprocess.run(["rm", "-rf", str(memo)], check=True)
+            filler = disk / "filler"
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+            try:
+                os.posix_fallocate(fd, 0, max(free() - room, 1))
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+            out = envcrate(*args, env=env)
+            outcomes.append(out.returncode)
+            if out.returncode:
+                fails(out)
+            filler.unlink()
+            old = time.time() - 2 * 3600  # everything left is abandoned by now
+            for dirpath, dirnames, filenames in os.walk(disk):
+                for name in dirnames + filenames:
+                    os.utime(os.path.join(dirpath, name), (old, old), follow_symlinks=False)
+            ok(envcrate("gc", "--cache", cache, "--max-size", "0", "--json", env=env))
+            assert _cache_leftovers(cache, memo) == [], (room, out.stderr)
+        assert 1 in outcomes and 0 in outcomes, outcomes  # both filled up and fitted
+    finally:
+        run(["umount", "-l", disk])

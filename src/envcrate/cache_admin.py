@@ -245,6 +245,10 @@ def remove(cache: Path, key: str, *, dry_run: bool = False) -> bool:
             os.rename(entry, trash)
         except FileNotFoundError:
             return False
+        try:  # a process waiting for it finds it replaced, and takes the new one
+            os.unlink(leases.use_lock_path(cache, key))
+        except OSError:
+            pass  # another member's (sticky locks/): gc removes it once old
     finally:
         leases.unlock(lock)
     remove_tree(trash)
