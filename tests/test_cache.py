@@ -812,3 +812,54 @@ def test_a_full_disk_leaves_nothing_that_gc_does_not_clean(shipped, tmp_path, en
         assert 1 in outcomes and 0 in outcomes, outcomes  # both filled up and fitted
     finally:
         run(["umount", "-l", disk])
+
+
+def test_activate_covers_the_entry_until_the_shell_leases_it(shipped, small_crate, tmp_path, env):
+    """Between activate and the eval of its output, gc keeps the entry (a
+    ttl- lease of activate's own); the evaluating shell replaces it by its
+    own lease."""
+    cache = tmp_path / "cache"
+    code = run([*CLI, "activate", "small", "--store", shipped, "--cache", cache], env=env)
+    assert code.returncode == 0, code.stderr
+    (short,) = (cache / "leases").glob("*/*")
+    assert ".ttl-" in short.name
+    kept = ok(envcrate("gc", "--cache", cache, "--max-size", "0", "--json", env=env))
+    assert kept["removed"] == [] and kept["kept"][0]["leases"] == [short.name]
+    out = run(["sh", "-c", code.stdout + 'echo "$$"; ls "$(dirname "$1")"', "sh", short], env=env)
+    assert out.returncode == 0, out.stderr
+    pid, *names = out.stdout.split()
+    assert names == [short.name.replace(short.name.rsplit(".", 1)[1], pid)]
+    old = time.time() - 120  # a ttl- lease older than a minute is dead
+    code = run([*CLI, "activate", small_crate.id, "--cache", cache], env=env)
+    assert code.returncode == 0, code.stderr
+    (again,) = [p for p in (cache / "leases").glob("*/*") if ".ttl-" in p.name]
+    os.utime(again, (old, old))
+    report = ok(envcrate("gc", "--cache", cache, "--max-size", "0", "--json", env=env))
+    assert [r["id"] for r in report["removed"]] == [small_crate.id]
+
+
+def test_remove_tree_walks_a_tree_again_while_it_is_still_written(tmp_path, monkeypatch):
+    """A writer that adds a file after the walk: rmtree fails (ENOTEMPTY)
+    once, and the tree is walked again."""
+    import errno
+    import shutil
+
+    from envcrate.fsutil import remove_tree
+
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub").chmod(0o555)
+    real = shutil.rmtree
+    calls = []
+
+    def late_writer(path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 1:
+            os.chmod(tree / "sub", 0o755)
+            (tree / "sub" / "late").write_text("")  # written as the walk ends
+            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), str(tree / "sub"))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(shutil, "rmtree", late_writer)
+    remove_tree(tree)
+    assert not tree.exists() and len(calls) == 2
