@@ -84,75 +84,105 @@ def test_the_owner_can_gc_and_rm_their_entries(users, shipped, small_crate, user
     assert os.listdir(cache / "e") == []  # no trash left behind either
 
 
+@pytest.fixture(scope="module")
+def other_crate(small_venv, tmp_path_factory):
+    """A second crate (the small venv without pyflakes' console script)."""
+    from envcrate import pack
+
+    return pack(small_venv, tmp_path_factory.mktemp("other"), exclude=("bin/pyflakes",))
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o000])
-def test_a_group_shared_cache(users, shipped, small_crate, user_dir, env, umask):
-    one, two, _ = users
+def test_a_group_shared_cache(users, shipped, small_crate, other_crate, user_dir, env, umask):
+    one, two, outsider = users
     cache = shared_cache(user_dir / "shared", env)
+    open_store(shipped).publish(
+        other_crate.archive,
+        other_crate.manifest.data,
+        "tar.zst",
+        other_crate.blob,
+        other_crate.size,
+        tag="other",
+    )
     args = ["--store", shipped, "--cache", cache]
 
     def as_(user, *a, **kw):
         return user.envcrate(*a, env=env, umask=umask, shared=True, **kw)
 
     # one fills, then removes its own entry; two fills cold with the lock,
-    # lock directory and stamp one made.
+    # lock directory and stamp one made. one fills the other crate.
     first = ok(as_(one, "ensure", "small", *args, "--json"))
     assert first["state"] == "READY"
     succeeds(as_(one, "run", "small", *args, "--", "python", "-c", "pass"))
     ok(as_(one, "rm", small_crate.id, "--cache", cache, "--json"))
     filled = ok(as_(two, "ensure", "small", *args, "--json"))
     assert filled["state"] == "READY"
-    prefix = Path(filled["prefix"])
-    assert prefix.stat().st_uid == two.uid
-    # Both use it: run leases (in the lease directory the other made), and
+    ones = Path(ok(as_(one, "ensure", "other", *args, "--json"))["prefix"])
+    twos = Path(filled["prefix"])
+    assert (twos.stat().st_uid, ones.stat().st_uid) == (two.uid, one.uid)
+    # Both use both: run leases (in lease directories the other made), and
     # ensure --lease.
-    for user in (one, two, one):
-        out = as_(
-            user, "run", "small", *args, "--", "python", "-c", "import six, sys; print(sys.prefix)"
-        )
-        assert out.returncode == 0 and out.stdout.strip() == str(prefix), out.stderr
+    for user in (one, two, one, two):
+        for ref, prefix in (("small", twos), ("other", ones)):
+            code = "import six, sys; print(sys.prefix)"
+            out = as_(user, "run", ref, *args, "--", "python", "-c", code)
+            assert out.returncode == 0 and out.stdout.strip() == str(prefix), out.stderr
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     try:
         ok(as_(one, "ensure", "small", *args, "--lease", str(sleeper.pid), "--json"))
+        ok(as_(two, "ensure", "other", *args, "--lease", str(sleeper.pid), "--json"))
         kept = ok(as_(two, "gc", "--cache", cache, "--max-size", "0", "--json"))
-        assert kept["removed"] == [] and kept["kept"][0]["leases"], kept
+        # Each member's lease keeps the other's entry too (by lease, not owner).
+        assert kept["removed"] == [] and len(kept["kept"]) == 2, kept
+        assert all(k.get("leases") for k in kept["kept"]), kept
     finally:
         sleeper.kill()
         sleeper.wait()
 
-    # one may neither remove nor replace two's entry.
-    other = cache / "e" / f".{prefix.name}.moved"
-    moved = run(one.cmd(["mv", prefix, other], umask, shared=True))
-    assert moved.returncode != 0 and prefix.is_dir() and not other.exists()
-    renamed = run(
-        one.cmd(
-            [sys.executable, "-c", f"import os; os.rename({str(prefix)!r}, {str(other)!r})"],
-            umask,
-            True,
-        )
-    )
-    assert renamed.returncode != 0 and prefix.is_dir()
+    # Neither may remove or replace the other's entry.
+    for user, theirs, crate in ((one, twos, small_crate), (two, ones, other_crate)):
+        moved = cache / "e" / f".{theirs.name}.moved"
+        out = run(user.cmd(["mv", theirs, moved], umask, shared=True))
+        assert out.returncode != 0 and theirs.is_dir() and not moved.exists()
+        rename = f"import os; os.rename({str(theirs)!r}, {str(moved)!r})"
+        out = run(user.cmd([sys.executable, "-c", rename], umask, shared=True))
+        assert out.returncode != 0 and theirs.is_dir()
+        swap = user_dir / f"swap-{user.name}"  # replacing: move it aside first
+        out = run(user.cmd(["mv", "-T", theirs, swap], umask, shared=True))
+        assert out.returncode != 0 and theirs.is_dir()
+        refused = as_(user, "rm", crate.id, "--cache", cache)
+        fails(refused, "owner")
+        assert theirs.is_dir()
+    for user, theirs in ((one, twos), (two, ones)):
+        report = ok(as_(user, "gc", "--cache", cache, "--max-size", "0", "--dry-run", "--json"))
+        assert [r["prefix"] for r in report["removed"]] == [str(ones if user is one else twos)]
+        theirs_kept = [k for k in report["kept"] if k["prefix"] == str(theirs)]
+        assert len(theirs_kept) == 1 and "owner" in theirs_kept[0]["error"], report
+        text = as_(user, "gc", "--cache", cache, "--max-size", "0", "--dry-run")
+        assert text.returncode == 0
+        assert f"kept {theirs}: {theirs_kept[0]['error']}" in text.stdout.splitlines()
     report = ok(as_(one, "gc", "--cache", cache, "--max-size", "0", "--json"))
-    assert report["removed"] == [] and len(report["kept"]) == 1
-    assert "owner" in report["kept"][0]["error"], report
-    text = as_(one, "gc", "--cache", cache, "--max-size", "0")
-    assert text.returncode == 0
-    assert [line for line in text.stdout.splitlines() if line.startswith("kept")] == [
-        f"kept {prefix}: {report['kept'][0]['error']}"
-    ]
-    refused = as_(one, "rm", small_crate.id, "--cache", cache)
-    fails(refused, "owner")
-    assert refused.stderr.count("\n") == 1
-    assert prefix.is_dir()
+    assert [r["prefix"] for r in report["removed"]] == [str(ones)]
+    assert [k["prefix"] for k in report["kept"]] == [str(twos)], report
+    assert twos.is_dir() and not ones.exists()
     assert [n for n in os.listdir(cache / "e") if n.startswith(".")] == []
+
+    # A user outside the group: the cache is read-only to them, and its
+    # ready entries work all the same (no stamp, no lease).
+    prefix = twos
+    hit = ok(outsider.envcrate("ensure", small_crate.id, "--cache", cache, "--json", env=env))
+    assert hit["state"] == "HIT" and hit["prefix"] == str(prefix)
+    out = outsider.envcrate(
+        "run", small_crate.id, "--cache", cache, "--", "python", "-c", "pass", env=env
+    )
+    assert out.returncode == 0 and "cannot lease" in out.stderr, out.stderr
 
     assert world_writable(cache) == []
     for d in ("e", "locks", "leases", "used", "dl", "blobs", "tags"):
-        if (cache / d).exists():
-            mode = (cache / d).stat().st_mode
-            assert mode & 0o2070 == 0o2070, (d, oct(mode))
-    assert (cache / "e").stat().st_mode & stat.S_ISVTX
-    # two, the owner, still can.
-    ok(as_(two, "rm", small_crate.id, "--cache", cache, "--json"))
+        mode = (cache / d).stat().st_mode
+        assert mode & 0o2070 == 0o2070, (d, oct(mode))
+        assert bool(mode & stat.S_ISVTX) == (d in ("e", "locks", "dl", "blobs")), d
+    ok(as_(two, "rm", small_crate.id, "--cache", cache, "--json"))  # the owner can
     assert os.listdir(cache / "e") == []
 
 
