@@ -786,10 +786,13 @@ def test_a_full_disk_leaves_nothing_that_gc_does_not_clean(shipped, tmp_path, en
         ok(envcrate(*args, env=env))
         need = before - free()  # what one fill takes, memo included
         ok(envcrate("gc", "--cache", cache, "--max-size", "0", "--json", env=env))
-        rooms = [0, 4096, 8192] + [need * k // 8 for k in range(1, 8)] + [need - 8192, need - 4096]
+        # Near the top the disk fills up at the last writes: the ready
+        # marker, the blob index (written after the entry is in place).
+        rooms = [0, 4096, 8192] + [need * k // 8 for k in range(1, 8)]
+        rooms += [need - 4096 * k for k in range(8, -1, -1)]
         outcomes = []
         for room in rooms:
-            subprocess.run(["rm", "-rf", str(memo)], check=True)
+            subprocess.run(["rm", "-rf", str(memo), str(cache / "blobs")], check=True)
             filler = disk / "filler"
             fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
             try:
