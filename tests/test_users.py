@@ -308,3 +308,17 @@ def test_read_only_filesystem_and_quota_messages(small_crate, tmp_path, monkeypa
         cli.main(["gc"])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "quota" in err and "/some/cache/e" in err
+
+
+def test_gc_as_the_owner_makes_an_older_shared_cache_sticky(user_dir, env):
+    """Directories an older envcrate made (2775, not sticky) get the sticky
+    bit from their owner's next gc (or fill); the others are left as they are."""
+    cache = user_dir / "old-shared"
+    cache.mkdir()
+    cache.chmod(0o2775)
+    for d in ("e", "used"):
+        (cache / d).mkdir()
+        (cache / d).chmod(0o2775)
+    ok(envcrate("gc", "--cache", cache, "--json", env=env))
+    assert stat.S_IMODE((cache / "e").stat().st_mode) == 0o3775
+    assert stat.S_IMODE((cache / "used").stat().st_mode) == 0o2775

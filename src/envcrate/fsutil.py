@@ -114,6 +114,13 @@ def make_dirs_under(root: str | os.PathLike, path: str | os.PathLike, sticky: bo
             continue
         if shared:
             os.chmod(d, 0o3775 if sticky and d == path else 0o2775)
+    if sticky and shared and not missing:  # made by an older envcrate: sticky now, if ours
+        try:
+            st = os.stat(path)
+            if not st.st_mode & 0o1000 and st.st_uid == os.geteuid():
+                os.chmod(path, (st.st_mode & 0o7777) | 0o1000)
+        except OSError:
+            pass
 
 
 def _make_dirs(path: str) -> None:
