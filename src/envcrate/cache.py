@@ -26,7 +26,7 @@ class Ensured:
     """Where a crate is ready. (A plain class: dataclasses cost the warm path
     more to import than the rest of it takes to run.)"""
 
-    __slots__ = ("id", "path", "state", "cache", "key", "seconds")
+    __slots__ = ("id", "path", "state", "cache", "key", "seconds", "lease")
 
     def __init__(self, id: str, path: str, state: str, cache: str, key: str, seconds: float):
         self.id = id
@@ -35,6 +35,7 @@ class Ensured:
         self.cache = cache
         self.key = key
         self.seconds = seconds
+        self.lease: str | None = None  # the lease file made for ``lease=``, if any
 
     @property
     def prefix(self):
@@ -149,7 +150,8 @@ def find_ready(caches: list, crate_id: str, python: str | None, blob: str | None
 
 
 def stamp(cache: str, key: str) -> None:
-    """Refresh the entry's last-use stamp, at most once a minute."""
+    """Refresh the entry's last-use stamp, at most once a minute. Stamps are
+    group-writable in a shared cache (any member refreshes them in place)."""
     path = os.path.join(cache, "used", key)
     try:
         if time.time() - os.stat(path).st_mtime < STAMP_EVERY:
@@ -157,12 +159,10 @@ def stamp(cache: str, key: str) -> None:
         os.utime(path)
     except FileNotFoundError:
         try:
-            from pathlib import Path
+            from .fsutil import create_file, make_dirs_under, shared_mode
 
-            from .fsutil import make_dirs_under
-
-            make_dirs_under(Path(cache), Path(cache, "used"))
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o664))
+            make_dirs_under(cache, os.path.join(cache, "used"))
+            os.close(create_file(path, shared_mode(cache)))
         except OSError:
             pass
     except OSError:
@@ -183,12 +183,14 @@ def ensure_crate(
     python: str | None = None,
     sha256: str | None = None,
     events: str | os.PathLike | None = None,
-    lease: int | None = None,
+    lease: int | str | None = None,
     progress: bool = False,
 ) -> Ensured:
     """Materialise ``ref`` (an archive path, an archive URL with ``sha256``, a
     crate id or 12+ hex prefix, or a tag) into the first writable of
-    ``cache`` (a directory or a list, searched in order) and return where."""
+    ``cache`` (a directory or a list, searched in order) and return where.
+    With ``lease`` (a pid), the entry is leased for that process before it
+    is returned, and no ``gc`` removes it in between."""
     start = time.monotonic()
     ev = Events(events)
     caches = cache_list(cache)
@@ -196,31 +198,61 @@ def ensure_crate(
     try:
         crate_id = known_id(ref, caches, sha256)
         url = ref.startswith(("http://", "https://", "file://"))
-        found = (
-            find_ready(caches, crate_id, python, blob_digest(sha256) if url else None)
-            if crate_id
-            else None
-        )
-        if found is not None:
-            c, key, _ = found
-            done = Ensured(crate_id, os.path.join(c, "e", key), "HIT", c, key, 0)
-        else:
-            from .filling import ensure_cold
+        for _ in range(5):
+            found = (
+                find_ready(caches, crate_id, python, blob_digest(sha256) if url else None)
+                if crate_id
+                else None
+            )
+            if found is not None:
+                c, key, _ = found
+                done = Ensured(crate_id, os.path.join(c, "e", key), "HIT", c, key, 0)
+            else:
+                from .filling import ensure_cold
 
-            done = ensure_cold(ref, crate_id, store, caches, python, sha256, ev, progress)
-        return _done(ev, done, start, lease)
+                done = ensure_cold(ref, crate_id, store, caches, python, sha256, ev, progress)
+            if lease is None or _lease(done, lease):
+                return _done(ev, done, start)
+            crate_id = done.id  # gc removed it just before the lease: ensure again
+        raise EnvcrateError(f"{done.path} was removed (by gc) each time it was leased; try again")
     except BaseException as e:
         if isinstance(e, (EnvcrateError, OSError)):
             ev.emit("FAILED", error=str(e))
         raise
 
 
-def _done(ev: Events, done: Ensured, start: float, lease: int | None) -> Ensured:
-    stamp(done.cache, done.key)
-    if lease is not None:
-        from . import leases
+def _lease(done: Ensured, lease: int | str) -> bool:
+    """Lease the entry for ``lease`` (a pid, or a name such as ``ttl-<pid>``)
+    under its shared use lock, then check it is still the entry found: False
+    (and no lease) if ``gc`` removed it meanwhile. A cache this process may
+    not write gets no lease, with a warning: the entry is used all the same."""
+    from . import leases
 
-        leases.add(done.cache, done.key, lease)
+    fd = leases.lock_use(done.cache, done.key, exclusive=False)
+    try:
+        try:
+            done.lease = leases.add(done.cache, done.key, lease)
+        except OSError as e:
+            import sys
+
+            print(
+                f"envcrate: warning: cannot lease {done.path} ({e.strerror}): "
+                "the cache's owner may remove it while it is in use",
+                file=sys.stderr,
+            )
+            return read_ready(done.path) is not None
+        ready = read_ready(done.path)
+        if ready is None or ready[0] != done.id:
+            leases.drop(done.lease)
+            done.lease = None
+            return False
+        return True
+    finally:
+        leases.unlock(fd)
+
+
+def _done(ev: Events, done: Ensured, start: float) -> Ensured:
+    stamp(done.cache, done.key)
     ev.crate = done.id
     ev.emit(done.state if done.state != "WAITED" else "READY", prefix=done.path)
     done.seconds = time.monotonic() - start

@@ -247,10 +247,29 @@ def main(argv: list[str] | None = None) -> int:
         print("envcrate: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        what = "disk full" if e.errno == 28 else (e.strerror or str(e))
-        _fail(f"{what}{where}; free space or fix the path and try again")
+        _fail(os_error_message(e))
     return 1
+
+
+def os_error_message(e: OSError) -> str:
+    """One line: what failed (the error, the path) and what to do about it."""
+    import errno
+
+    path = e.filename if e.filename is not None else ""
+    where = f" ({path})" if path else ""
+    what = f"{e.strerror or e}{where}"
+    hint = {
+        errno.ENOSPC: "free space on that filesystem and try again",
+        errno.EACCES: "you lack permission on that path: ask its owner for access, "
+        "or choose another path (e.g. --cache DIR of your own)",
+        errno.EROFS: "that path is on a read-only filesystem: choose a writable one "
+        "(e.g. --cache DIR)",
+        errno.EDQUOT: "your disk quota is used up: free space within it, "
+        "or choose another filesystem (e.g. --cache DIR)",
+        errno.ENOENT: "that path does not exist: create it or fix the path",
+    }
+    hint[errno.EPERM] = hint[errno.EACCES]
+    return f"{what}; {hint.get(e.errno, 'fix the path and try again')}"
 
 
 class _Args:
@@ -557,7 +576,7 @@ def cmd_url(args) -> int:
     return _emit(args, obj, f"{url}\n{a['blob']}")
 
 
-def _ensure(args, lease: int | None = None):
+def _ensure(args, lease: int | str | None = None):
     from .cache import ensure_crate
 
     return ensure_crate(
@@ -594,10 +613,12 @@ def _manifest_kind(prefix) -> str:
 def cmd_activate(args) -> int:
     from . import activation, leases
 
-    done = _ensure(args)
+    # A short-lived lease of our own covers the entry until the evaluating
+    # shell has made its lease (with its $$) and removed this one.
+    done = _ensure(args, lease=f"{leases.TTL_MARK}{os.getpid()}")
     act = activation.environment(done.prefix, _manifest_kind(done.prefix), dict(os.environ))
     shell = activation.detect_shell(args.shell)
-    lease = (leases.lease_dir(done.cache, done.key), leases.lease_name(""))
+    lease = (leases.lease_dir(done.cache, done.key), leases.lease_name(""), done.lease)
     sys.stdout.write(activation.shell_code(shell, act, lease))
     return 0
 
@@ -686,8 +707,16 @@ def _rm_cache(args) -> int:
                 f"{e['prefix']} is in use ({', '.join(e['in_use'])}); "
                 "stop those processes or wait, then remove it"
             )
-        if cache_admin.remove(Path(e["cache"]), e["key"]):
-            removed.append(e["prefix"])
+        try:
+            if cache_admin.remove(Path(e["cache"]), e["key"]):
+                removed.append(e["prefix"])
+        except cache_admin.Kept as why:
+            raise EnvcrateError(
+                f"cannot remove {e['prefix']}: {why}; ask them, or use a cache of your own "
+                "(--cache DIR)"
+                if "owner" in str(why)
+                else f"cannot remove {e['prefix']}: {why}; wait and try again"
+            ) from None
     if not args.json:
         for r in removed:
             print(f"removed {r}", file=sys.stderr)

@@ -107,8 +107,9 @@ class Tree:
         self.links = links  # (path, target), in table order
         self.file_bytes = sum(r.size for r in rows if r.type == "f")
         self.file_count = sum(1 for t in kinds.values() if t == "f")
-        # Each entry takes at least a block; files are rounded up to blocks.
-        self.disk_bytes = sum(-(-r.size // 4096) * 4096 for r in rows) + 4096 * len(rows)
+        # A lower bound of what extracting it takes on any filesystem: the
+        # files' bytes (blocks, directories and inodes vary by filesystem).
+        self.disk_bytes = self.file_bytes
 
 
 def check_table(rows: list[FileRow]) -> Tree:
