@@ -161,14 +161,18 @@ def _memo_probe(path: str, memo: str) -> Interpreter | None:
         pass
     it = probe(path)
     if it is not None:
+        tmp = f"{spot}.{os.getpid()}"
         try:
             os.makedirs(memo, exist_ok=True)
-            tmp = f"{spot}.{os.getpid()}"
-            with open(tmp, "w") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            with open(fd, "w") as f:
                 json.dump({"sig": sig, "it": list(dataclasses.astuple(it))}, f)
             os.replace(tmp, spot)
-        except OSError:
-            pass
+        except OSError:  # a full disk, a read-only home: only a memo is lost
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
     return it
 
 
