@@ -104,7 +104,7 @@ def test_download_cut_by_server_loss_leaves_nothing_and_retry_succeeds(
     store = open_store(url)
     assert store.publish(
         big_crate.archive, big_crate.manifest.data, "tar.zst", big_crate.blob, big_crate.size
-    )
+    ).uploaded
     dest = tmp_path / "dest"
     dest.mkdir()
     got = []
@@ -174,7 +174,11 @@ def test_s3_failures_are_one_line_each(seaweed, small_crate, tmp_path):
     )
     reader = seaweed.env(AWS_ACCESS_KEY_ID=READER_KEY, AWS_SECRET_ACCESS_KEY=READER_SECRET)
     fails(envcrate("push", small_crate.archive, "--store", bucket_url, env=reader), "access denied")
-    assert open_store(bucket_url) is not None
+    # The refused push left nothing under the prefix, and the refusal was the
+    # write's: the same credentials may list the store.
+    listed = seaweed.client().list_objects_v2(Bucket=seaweed.bucket(), Prefix=tmp_path.name)
+    assert listed.get("Contents", []) == []
+    assert ok(envcrate("ls", "--store", bucket_url, "--json", env=reader))["crates"] == []
     fails(envcrate("ls", "--store", "s3://"), "names no bucket")
 
 

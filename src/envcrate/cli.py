@@ -470,10 +470,17 @@ def _shipped(args, shipped) -> int:
         "format": shipped.format,
         "store": shipped.store,
         "uploaded": shipped.uploaded,
+        "kept": shipped.kept,
         "seconds": round(shipped.seconds, 3),
     }
     if not args.json:
-        what = "uploaded" if shipped.uploaded else "already there, uploaded nothing"
+        if shipped.kept:
+            what = (
+                f"already has this crate as {shipped.format} with other bytes (blob "
+                f"{shipped.blob}), intact: kept it, uploaded nothing"
+            )
+        else:
+            what = "uploaded" if shipped.uploaded else "already there, uploaded nothing"
         print(f"{shipped.store}: {what} ({_size(shipped.size)})", file=sys.stderr)
     return _emit(args, obj, shipped.id)
 
@@ -500,9 +507,12 @@ def cmd_ls(args) -> int:
     from .stores import open_store
 
     store = open_store(args.store)
-    crates = store.listing()
+    problems: list[str] = []
+    crates = store.listing(problems)
+    for p in problems:  # the rest is listed: one bad object does not hide them
+        print(f"envcrate: warning: {p}", file=sys.stderr)
     if args.json:
-        return _emit(args, {"store": store.url, "crates": crates}, "")
+        return _emit(args, {"store": store.url, "crates": crates, "problems": problems}, "")
     rows = [("ID", "TAGS", "NAME", "KIND", "PYTHON", "SIZE", "CREATED")]
     for c in crates:
         rows.append(

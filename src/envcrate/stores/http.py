@@ -86,7 +86,9 @@ class HttpStore(Store):
     def delete(self, key: str) -> None:
         self.require_writable()
 
-    def download(self, key: str, dest: Path, progress: Progress | None) -> None:
+    def download(
+        self, key: str, dest: Path, progress: Progress | None, size: int | None = None
+    ) -> None:
         with open(dest, "wb") as out:
             _stream(self._url(key), out, progress)
 

@@ -171,7 +171,9 @@ class S3Store(Store):
                     Bucket=self.bucket, Key=full, UploadId=up["UploadId"]
                 )
 
-    def download(self, key: str, dest: Path, progress: Progress | None) -> None:
+    def download(
+        self, key: str, dest: Path, progress: Progress | None, size: int | None = None
+    ) -> None:
         try:
             self.client.download_file(
                 self.bucket, self._key(key), str(dest), Callback=progress, Config=self._transfer()
