@@ -186,6 +186,16 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="remove it even when tagged (and the tags)")
     _add_json(p)
 
+    p = add("fsck", help="check a store for unusable objects; --repair removes them")
+    _add_store(p)
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove orphan blobs older than an hour, damaged archives (and records left "
+        "with none) and broken tags",
+    )
+    _add_json(p)
+
     p = add("url", help="print a presigned HTTPS URL and the digest of a crate's archive")
     p.add_argument("ref", metavar="REF")
     _add_store(p)
@@ -551,6 +561,46 @@ def cmd_rm(args) -> int:
     return _emit(args, dict(removed, store=store.url), removed["id"])
 
 
+def cmd_fsck(args) -> int:
+    from .stores import open_store
+    from .stores.fsck import fsck
+
+    store = open_store(args.store)
+    report = fsck(store, repair=args.repair)
+    if args.json:
+        import json
+
+        print(json.dumps(report))
+    else:
+        for p in report["problems"]:
+            state = "repaired" if p["repaired"] else "problem"
+            print(f"{state}: {p['problem']} {p['key']}: {p['detail']}")
+        for key in report["recent"]:
+            print(f"recent: {key} has no record yet (less than an hour old: maybe a push)")
+        for line in report["repaired"]:
+            print(f"did: {line}")
+        c = report["checked"]
+        counts = f"{c['records']} records, {c['blobs']} blobs, {c['tags']} tags"
+        if not report["problems"]:
+            print(f"{store.url}: no problems ({counts})")
+    left = [p for p in report["problems"] if not p["repaired"]]
+    if left:
+        hint = (
+            "what is left needs a person: push the crate again, or remove it with "
+            "`envcrate rm ID --force`"
+            if args.repair
+            else f"`envcrate fsck --store {store.url} --repair` fixes what it can"
+        )
+        print(
+            f"envcrate: error: {len(left)} problem{'s' * (len(left) != 1)} in {store.url} "
+            f"(first: {left[0]['problem']} "
+            f"{left[0]['key']}); {hint}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def cmd_url(args) -> int:
     from .stores import blob_key, open_store
 
@@ -766,6 +816,7 @@ COMMANDS = {
     "info": cmd_info,
     "tag": cmd_tag,
     "rm": cmd_rm,
+    "fsck": cmd_fsck,
     "url": cmd_url,
     "verify": cmd_verify,
     "ensure": cmd_ensure,

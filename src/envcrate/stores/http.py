@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import DigestMismatchError, NotFoundError, StoreError
 from ..fsutil import unlink_quietly
 from ..ids import blob_digest
-from .base import Progress, Store
+from .base import Progress, Store, Stored
 
 _TIMEOUT = 60
 
@@ -104,6 +104,9 @@ class HttpStore(Store):
 
     def keys(self, prefix: str) -> list[str]:
         raise StoreError(f"{self.url} cannot be listed (HTTP); list the store it serves instead")
+
+    def walk(self, prefix: str) -> list[Stored]:
+        return self.keys(prefix)  # type: ignore[return-value]  (raises)
 
 
 def download_url(

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import NotFoundError, StoreError
-from .base import Progress, Store
+from .base import Progress, Store, Stored
 
 MAX_PRESIGN = 7 * 24 * 3600  # SigV4 limit
 _PART = 8 << 20  # awscli's default part size and concurrency
@@ -204,6 +204,22 @@ class S3Store(Store):
         except Exception as e:
             raise self._fail(e, "list") from None
         return sorted(out)
+
+    def walk(self, prefix: str) -> list[Stored]:
+        skip = len(self._key(""))
+        out = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(prefix)
+            )
+            for page in pages:
+                out += [
+                    Stored(o["Key"][skip:], o["Size"], o["LastModified"].timestamp())
+                    for o in page.get("Contents", [])
+                ]
+        except Exception as e:
+            raise self._fail(e, "list") from None
+        return sorted(out, key=lambda o: o.key)
 
     def delete(self, key: str) -> None:
         try:
