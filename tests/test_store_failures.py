@@ -37,6 +37,8 @@ def own_seaweed(tmp_path, monkeypatch):
     server = SeaweedFS(tmp_path / "seaweed")
     server.start()
     use_aws_env(monkeypatch, server.env())
+    # A dead server is retried until the deadline: a short one here.
+    monkeypatch.setenv("ENVCRATE_NETWORK_DEADLINE", "3")
     yield server
     server.stop()
 
@@ -163,9 +165,15 @@ def test_s3_failures_are_one_line_each(seaweed, small_crate, tmp_path):
     fails(envcrate("ls", "--store", bucket_url, env=no_creds), "no AWS credentials")
     dead = f"http://127.0.0.1:{free_port()}"
     fails(
-        envcrate("ls", "--store", bucket_url, env=seaweed.env(AWS_ENDPOINT_URL=dead)),
+        envcrate(
+            "ls",
+            "--store",
+            bucket_url,
+            env=seaweed.env(AWS_ENDPOINT_URL=dead, ENVCRATE_NETWORK_DEADLINE="2"),
+        ),
         "cannot reach",
         dead,
+        "ENVCRATE_NETWORK_DEADLINE",
     )
     fails(
         envcrate("ls", "--store", "s3://no-such-bucket-here/x", env=seaweed.env()),
