@@ -421,3 +421,14 @@ def test_ls_lists_the_rest_and_warns_about_each_problem(backend, small_crate):
     # rm and tag still work beside a corrupt tag
     ok(backend.cli("tag", small_crate.id, "other", "--store", w, "--json"))
     ok(backend.cli("rm", small_crate.id, "--store", w, "--force", "--json"))
+
+
+def test_a_malformed_record_beside_an_archive_is_no_traceback(small_crate, tmp_path):
+    import shutil
+
+    archive = tmp_path / small_crate.archive.name
+    shutil.copy(small_crate.archive, archive)
+    for beside in (b'{"archives": [5]}', b'{"archives": 5}', b'[{"blob": 1}]'):
+        (tmp_path / (archive.name + ".json")).write_bytes(beside)
+        pushed = ok(envcrate("push", archive, "--store", tmp_path / "store", "--json"))
+        assert pushed["blob"] == small_crate.blob  # verified from the bytes themselves

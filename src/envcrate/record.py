@@ -106,11 +106,14 @@ def write_record(path: Path, manifest: Manifest, fmt: str, blob: str, size: int)
 
 
 def read_record(path: Path) -> dict | None:
+    """The record at ``path``, or None when there is none or it is not a
+    JSON object (a record beside an archive is untrusted too)."""
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read())
+            record = json.loads(f.read())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def recorded_blob(archive: str | os.PathLike, fmt: str | None = None) -> str | None:
@@ -130,9 +133,11 @@ def manifest_of(record: dict) -> Manifest:
 
 
 def blob_of(record: dict | None, fmt: str) -> str | None:
-    for a in (record or {}).get("archives", []):
-        if a.get("format") == fmt:
-            return a.get("blob")
+    archives = (record or {}).get("archives")
+    for a in archives if isinstance(archives, list) else []:
+        if isinstance(a, dict) and a.get("format") == fmt:
+            blob = a.get("blob")
+            return blob if isinstance(blob, str) else None
     return None
 
 

@@ -164,7 +164,8 @@ class FsStore(Store):
                         st = os.lstat(os.path.join(dirpath, name))
                     except FileNotFoundError:
                         continue  # removed meanwhile
-                    out.append(Stored(f"{rel}/{name}", st.st_size, st.st_mtime))
+                    key = name if rel == "." else f"{rel}/{name}"
+                    out.append(Stored(key, st.st_size, st.st_mtime))
         except OSError as e:
             raise self._fail(e, f"list {prefix}") from None
         return out

@@ -73,7 +73,7 @@ class Deadline:
     def expired(self, why: str = "") -> StoreError:
         why = f" ({why})" if why else ""
         return StoreError(
-            f"gave up on {self.what} after {time.monotonic() - self.start:.0f} s{why}, the "
+            f"gave up on {self.what} after {time.monotonic() - self.start:.1f} s{why}, the "
             f"deadline of ENVCRATE_NETWORK_DEADLINE={self.seconds:g} s; check the network and "
             "the server, then try again (or raise the deadline)"
         )
