@@ -25,6 +25,16 @@ def is_digest(value: object) -> bool:
     return isinstance(value, str) and _DIGEST.match(value) is not None
 
 
+def digests_named(data: bytes | None) -> set[str]:
+    """The blob digests a record that may be malformed seems to list (to keep
+    them from being taken for orphans, or to remove them with it)."""
+    try:
+        archives = json.loads(data or b"")["archives"]
+        return {a["blob"] for a in archives if is_digest(a["blob"])}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return set()
+
+
 def check_record(record: object) -> dict:
     """``record`` if it has the shape of a crate record (an ``id``, a list of
     archives with a format, a blob digest and a size, and a manifest part

@@ -26,7 +26,13 @@ from pathlib import Path
 from ..errors import ArchiveError, DigestMismatchError, EnvcrateError, NotFoundError, StoreError
 from ..fsutil import sha256_file, unlink_quietly
 from ..ids import normalize_id, short_id
-from ..record import archive_entry, check_record, encode_record, is_digest, with_archive
+from ..record import (
+    archive_entry,
+    check_record,
+    encode_record,
+    is_digest,
+    with_archive,
+)
 
 Progress = Callable[[int], None]
 
@@ -416,6 +422,7 @@ class Store:
                 continue  # removed while listing
             archives = rec["archives"]
             python = rec.get("python")
+            version = python.get("version") if isinstance(python, dict) else None
             name = rec.get("name")
             out.append(
                 {
@@ -423,7 +430,7 @@ class Store:
                     "tags": sorted(t for t, c in tags.items() if c == crate_id),
                     "name": name if isinstance(name, str) else None,
                     "kind": rec["kind"],
-                    "python": python.get("version") if isinstance(python, dict) else None,
+                    "python": version if isinstance(version, str) else None,
                     "formats": [a["format"] for a in archives],
                     "size": min((a["size"] for a in archives), default=0),
                     "created": min((a.get("created", "") for a in archives), default=""),
@@ -434,7 +441,9 @@ class Store:
     def remove(self, ref: str, force: bool = False) -> dict:
         """Unpublish a crate: tags (only with ``force``), record, then blobs.
         With ``force``, a full crate id whose record is malformed is removed
-        too (its blobs, unknown, are left for ``fsck --repair``)."""
+        too; the blobs it seems to list are left to ``fsck``, which knows
+        whether another record lists them (a malformed record is no
+        authority to delete)."""
         self.require_writable()
         hexd = normalize_id(ref)
         rec: dict = {}

@@ -14,12 +14,11 @@ removed, only when it is older than ``orphan_age`` (an hour).
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
 from ..errors import StoreError
-from ..record import encode_record, is_digest
+from ..record import digests_named, encode_record
 from .base import Store, Stored, blob_key, record_key, tag_key
 
 ORPHAN_AGE = 3600.0
@@ -60,8 +59,9 @@ def fsck(
         done.append(what)
 
     blobs = {o.key: o for o in store.walk("blobs/")}
-    referenced: set[str] = set()  # blob digests some record lists
+    referenced: set[str] = set()  # blob digests some record lists and keeps
     published: set[str] = set()  # crate ids with a record (readable or not)
+    damaged: list[tuple[str, dict, list, list]] = []  # (crate id, record, kept, dropped)
     crate_ids = store.crate_ids()
     for crate_id in crate_ids:
         key = record_key(crate_id)
@@ -70,8 +70,8 @@ def fsck(
         except StoreError as e:
             published.add(crate_id)
             problem("corrupt-record", key, str(e))
-            # Not repaired (it may be a newer envcrate's): its blobs stay listed.
-            referenced |= _digests_named(store.read(key))
+            # Not repaired (it may be a newer envcrate's): its blobs stay.
+            referenced |= digests_named(store.read(key))
             continue
         if rec is None:
             continue  # removed meanwhile
@@ -82,15 +82,20 @@ def fsck(
                 keep.append(a)
                 continue
             kind, detail = state
-            dropped.append(
-                (problem(kind, blob_key(a["blob"]), f"{crate_id} ({a['format']}): {detail}"), a)
-            )
+            p = problem(kind, blob_key(a["blob"]), f"{crate_id} ({a['format']}): {detail}")
+            dropped.append((p, a))
         referenced.update(a["blob"] for a in keep)
-        if keep or not repair or not dropped:
-            published.add(crate_id)
-        if not (repair and dropped):
+        if dropped and repair:
+            damaged.append((crate_id, rec, keep, dropped))
+        else:
             referenced.update(a["blob"] for _, a in dropped)
-            continue
+        if keep or not (dropped and repair):
+            published.add(crate_id)
+
+    # Repairs once every record has been read: a blob is removed only when no
+    # record that stays lists it.
+    for crate_id, rec, keep, dropped in damaged:
+        key = record_key(crate_id)
         if keep:
             store.write(key, encode_record(dict(rec, archives=keep)))
         else:
@@ -154,13 +159,3 @@ def _state(store: Store, found: Stored | None, a: dict) -> tuple[str, str] | Non
     if digest is not None and digest != a["blob"]:
         return "damaged-blob", f"its blob's digest is {digest}"
     return None
-
-
-def _digests_named(data: bytes | None) -> set[str]:
-    """The blob digests a (malformed) record seems to list, kept safe from
-    removal as orphans."""
-    try:
-        rec = json.loads(data or b"")
-        return {a["blob"] for a in rec["archives"] if is_digest(a["blob"])}
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return set()
