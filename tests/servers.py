@@ -270,13 +270,14 @@ class Fault:
     """What the proxy does to the next ``times`` requests whose request line
     contains ``match``: ``reset`` the connection (RST) after ``after`` bytes
     of the response body, ``stall`` there (forward nothing more, keep the
-    connection open), ``truncate`` the body there (a clean close), or answer
-    ``status`` itself without asking the server."""
+    connection open), ``truncate`` the body there (a clean close), answer
+    ``status`` itself without asking the server, or ``reset-request``: reset
+    after ``after`` bytes of the request (an upload cut mid-body)."""
 
     def __init__(
         self, kind: str, *, match: str = "", after: int = 0, times: int = 1, status: int = 503
     ):
-        assert kind in ("reset", "stall", "truncate", "status"), kind
+        assert kind in ("reset", "stall", "truncate", "status", "reset-request"), kind
         self.kind, self.match, self.after, self.times, self.status = (
             kind,
             match,
@@ -344,8 +345,17 @@ class FaultProxy:
             self.conns += [client, server]
         state = {"fault": None, "body": None, "head": b""}
         threading.Thread(target=self._responses, args=(server, client, state), daemon=True).start()
+        cut = None  # request bytes left before a reset-request fault
         try:
             while chunk := client.recv(65536):
+                if cut is not None:
+                    if len(chunk) >= cut:
+                        server.sendall(chunk[:cut])
+                        self._reset(client)
+                        break
+                    cut -= len(chunk)
+                    server.sendall(chunk)
+                    continue
                 found = list(_REQUEST.finditer(chunk))
                 if found:
                     m = found[-1]
@@ -363,6 +373,16 @@ class FaultProxy:
                             + body
                         )
                         break
+                    if fault is not None and fault.kind == "reset-request":
+                        cut = fault.after
+                        chunk = chunk[m.start() :]
+                        if len(chunk) >= cut:
+                            server.sendall(chunk[:cut])
+                            self._reset(client)
+                            break
+                        cut -= len(chunk)
+                        server.sendall(chunk)
+                        continue
                     state.update(fault=fault, body=None, head=b"")
                 server.sendall(chunk)
         except OSError:
@@ -393,11 +413,20 @@ class FaultProxy:
                 if fault.kind == "stall":
                     self.stopped.wait()  # until the proxy stops; the client gives up first
                 elif fault.kind == "reset":
-                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                    self._reset(client)
                 break
         except OSError:
             pass
         self._close(client, server)
+
+    @staticmethod
+    def _reset(sock: socket.socket) -> None:
+        """Close with an RST (SO_LINGER 0) rather than a FIN."""
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            sock.close()
+        except OSError:
+            pass
 
     @staticmethod
     def _close(*socks: socket.socket) -> None:

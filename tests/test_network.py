@@ -213,6 +213,18 @@ def test_s3_push_is_retried_beyond_botocore_attempts(s3_proxy, small_venv, tmp_p
     assert open_store(other).record(shipped["id"]) is not None
 
 
+def test_s3_push_cut_mid_upload_is_retried(s3_proxy, small_crate, tmp_path):
+    """botocore retries a request whose connection is reset while the body
+    goes up (this passed before envcrate's own retries too)."""
+    url, proxy, env = s3_proxy
+    other = f"{url}-cut"
+    proxy.add(Fault("reset-request", match="PUT /", after=small_crate.size // 2, times=2))
+    pushed = ok(_cli("push", small_crate.archive, "--store", other, "--json", env=env))
+    assert pushed["uploaded"] is True and proxy.faults[0].hits == 2
+    path = open_store(other).fetch(small_crate.id, tmp_path)
+    assert file_digest(path) == small_crate.blob
+
+
 def test_s3_gives_up_at_the_deadline_and_leaves_nothing(
     s3_proxy, small_crate, small_venv, tmp_path
 ):
