@@ -83,6 +83,14 @@ def _stream(
         nonlocal got
         try:
             resp = _open(url, deadline, start=got)
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and got:  # asked from the end: lost after the last byte?
+                total = re.match(r"bytes \*/(\d+)", e.headers.get("Content-Range", ""))
+                if total is not None and int(total.group(1)) == got:
+                    return
+                restart()
+                raise Transient(f"{_shown(url)} refused the range from byte {got}") from None
+            raise _fail(url, e) from None
         except Exception as e:
             raise _fail(url, e) from None
         with resp:
