@@ -432,3 +432,17 @@ def test_a_malformed_record_beside_an_archive_is_no_traceback(small_crate, tmp_p
         (tmp_path / (archive.name + ".json")).write_bytes(beside)
         pushed = ok(envcrate("push", archive, "--store", tmp_path / "store", "--json"))
         assert pushed["blob"] == small_crate.blob  # verified from the bytes themselves
+
+
+def test_a_record_larger_than_any_record_is_refused_unread(backend, small_crate, monkeypatch):
+    import envcrate.stores.base as base
+
+    monkeypatch.setattr(base, "MAX_RECORD", 1000)
+    ok(backend.cli("push", small_crate.archive, "--store", backend.writer, "--json"))
+    _write(backend, "tags/huge.json", b'{"crate": "' + b" " * 2000 + b'"}')
+    store = open_store(backend.reader)
+    with pytest.raises(StoreError, match="larger than 1000 bytes") as err:
+        store.resolve("huge")
+    assert "\n" not in str(err.value)
+    with pytest.raises(StoreError, match="larger than 1000 bytes"):
+        store.record(small_crate.id)  # a real record, larger than this test's limit

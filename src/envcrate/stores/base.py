@@ -36,6 +36,11 @@ from ..record import (
 
 Progress = Callable[[int], None]
 
+# Records and tags are read whole into memory: a store's object larger than
+# this is refused (the largest records, of conda envs with thousands of
+# files embedding their prefix, are a few MB).
+MAX_RECORD = 64 << 20
+
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
 
 
@@ -115,8 +120,10 @@ class Store:
 
     # ------------------------------------------------------------- primitives
 
-    def read(self, key: str) -> bytes | None:
-        """The object's bytes, or None when it does not exist."""
+    def read(self, key: str, limit: int | None = None) -> bytes | None:
+        """The object's bytes, or None when it does not exist; with
+        ``limit``, an object larger than that is an error (:func:`too_big`)
+        read no further."""
         raise NotImplementedError
 
     def write(self, key: str, data: bytes) -> None:
@@ -170,7 +177,7 @@ class Store:
     # ------------------------------------------------------------- crates
 
     def _json(self, key: str) -> dict | None:
-        data = self.read(key)
+        data = self.read(key, MAX_RECORD)
         if data is None:
             return None
         try:
@@ -503,6 +510,14 @@ class Store:
             unlink_quietly(tmp)
             raise
         return final
+
+
+def too_big(where: str, limit: int) -> StoreError:
+    """The error for a record or tag larger than any record is."""
+    return StoreError(
+        f"{where} is larger than {limit} bytes, more than any record or tag; it is not one: "
+        "remove it (`envcrate fsck` lists such problems)"
+    )
 
 
 def too_large(where: str, size: int) -> StoreError:

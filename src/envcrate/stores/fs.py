@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import NotFoundError, StoreError
 from ..fsutil import current_umask, group_shared, make_dirs_under, sha256_file, unlink_quietly
-from .base import Progress, Store, Stored, too_large
+from .base import Progress, Store, Stored, too_big, too_large
 
 
 class FsStore(Store):
@@ -72,9 +72,13 @@ class FsStore(Store):
             unlink_quietly(tmp)
             raise
 
-    def read(self, key: str) -> bytes | None:
+    def read(self, key: str, limit: int | None = None) -> bytes | None:
         try:
-            return self._path(key).read_bytes()
+            with open(self._path(key), "rb") as f:
+                data = f.read() if limit is None else f.read(limit + 1)
+            if limit is not None and len(data) > limit:
+                raise too_big(f"{self.url}/{key}", limit)
+            return data
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:

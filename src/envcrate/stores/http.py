@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import DigestMismatchError, NotFoundError, StoreError
 from ..fsutil import unlink_quietly
 from ..ids import blob_digest
-from .base import Progress, Store, Stored, too_large
+from .base import Progress, Store, Stored, too_big, too_large
 from .network import RETRY_STATUS, Deadline, Transient, retrying
 
 _CHUNK = 1 << 20
@@ -160,8 +160,16 @@ class HttpStore(Store):
 
         return retrying(attempt, deadline)
 
-    def read(self, key: str) -> bytes | None:
-        return self._ask(key, "GET", lambda resp: resp.read())
+    def read(self, key: str, limit: int | None = None) -> bytes | None:
+        def whole(resp) -> bytes:
+            if limit is None:
+                return resp.read()
+            data = resp.read(limit + 1)
+            if len(data) > limit:
+                raise too_big(self._url(key), limit)
+            return data
+
+        return self._ask(key, "GET", whole)
 
     def write(self, key: str, data: bytes) -> None:
         self.require_writable()

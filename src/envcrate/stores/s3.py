@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import EnvcrateError, NotFoundError, StoreError
-from .base import Progress, Store, Stored, too_large
+from .base import Progress, Store, Stored, too_big, too_large
 from .network import RETRY_STATUS, Deadline, Transient, retrying, timeout
 
 MAX_PRESIGN = 7 * 24 * 3600  # SigV4 limit
@@ -186,9 +186,16 @@ class S3Store(Store):
 
     # -- primitives
 
-    def read(self, key: str) -> bytes | None:
+    def read(self, key: str, limit: int | None = None) -> bytes | None:
         def get(deadline):
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            with answer["Body"] as body:
+                if limit is None:
+                    return body.read()
+                data = body.read(limit + 1)
+            if len(data) > limit:
+                raise too_big(f"{self.url}/{key}", limit)
+            return data
 
         return self._call(f"read {key} from", get, missing=None)
 
