@@ -186,6 +186,16 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="remove it even when tagged (and the tags)")
     _add_json(p)
 
+    p = add("fsck", help="check a store for unusable objects; --repair removes them")
+    _add_store(p)
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove orphan blobs older than an hour, damaged archives (and records left "
+        "with none) and broken tags",
+    )
+    _add_json(p)
+
     p = add("url", help="print a presigned HTTPS URL and the digest of a crate's archive")
     p.add_argument("ref", metavar="REF")
     _add_store(p)
@@ -489,10 +499,17 @@ def _shipped(args, shipped) -> int:
         "format": shipped.format,
         "store": shipped.store,
         "uploaded": shipped.uploaded,
+        "kept": shipped.kept,
         "seconds": round(shipped.seconds, 3),
     }
     if not args.json:
-        what = "uploaded" if shipped.uploaded else "already there, uploaded nothing"
+        if shipped.kept:
+            what = (
+                f"already has this crate as {shipped.format} with other bytes (blob "
+                f"{shipped.blob}), intact: kept it, uploaded nothing"
+            )
+        else:
+            what = "uploaded" if shipped.uploaded else "already there, uploaded nothing"
         print(f"{shipped.store}: {what} ({_size(shipped.size)})", file=sys.stderr)
     return _emit(args, obj, shipped.id)
 
@@ -519,9 +536,12 @@ def cmd_ls(args) -> int:
     from .stores import open_store
 
     store = open_store(args.store)
-    crates = store.listing()
+    problems: list[str] = []
+    crates = store.listing(problems)
+    for p in problems:  # the rest is listed: one bad object does not hide them
+        print(f"envcrate: warning: {p}", file=sys.stderr)
     if args.json:
-        return _emit(args, {"store": store.url, "crates": crates}, "")
+        return _emit(args, {"store": store.url, "crates": crates, "problems": problems}, "")
     rows = [("ID", "TAGS", "NAME", "KIND", "PYTHON", "SIZE", "CREATED")]
     for c in crates:
         rows.append(
@@ -558,6 +578,46 @@ def cmd_rm(args) -> int:
         tags = f" and tags {', '.join(removed['tags'])}" if removed["tags"] else ""
         print(f"removed {removed['id']}{tags} from {store.url}", file=sys.stderr)
     return _emit(args, dict(removed, store=store.url), removed["id"])
+
+
+def cmd_fsck(args) -> int:
+    from .stores import open_store
+    from .stores.fsck import fsck
+
+    store = open_store(args.store)
+    report = fsck(store, repair=args.repair)
+    if args.json:
+        import json
+
+        print(json.dumps(report))
+    else:
+        for p in report["problems"]:
+            state = "repaired" if p["repaired"] else "problem"
+            print(f"{state}: {p['problem']} {p['key']}: {p['detail']}")
+        for key in report["recent"]:
+            print(f"recent: {key} has no record yet (less than an hour old: maybe a push)")
+        for line in report["repaired"]:
+            print(f"did: {line}")
+        c = report["checked"]
+        counts = f"{c['records']} records, {c['blobs']} blobs, {c['tags']} tags"
+        if not report["problems"]:
+            print(f"{store.url}: no problems ({counts})")
+    left = [p for p in report["problems"] if not p["repaired"]]
+    if left:
+        hint = (
+            "what is left needs a person: push the crate again, or remove it with "
+            "`envcrate rm ID --force`"
+            if args.repair
+            else f"`envcrate fsck --store {store.url} --repair` fixes what it can"
+        )
+        print(
+            f"envcrate: error: {len(left)} problem{'s' * (len(left) != 1)} in {store.url} "
+            f"(first: {left[0]['problem']} "
+            f"{left[0]['key']}); {hint}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def cmd_url(args) -> int:
@@ -785,6 +845,7 @@ COMMANDS = {
     "info": cmd_info,
     "tag": cmd_tag,
     "rm": cmd_rm,
+    "fsck": cmd_fsck,
     "url": cmd_url,
     "verify": cmd_verify,
     "ensure": cmd_ensure,

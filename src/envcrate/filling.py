@@ -219,7 +219,7 @@ class _StoreCrate(_Source):
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
             ev.emit("DOWNLOADING", bytes=a.get("size"), store=self.store.url)
             with bar(a.get("size", 0), "downloading", progress) as tick:
-                self.store.download(blob_key(a["blob"]), tmp, tick)
+                self.store.download(blob_key(a["blob"]), tmp, tick, size=a["size"])
         except BaseException:
             unlink_quietly(tmp)
             raise
