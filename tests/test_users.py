@@ -72,7 +72,7 @@ def world_writable(root: Path) -> list[str]:
 
 def test_the_owner_can_gc_and_rm_their_entries(users, shipped, small_crate, user_dir, env):
     me = users[0]
-    cache = me.home / "cache"
+    cache = me.home / f"cache-{user_dir.name}"  # a cache of this test's own
     args = ["--store", shipped, "--cache", cache, "--json"]
     ok(me.envcrate("ensure", "small", *args, env=env))
     report = ok(me.envcrate("gc", "--cache", cache, "--max-size", "0", "--json", env=env))
@@ -188,7 +188,7 @@ def test_a_group_shared_cache(users, shipped, small_crate, other_crate, user_dir
 
 def test_a_private_cache_under_umask_000_is_not_world_writable(users, shipped, user_dir, env):
     me = users[0]
-    cache = me.home / "cache"
+    cache = me.home / f"cache-{user_dir.name}"  # a cache of this test's own
     args = ["--store", shipped, "--cache", cache]
     ok(me.envcrate("ensure", "small", *args, "--json", env=env, umask=0o000))
     succeeds(me.envcrate("run", "small", *args, "--", "python", "-c", "pass", env=env, umask=0o000))
@@ -199,7 +199,7 @@ def test_a_read_only_cache_first_and_a_writable_one_after(users, shipped, user_d
     me = users[0]
     ro = user_dir / "ro"
     ro.mkdir(mode=0o755)  # root's
-    rw = me.home / "rw"
+    rw = me.home / f"rw-{user_dir.name}"
     done = ok(
         me.envcrate(
             "ensure", "small", "--store", shipped, "--cache", ro, "--cache", rw, "--json", env=env
@@ -217,7 +217,7 @@ def test_a_ready_entry_in_a_cache_the_user_cannot_write(users, shipped, small_cr
     """Another user's private cache, readable by all: ensure (whose stamp
     fails), ensure --lease and run (whose leases fail) still work."""
     owner, other, _ = users
-    cache = owner.home / "cache"
+    cache = owner.home / f"cache-{user_dir.name}"
     prefix = ok(
         owner.envcrate("ensure", "small", "--store", shipped, "--cache", cache, "--json", env=env)
     )["prefix"]

@@ -5,9 +5,10 @@ Two settings, read from the environment each time they are needed:
 - ``ENVCRATE_NETWORK_TIMEOUT`` (seconds, default 60): how long one connect or
   one read may wait without a byte arriving; a stalled connection is given up
   after it (and retried).
-- ``ENVCRATE_NETWORK_DEADLINE`` (seconds, default 900): how long one
-  operation (a download, an upload, a request) may take in all, retries
-  included; after it envcrate gives up with one line.
+- ``ENVCRATE_NETWORK_DEADLINE`` (seconds, default 120): how long one
+  operation (a download, an upload, a request) may go on without moving a
+  byte, retries included; after it envcrate gives up with one line. A
+  transfer that moves bytes is never cut, however long it takes.
 
 Failures that another attempt may not meet (a lost connection, a stalled
 read, HTTP 500/502/503/504) are :class:`Transient` and retried with
@@ -25,7 +26,7 @@ from typing import TypeVar
 from ..errors import EnvcrateError, StoreError
 
 DEFAULT_TIMEOUT = 60.0
-DEFAULT_DEADLINE = 900.0
+DEFAULT_DEADLINE = 120.0
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 T = TypeVar("T")
@@ -50,7 +51,8 @@ def timeout() -> float:
 
 
 def deadline_seconds() -> float:
-    """Seconds one operation may take, retries included (``ENVCRATE_NETWORK_DEADLINE``)."""
+    """Seconds one operation may go without progress, retries included
+    (``ENVCRATE_NETWORK_DEADLINE``)."""
     return _seconds("ENVCRATE_NETWORK_DEADLINE", DEFAULT_DEADLINE)
 
 
@@ -59,7 +61,8 @@ class Transient(Exception):
 
 
 class Deadline:
-    """The end of one operation's time (``ENVCRATE_NETWORK_DEADLINE``)."""
+    """When one operation gives up: ``ENVCRATE_NETWORK_DEADLINE`` seconds after
+    it started or last moved a byte."""
 
     def __init__(self, what: str):
         self.what = what
@@ -73,16 +76,15 @@ class Deadline:
     def expired(self, why: str = "") -> StoreError:
         why = f" ({why})" if why else ""
         return StoreError(
-            f"gave up on {self.what} after {time.monotonic() - self.start:.1f} s{why}, the "
-            f"deadline of ENVCRATE_NETWORK_DEADLINE={self.seconds:g} s; check the network and "
+            f"gave up on {self.what} after {time.monotonic() - self.start:.1f} s{why}, "
+            f"{self.seconds:g} s without progress (ENVCRATE_NETWORK_DEADLINE); check the network and "
             "the server, then try again (or raise the deadline)"
         )
 
-    def check(self) -> None:
-        """Raise once the deadline has passed (called while bytes flow, so
-        that a trickling transfer ends too)."""
-        if self.left() <= 0:
-            raise self.expired()
+    def moved(self) -> None:
+        """Bytes moved: the deadline counts from now (it bounds the time
+        spent without progress, not how long a large transfer takes)."""
+        self.end = time.monotonic() + self.seconds
 
     def read_timeout(self) -> float:
         """The stall timeout, but no longer than what is left."""

@@ -222,7 +222,8 @@ class S3Store(Store):
                 sent[0] += n
                 if progress:
                     progress(n)
-                deadline.check()
+                if n > 0:
+                    deadline.moved()
 
             try:
                 self._abort_stale(full)
@@ -275,7 +276,8 @@ class S3Store(Store):
                     raise too_large(where, size)
                 if progress:
                     progress(n)
-                deadline.check()
+                if n > 0:
+                    deadline.moved()
 
             try:
                 self.client.download_file(
