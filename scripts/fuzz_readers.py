@@ -119,9 +119,11 @@ def _tar_case(rng: random.Random, seed: tf.Seed) -> dict:
     for _ in range(rng.choice([1, 1, 2])):
         k = rng.randrange(len(members))
         n = len(members[k])
+        if n == 0:  # cut away by the first change
+            continue
         if rng.random() < 0.7:
             lo, hi = rng.choice(tf.HEADER_FIELDS)
-            pos = rng.randrange(lo, hi)
+            pos = min(n - 1, rng.randrange(lo, hi))
         else:
             pos = rng.randrange(n)
         kind = rng.choice(tf.MUTATIONS)

@@ -419,7 +419,7 @@ class Mutation:
         if self.kind == "duplicate":
             return data[: self.at] + data[pos:end] + data[self.at :]
         new = self.junk if self.kind == "overwrite" else b"\0" * (end - pos)
-        if new == data[pos:end]:  # never the seed itself
+        if new == data[pos:end] and pos < len(data):  # never the seed itself
             new = bytes([data[pos] ^ 0xFF]) + new[1:]
         return data[:pos] + new + data[end:]
 
