@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,118 @@ def text_files_naming(root: Path, needle: str) -> list[str]:
             if b"\0" not in data and needle.encode() in data:
                 found.append(str(p.relative_to(root)))
     return found
+
+
+# --------------------------------------------------------------------------- users
+
+# Root ignores permission bits, which hides every permission bug of a cache:
+# the tests that matter run the command line as these plain users. The first
+# two share GROUP (a project group); the third is in no group of theirs.
+USERS = ("envcrate-t1", "envcrate-t2", "envcrate-t3")
+GROUP = "envcrate-tg"
+
+
+@dataclass
+class User:
+    name: str
+    uid: int
+    gid: int  # the user's own group
+    home: Path  # owned by the user, reachable by everyone (0711 chain)
+
+    def cmd(self, argv, umask: int = 0o022, shared: bool = False) -> list[str]:
+        """``argv`` run as this user (supplementary group GROUP when
+        ``shared``, none otherwise) under ``umask``."""
+        groups = ["--groups", GROUP] if shared else ["--clear-groups"]
+        return [
+            "setpriv",
+            f"--reuid={self.uid}",
+            f"--regid={self.gid}",
+            *groups,
+            "sh",
+            "-c",
+            f'umask {umask:03o}; exec "$@"',
+            "sh",
+            *map(str, argv),
+        ]
+
+    def env(self, base: dict) -> dict:
+        e = dict(base, HOME=str(self.home), USER=self.name, LOGNAME=self.name)
+        e["XDG_CACHE_HOME"] = str(self.home / ".cache")
+        e["XDG_DATA_HOME"] = str(self.home / ".local" / "share")
+        return e
+
+    def envcrate(self, *args, env: dict, umask: int = 0o022, shared: bool = False, **kw):
+        argv = [sys.executable, "-m", "envcrate.cli", *args]
+        return run(self.cmd(argv, umask, shared), env=self.env(env), **kw)
+
+
+def reachable(path: Path) -> Path:
+    """Let every user traverse (not list) ``path``'s ancestors, as far up as
+    they lack it: pytest's temporary directories are 0700."""
+    path = Path(path).resolve()
+    for d in [path, *path.parents]:
+        mode = d.stat().st_mode
+        if not mode & 0o001:
+            d.chmod((mode & 0o7777) | 0o001)
+    return path
+
+
+def _ensure_accounts() -> None:
+    """Create the group and users once per machine; both xdist workers may
+    get here at once, so under a lock, and "already exists" is fine."""
+    import fcntl
+
+    fd = os.open("/tmp/envcrate-test-users.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        out = run(["groupadd", GROUP])
+        assert out.returncode in (0, 9), out.stderr  # 9: the group exists
+        for name in USERS:
+            extra = ["-G", GROUP] if name != USERS[2] else []
+            out = run(["useradd", "-M", "-U", "-s", "/bin/sh", *extra, name])
+            assert out.returncode in (0, 9), out.stderr  # 9: the user exists
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(scope="session")
+def users() -> list[User]:
+    """Three plain users (root only: ``useradd``; skipped otherwise) who can
+    run this Python: its ancestors (``/root`` is 0700) are made traversable."""
+    if os.geteuid() != 0:
+        pytest.skip("creating the plain test users needs root (useradd); run as root")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to run commands as the test users")
+    import pwd
+
+    _ensure_accounts()
+    reachable(Path(sys.executable).parent)
+    reachable(Path(sys.executable).resolve().parent)
+    for p in sys.path:  # the interpreter's library and this checkout's src/
+        if p and os.path.isdir(p):
+            reachable(Path(p))
+    homes = Path(tempfile.mkdtemp(prefix="envcrate-homes-"))
+    homes.chmod(0o711)
+    found = []
+    for name in USERS:
+        pw = pwd.getpwnam(name)
+        home = homes / name
+        home.mkdir(mode=0o711)
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+        found.append(User(name, pw.pw_uid, pw.pw_gid, home))
+    yield found
+    shutil.rmtree(homes, ignore_errors=True)
+
+
+@pytest.fixture
+def user_dir() -> Path:
+    """A directory of this test's that the test users can reach (0711, under
+    /tmp): not under pytest's basetemp, whose ``/tmp/pytest-of-root`` every
+    pytest session starting on this machine makes 0700 again."""
+    d = Path(tempfile.mkdtemp(prefix="envcrate-test-"))
+    d.chmod(0o711)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)  # as root: read-only entries included
 
 
 # --------------------------------------------------------------------------- stores

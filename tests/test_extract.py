@@ -16,7 +16,7 @@ from envcrate.manifest import (
     MANIFEST_MEMBER,
     FileRow,
     canonical_json,
-    crate_id_of_table,
+    crate_id_of,
     encode_table,
 )
 
@@ -32,13 +32,17 @@ def _crate(
     members: list[tuple[FileRow, bytes]],
     table: bytes | None = None,
     layout: str = "stream",
+    extra: dict | None = None,
 ) -> Path:
-    """A crafted crate: one zstd frame (``stream``), or seekable frames of 700
-    bytes with an index as envcrate writes them (``frames``)."""
-    table = encode_table([row for row, _ in members]) if table is None else table
+    """A crafted crate: one zstd frame (``stream``), one gzip member
+    (``gz``), or seekable frames of 700 bytes with an index as envcrate
+    writes them (``frames``); ``extra``: manifest fields to add or replace
+    (the id covers them)."""
+    members = sorted(members, key=lambda m: m[0].path.encode("utf-8", "surrogateescape"))
+    rows = [row for row, _ in members]
+    table = encode_table(rows) if table is None else table
     manifest = {
-        "schema": 1,
-        "id": crate_id_of_table(table),
+        "schema": 2,
         "kind": "venv",
         "platform": dict(host_platform(), libc={"family": "glibc", "version": None}),
         "python": {
@@ -49,8 +53,17 @@ def _crate(
         "prefix": "/nowhere",
         "prefix_files": [],
         "venv": {"base_links": [], "cfg": {}},
-        "files": {"count": len(members), "entries": len(members), "bytes": 0},
+        "files": {
+            "count": sum(r.type == "f" for r in rows),
+            "entries": len(rows),
+            "bytes": sum(r.size for r in rows if r.type == "f"),
+        },
     }
+    manifest.update(extra or {})
+    try:
+        manifest["id"] = crate_id_of(table, manifest)
+    except (AttributeError, TypeError):  # a malformed manifest, made on purpose
+        manifest["id"] = "sha256:" + "0" * 64
     head = [
         _member(MANIFEST_MEMBER.encode(), b"0", 0o644, canonical_json(manifest)),
         _member(FILES_MEMBER.encode(), b"0", 0o644, table),
@@ -58,6 +71,10 @@ def _crate(
     body = [raw for _, raw in members] + [tar.END_OF_ARCHIVE]
     if layout == "frames":
         path.write_bytes(seekable(head, body, 700))
+    elif layout == "gz":
+        import gzip
+
+        path.write_bytes(gzip.compress(b"".join(head + body), mtime=0))
     else:
         path.write_bytes(zstandard.ZstdCompressor().compress(b"".join(head + body)))
     return path
@@ -109,6 +126,8 @@ def _link(name: str, target: str) -> tuple[FileRow, bytes]:
     )
 
 
+_EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256 of nothing
+
 CASES = {
     "absolute": [_file("/etc/evil")],
     "dotdot": [_file("a/../../evil")],
@@ -116,9 +135,9 @@ CASES = {
     "link-absolute": [_link("out", "/etc")],
     "link-chain": [_link("a", "."), _link("b", "a/..")],
     "setuid": [_file("bin/tool", b"x", 0o4755)],
-    "device": [(FileRow("f", "dev", "644", 0, ""), _member(b"dev", b"3", 0o644))],
+    "device": [(FileRow("f", "dev", "644", 0, _EMPTY), _member(b"dev", b"3", 0o644))],
     "hardlink": [
-        (FileRow("f", "h", "644", 0, ""), _member(b"h", b"1", 0o644, link=b"/etc/passwd"))
+        (FileRow("f", "h", "644", 0, _EMPTY), _member(b"h", b"1", 0o644, link=b"/etc/passwd"))
     ],
 }
 

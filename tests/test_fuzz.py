@@ -46,7 +46,7 @@ from envcrate.manifest import (
     MANIFEST_MEMBER,
     Manifest,
     canonical_json,
-    crate_id_of_table,
+    crate_id_of,
     decode_table,
 )
 from envcrate.unpacker import read_manifest
@@ -271,7 +271,7 @@ def _tree_problems(dest: Path, manifest: Manifest) -> list[Problem]:
     (relocated files aside), and nothing else but the base links."""
     bad = []
     table = (dest / FILES_MEMBER).read_bytes()
-    if crate_id_of_table(table) != manifest.id:
+    if crate_id_of(table, manifest.data) != manifest.id:
         bad.append(Problem("unpack", "succeeded with another table", manifest.id, str(dest)))
         return bad
     relocated = {r.get("path") for r in manifest.prefix_files if isinstance(r, dict)}
@@ -869,7 +869,7 @@ SEMANTIC = {
     "relocation mode unknown": (("prefix_files", 0, "mode"), "rot13"),
     "schema as a string": (("schema",), "1"),
     "schema true": (("schema",), True),
-    "schema newer": (("schema",), 2),
+    "schema newer": (("schema",), 3),
     "negative size": (("files", "bytes"), -1),
     "size as a float": (("files", "bytes"), 1.5),
     "id not a digest": (("id",), "sha256:xyz"),

@@ -20,7 +20,7 @@ from envcrate.manifest import (
     MANIFEST_MEMBER,
     FileRow,
     Manifest,
-    crate_id_of_table,
+    crate_id_of,
     decode_table,
     encode_table,
 )
@@ -64,7 +64,7 @@ def test_stock_tar_extracts_the_crate(small_venv, tmp_path, fmt, flag):
     check(["tar", flag, "-xf", crate.archive, "-C", out])
     assert (out / MANIFEST_MEMBER).read_bytes() == crate.manifest.to_bytes()
     table = (out / FILES_MEMBER).read_bytes()
-    assert crate_id_of_table(table) == crate.id
+    assert crate_id_of(table, crate.manifest.data) == crate.id
     six_src = next(small_venv.glob("lib/python*/site-packages/six.py")).read_bytes()
     assert next(out.glob("lib/python*/site-packages/six.py")).read_bytes() == six_src
     # Base-interpreter links (bin/python* -> the base python; which ones

@@ -37,6 +37,8 @@ def own_seaweed(tmp_path, monkeypatch):
     server = SeaweedFS(tmp_path / "seaweed")
     server.start()
     use_aws_env(monkeypatch, server.env())
+    # A dead server is retried until the deadline: a short one here.
+    monkeypatch.setenv("ENVCRATE_NETWORK_DEADLINE", "3")
     yield server
     server.stop()
 
@@ -104,7 +106,7 @@ def test_download_cut_by_server_loss_leaves_nothing_and_retry_succeeds(
     store = open_store(url)
     assert store.publish(
         big_crate.archive, big_crate.manifest.data, "tar.zst", big_crate.blob, big_crate.size
-    )
+    ).uploaded
     dest = tmp_path / "dest"
     dest.mkdir()
     got = []
@@ -163,9 +165,15 @@ def test_s3_failures_are_one_line_each(seaweed, small_crate, tmp_path):
     fails(envcrate("ls", "--store", bucket_url, env=no_creds), "no AWS credentials")
     dead = f"http://127.0.0.1:{free_port()}"
     fails(
-        envcrate("ls", "--store", bucket_url, env=seaweed.env(AWS_ENDPOINT_URL=dead)),
+        envcrate(
+            "ls",
+            "--store",
+            bucket_url,
+            env=seaweed.env(AWS_ENDPOINT_URL=dead, ENVCRATE_NETWORK_DEADLINE="2"),
+        ),
         "cannot reach",
         dead,
+        "ENVCRATE_NETWORK_DEADLINE",
     )
     fails(
         envcrate("ls", "--store", "s3://no-such-bucket-here/x", env=seaweed.env()),
@@ -174,7 +182,11 @@ def test_s3_failures_are_one_line_each(seaweed, small_crate, tmp_path):
     )
     reader = seaweed.env(AWS_ACCESS_KEY_ID=READER_KEY, AWS_SECRET_ACCESS_KEY=READER_SECRET)
     fails(envcrate("push", small_crate.archive, "--store", bucket_url, env=reader), "access denied")
-    assert open_store(bucket_url) is not None
+    # The refused push left nothing under the prefix, and the refusal was the
+    # write's: the same credentials may list the store.
+    listed = seaweed.client().list_objects_v2(Bucket=seaweed.bucket(), Prefix=tmp_path.name)
+    assert listed.get("Contents", []) == []
+    assert ok(envcrate("ls", "--store", bucket_url, "--json", env=reader))["crates"] == []
     fails(envcrate("ls", "--store", "s3://"), "names no bucket")
 
 

@@ -228,3 +228,221 @@ def test_ship_cleans_what_killed_writers_left_in_a_directory_store(small_venv, t
     ok(envcrate("ship", small_venv, "--store", store, "--json"))
     assert not any(os.path.lexists(p) for p in stale)
     assert fresh.is_dir()
+
+
+# --------------------------------------------------------------------------- publishing checks
+
+
+def _damage(backend, crate, blob: str, tmp_path, same_size: bool) -> None:
+    """Replace the store's copy of ``blob``: one byte flipped (same size) or cut short."""
+    data = bytearray(crate.archive.read_bytes())
+    if same_size:
+        data[len(data) // 2] ^= 0xFF
+    else:
+        del data[len(data) // 2 :]
+    damaged = tmp_path / "damaged-copy"
+    damaged.write_bytes(bytes(data))
+    open_store(backend.writer).upload(blob_key(blob), damaged, blob, None)
+
+
+def test_push_refuses_a_truncated_or_altered_archive(backend, small_crate, tmp_path):
+    if backend.kind == "http":
+        pytest.skip("HTTP stores are read-only")
+    data = small_crate.archive.read_bytes()
+    cut = tmp_path / "cut.tar.zst"
+    cut.write_bytes(data[: len(data) * 2 // 3])  # no record beside it: nothing to compare with
+    altered = tmp_path / "altered.tar.zst"
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 0x01
+    altered.write_bytes(bytes(flipped))
+    for bad in (cut, altered):
+        fails(backend.cli("push", bad, "--store", backend.writer, "--json"), str(bad))
+    store = open_store(backend.reader)
+    assert store.record(small_crate.id) is None
+    assert store.size(blob_key(file_digest(cut))) is None
+    assert store.size(blob_key(file_digest(altered))) is None
+
+
+def test_push_never_replaces_an_intact_archive_with_other_bytes(
+    backend, small_venv, small_crate, tmp_path
+):
+    if backend.kind == "http":
+        pytest.skip("HTTP stores are read-only")
+    from envcrate import pack
+
+    (tmp_path / "other").mkdir()
+    other = pack(small_venv, tmp_path / "other", level=1)  # the same crate, other bytes
+    assert other.id == small_crate.id and other.blob != small_crate.blob
+    ok(backend.cli("push", small_crate.archive, "--store", backend.writer, "--json"))
+
+    out = backend.cli("push", other.archive, "--store", backend.writer, "--json")
+    kept = ok(out)
+    assert kept["uploaded"] is False and kept["kept"] is True
+    assert kept["blob"] == small_crate.blob
+    human = backend.cli("push", other.archive, "--store", backend.writer)
+    assert human.returncode == 0 and "kept" in human.stderr, human.stderr
+    store = open_store(backend.reader)
+    assert [a["blob"] for a in store.record(small_crate.id)["archives"]] == [small_crate.blob]
+    assert store.size(blob_key(other.blob)) is None
+
+    # A damaged copy is replaced: same size and other bytes (the directory
+    # store hashes it), or short (every store sees the size).
+    _damage(backend, small_crate, small_crate.blob, tmp_path, same_size=backend.kind == "fs")
+    replaced = ok(backend.cli("push", other.archive, "--store", backend.writer, "--json"))
+    assert replaced["uploaded"] is True and replaced["kept"] is False
+    assert [a["blob"] for a in store.record(small_crate.id)["archives"]] == [other.blob]
+    assert file_digest(store.fetch(small_crate.id, tmp_path)) == other.blob
+
+
+def test_ship_uploads_again_over_a_damaged_blob(backend, small_venv, tmp_path):
+    if backend.kind == "http":
+        pytest.skip("HTTP stores are read-only")
+    first = ok(backend.cli("ship", small_venv, "--store", backend.writer, "--json"))
+    store = open_store(backend.reader)
+
+    class Packed:  # what _damage needs: the archive's bytes
+        archive = tmp_path / "first.tar.zst"
+
+    Packed.archive.write_bytes(store.read(blob_key(first["blob"])))
+    _damage(backend, Packed, first["blob"], tmp_path, same_size=backend.kind == "fs")
+    again = ok(backend.cli("ship", small_venv, "--store", backend.writer, "--json"))
+    assert again["uploaded"] is True and again["blob"] == first["blob"]
+    assert file_digest(store.fetch(first["id"], tmp_path)) == first["blob"]
+    assert (
+        ok(backend.cli("ship", small_venv, "--store", backend.writer, "--json"))["uploaded"]
+        is False
+    )
+
+
+# --------------------------------------------------------------------------- hostile records
+
+
+def _record_of(backend, crate_id: str) -> dict:
+    return json.loads(open_store(backend.writer).read(record_key(crate_id)))
+
+
+def _write(backend, key: str, obj) -> None:
+    data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    open_store(backend.writer).write(key, data)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda r: r["archives"][0].pop("blob"), ["blob"]),
+        (lambda r: r.pop("platform"), ["platform"]),
+        (lambda r: r.update(files="many"), ["files"]),
+        (lambda r: r.update(archives={"format": "tar.zst"}), ["archives"]),
+        (lambda r: r.update(archives=["tar.zst"]), ["archives"]),
+        (lambda r: r["archives"][0].update(size="12"), ["size"]),
+        (lambda r: r["archives"][0].update(blob="sha256:../../../../etc/passwd"), ["blob"]),
+        (lambda r: r["archives"][0].update(blob="sha256:" + "A" * 64), ["blob"]),
+    ],
+    ids=[
+        "no-blob",
+        "no-platform",
+        "files-str",
+        "archives-dict",
+        "archives-str",
+        "size-str",
+        "blob-dotdot",
+        "blob-upper",
+    ],
+)
+def test_malformed_records_are_one_line_errors(backend, small_crate, tmp_path, change, words):
+    if backend.kind == "s3":
+        pytest.skip("the checks are the store's own, the same for every backend (fs, http here)")
+    ok(backend.cli("push", small_crate.archive, "--store", backend.writer, "--json"))
+    record = _record_of(backend, small_crate.id)
+    change(record)
+    _write(backend, record_key(small_crate.id), record)
+    cache = tmp_path / "cache"
+    commands = [["info", small_crate.id], ["ensure", small_crate.id, "--cache", cache]]
+    if backend.kind == "http":  # it can hand out URLs
+        commands.append(["url", small_crate.id])
+    for cmd in commands:
+        err = fails(backend.cli(*cmd, "--store", backend.reader), *words)
+        assert "malformed" in err and "push" in err, err
+    assert not (cache / "e").exists() or list((cache / "e").iterdir()) == []
+
+
+def test_a_record_digest_is_never_used_as_a_path(backend, small_crate, tmp_path):
+    if backend.kind != "fs":
+        pytest.skip("paths are the directory store's")
+    secret = tmp_path / "secret"
+    secret.write_text("not yours\n")
+    ok(backend.cli("push", small_crate.archive, "--store", backend.writer, "--json"))
+    record = _record_of(backend, small_crate.id)
+    rel = os.path.relpath(secret, tmp_path / "store" / "blobs" / "sha256" / "ab")
+    record["archives"][0]["blob"] = "sha256:ab/" + rel
+    _write(backend, record_key(small_crate.id), record)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(StoreError, match="blob"):
+        open_store(backend.reader).fetch(small_crate.id, dest)
+    assert list(dest.iterdir()) == []
+    with pytest.raises(StoreError):
+        blob_key("sha256:../" + "0" * 61)
+
+
+@pytest.mark.parametrize("tag", [{"crate": 5}, {"crate": "sha256:" + "ab" * 6}, ["x"], b"{"])
+def test_malformed_tags_are_one_line_errors(backend, small_crate, tag):
+    ok(backend.cli("push", small_crate.archive, "--store", backend.writer, "--json"))
+    _write(backend, "tags/bad.json", tag)
+    err = fails(backend.cli("info", "bad", "--store", backend.reader), "bad")
+    assert "tag" in err and ("malformed" in err or "corrupt" in err), err
+
+
+def test_ls_lists_the_rest_and_warns_about_each_problem(backend, small_crate):
+    if backend.kind == "http":
+        pytest.skip("HTTP stores cannot list")
+    w = backend.writer
+    ok(backend.cli("push", small_crate.archive, "--store", w, "--tag", "good", "--json"))
+    broken = "sha256:" + "cd" * 32
+    _write(backend, record_key(broken), {"id": broken, "archives": "none"})
+    _write(backend, "tags/five.json", {"crate": 5})
+    _write(backend, "tags/junk.json", b"\x00garbage")
+
+    listed = backend.cli("ls", "--store", backend.reader, "--json")
+    got = ok(listed)
+    assert [(c["id"], c["tags"]) for c in got["crates"]] == [(small_crate.id, ["good"])]
+    problems = got["problems"]
+    assert len(problems) == 3, problems
+    assert any(record_key(broken) in p for p in problems)
+    assert any("tags/five.json" in p for p in problems)
+    assert any("tags/junk.json" in p for p in problems)
+    warnings = listed.stderr.strip().splitlines()
+    assert len(warnings) == 3 and all("fsck" in line for line in warnings), warnings
+    assert "Traceback" not in listed.stderr
+
+    human = backend.cli("ls", "--store", backend.reader)
+    assert human.returncode == 0 and short_id(small_crate.id) in human.stdout
+    assert len(human.stderr.strip().splitlines()) == 3
+    # rm and tag still work beside a corrupt tag
+    ok(backend.cli("tag", small_crate.id, "other", "--store", w, "--json"))
+    ok(backend.cli("rm", small_crate.id, "--store", w, "--force", "--json"))
+
+
+def test_a_malformed_record_beside_an_archive_is_no_traceback(small_crate, tmp_path):
+    import shutil
+
+    archive = tmp_path / small_crate.archive.name
+    shutil.copy(small_crate.archive, archive)
+    for beside in (b'{"archives": [5]}', b'{"archives": 5}', b'[{"blob": 1}]'):
+        (tmp_path / (archive.name + ".json")).write_bytes(beside)
+        pushed = ok(envcrate("push", archive, "--store", tmp_path / "store", "--json"))
+        assert pushed["blob"] == small_crate.blob  # verified from the bytes themselves
+
+
+def test_a_record_larger_than_any_record_is_refused_unread(backend, small_crate, monkeypatch):
+    import envcrate.stores.base as base
+
+    monkeypatch.setattr(base, "MAX_RECORD", 1000)
+    ok(backend.cli("push", small_crate.archive, "--store", backend.writer, "--json"))
+    _write(backend, "tags/huge.json", b'{"crate": "' + b" " * 2000 + b'"}')
+    store = open_store(backend.reader)
+    with pytest.raises(StoreError, match="larger than 1000 bytes") as err:
+        store.resolve("huge")
+    assert "\n" not in str(err.value)
+    with pytest.raises(StoreError, match="larger than 1000 bytes"):
+        store.record(small_crate.id)  # a real record, larger than this test's limit

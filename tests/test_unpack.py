@@ -23,18 +23,22 @@ def _assert_works(dest: Path, original: str) -> None:
     assert out.stdout.strip()
     first = (dest / "bin" / "pyflakes").read_text().splitlines()[0]
     assert str(dest) in first or first == "#!/bin/sh"
-    for shell in ("sh", "bash", "zsh"):
-        if shutil.which(shell):
-            out = check(
-                [shell, "-c", f". '{dest}/bin/activate' && echo $VIRTUAL_ENV && command -v python"]
-            )
-            assert out.stdout.split() == [str(dest), f"{dest}/bin/python"], shell
-    if shutil.which("fish"):
-        out = check(["fish", "-c", f"source '{dest}/bin/activate.fish'; echo $VIRTUAL_ENV"])
-        assert out.stdout.strip() == str(dest)
-    if shutil.which("csh"):
-        out = check(["csh", "-c", f"source '{dest}/bin/activate.csh'; echo $VIRTUAL_ENV"])
-        assert out.stdout.strip() == str(dest)
+
+    def shell(name: str) -> str:  # the test command installs them: missing fails
+        found = shutil.which(name)
+        assert found, f"{name} is not installed: the README's test command installs it"
+        return found
+
+    for sh in ("sh", "bash", "zsh"):
+        out = check(
+            [shell(sh), "-c", f". '{dest}/bin/activate' && echo $VIRTUAL_ENV && command -v python"]
+        )
+        assert out.stdout.split() == [str(dest), f"{dest}/bin/python"], sh
+    out = check([shell("fish"), "-c", f"source '{dest}/bin/activate.fish'; and echo $VIRTUAL_ENV"])
+    assert out.stdout.strip() == str(dest)
+    csh = shutil.which("csh") or shell("tcsh")
+    out = check([csh, "-c", f"source '{dest}/bin/activate.csh'; echo $VIRTUAL_ENV"])
+    assert out.stdout.strip() == str(dest)
     assert text_files_naming(dest, original) == []
 
 

@@ -90,11 +90,14 @@ def _fish_q(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def shell_code(shell: str, act: Activation, lease: tuple[Path, str]) -> str:
+def shell_code(shell: str, act: Activation, lease: tuple[str, str, str | None]) -> str:
     """Code for ``eval``; the evaluating shell registers its own lease (its
-    pid is known only there)."""
+    pid is known only there) under umask 022, then removes the short-lived
+    lease ``activate`` held for it meanwhile (``lease`` is the lease
+    directory, the name of a lease without its pid, and that short lease)."""
     new, unset = act.set, act.unset
-    lease_dir, lease_stem = lease
+    lease_dir, lease_stem, short = lease
+    mine = os.path.join(lease_dir, lease_stem)
     if shell == "fish":
         lines = []
         for k, v in new.items():
@@ -106,17 +109,21 @@ def shell_code(shell: str, act: Activation, lease: tuple[Path, str]) -> str:
         lines += [f"set -e {k}" for k in unset]
         lines.append("functions -e deactivate 2>/dev/null")
         lines.append(
-            f"mkdir -p {_fish_q(str(lease_dir))} 2>/dev/null; "
-            f"and touch {_fish_q(str(lease_dir / lease_stem))}$fish_pid"
+            "set -l __envcrate_umask (umask); umask 022; "
+            f"mkdir -p {_fish_q(lease_dir)} 2>/dev/null; "
+            f"and touch {_fish_q(mine)}$fish_pid 2>/dev/null; umask $__envcrate_umask"
         )
+        if short:
+            lines.append(f"rm -f {_fish_q(short)} 2>/dev/null")
         lines += [f"source {_fish_q(script)}" for script in act.scripts.get("fish", [])]
         return "\n".join(lines) + "\n"
     lines = [f"{k}={_sq(v)}; export {k}" for k, v in new.items()]
     lines.append("unset " + " ".join(unset))
     lines.append("unset -f deactivate 2>/dev/null || true")
-    lines.append(
-        f'mkdir -p {_sq(str(lease_dir))} 2>/dev/null && : > {_sq(str(lease_dir / lease_stem))}"$$"'
-    )
+    # In a subshell, for its umask; $$ is still the evaluating shell's pid.
+    lines.append(f'(umask 022 && mkdir -p {_sq(lease_dir)} && : > {_sq(mine)}"$$") 2>/dev/null')
+    if short:
+        lines.append(f"rm -f {_sq(short)} 2>/dev/null")
     lines.append("hash -r 2>/dev/null || true")
     lines += [f". {_sq(script)}" for script in act.scripts.get("sh", [])]
     return "\n".join(lines) + "\n"

@@ -26,7 +26,7 @@ class Ensured:
     """Where a crate is ready. (A plain class: dataclasses cost the warm path
     more to import than the rest of it takes to run.)"""
 
-    __slots__ = ("id", "path", "state", "cache", "key", "seconds")
+    __slots__ = ("id", "path", "state", "cache", "key", "seconds", "lease")
 
     def __init__(self, id: str, path: str, state: str, cache: str, key: str, seconds: float):
         self.id = id
@@ -35,6 +35,7 @@ class Ensured:
         self.cache = cache
         self.key = key
         self.seconds = seconds
+        self.lease: str | None = None  # the lease file made for ``lease=``, if any
 
     @property
     def prefix(self):
@@ -76,29 +77,42 @@ def entry_key(crate_id: str, interpreter: str | None) -> str:
     return f"{hexd}-{hashlib.sha256(interpreter.encode()).hexdigest()[:8]}"
 
 
-def read_ready(entry) -> tuple[str, str | None] | None:
-    """(crate id, interpreter or None) from an entry's ready marker, or None
-    when it is not a ready entry. The marker's first two lines carry these in
-    plain text, so the warm path needs no json (which imports re: 11 ms).
-    Opened rather than stat'ed: on NFS an open revalidates the directory."""
+def _marker_lines(entry) -> list[bytes] | None:
+    """The plain lines of an entry's ready marker: crate id, interpreter (or
+    empty), blob digest the entry was filled from (or empty); then the rest.
+    None when it is not a ready entry of this envcrate (entries of crate
+    format 1 had two plain lines). Opened rather than stat'ed: on NFS an open
+    revalidates the directory."""
     try:
         with open(os.path.join(entry, READY), "rb") as f:
-            head = f.read(8192).split(b"\n", 2)
+            head = f.read(8192).split(b"\n", 3)
     except OSError:
         return None
-    if len(head) < 3 or not head[0].startswith(b"sha256:"):
+    if len(head) < 4 or not head[0].startswith(b"sha256:") or head[2][:1] not in (b"s", b""):
+        return None
+    return head
+
+
+def read_ready(entry) -> tuple[str, str | None] | None:
+    """(crate id, interpreter or None) from an entry's ready marker, or None
+    when it is not a ready entry. The marker's first lines carry these in
+    plain text, so the warm path needs no json (which imports re: 11 ms)."""
+    head = _marker_lines(entry)
+    if head is None:
         return None
     interp = head[1].decode("utf-8", "surrogateescape")
     return head[0].decode(), (interp or None)
 
 
 def read_marker(entry) -> dict | None:
-    """The whole ready marker (its JSON part, after the two plain lines)."""
+    """The whole ready marker (its JSON part, after the plain lines; entries
+    of crate format 1 had two)."""
     import json
 
     try:
         with open(os.path.join(entry, READY), "rb") as f:
-            return json.loads(f.read().split(b"\n", 2)[2])
+            parts = f.read().split(b"\n", 3)
+        return json.loads(parts[2] if parts[2][:1] == b"{" else parts[3])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -114,8 +128,10 @@ def _usable(ready: tuple[str, str | None], crate_id: str, python: str | None) ->
     return os.access(interp, os.X_OK)
 
 
-def find_ready(caches: list, crate_id: str, python: str | None):
-    """(cache, key, marker) of a ready entry for the crate, or None."""
+def find_ready(caches: list, crate_id: str, python: str | None, blob: str | None = None):
+    """(cache, key, marker) of a ready entry for the crate, or None; with
+    ``blob``, only an entry filled from the archive with that digest (the
+    cache's digest index is not trusted alone)."""
     head = crate_id.split(":", 1)[-1][:16]
     for cache in caches:
         cache = os.fspath(cache)
@@ -124,14 +140,18 @@ def find_ready(caches: list, crate_id: str, python: str | None):
         except OSError:
             continue
         for name in sorted(names):
-            ready = read_ready(os.path.join(cache, "e", name))
+            entry = os.path.join(cache, "e", name)
+            ready = read_ready(entry)
             if ready is not None and _usable(ready, crate_id, python):
+                if blob is not None and (_marker_lines(entry) or [b""] * 3)[2].decode() != blob:
+                    continue
                 return cache, name, ready
     return None
 
 
 def stamp(cache: str, key: str) -> None:
-    """Refresh the entry's last-use stamp, at most once a minute."""
+    """Refresh the entry's last-use stamp, at most once a minute. Stamps are
+    group-writable in a shared cache (any member refreshes them in place)."""
     path = os.path.join(cache, "used", key)
     try:
         if time.time() - os.stat(path).st_mtime < STAMP_EVERY:
@@ -139,12 +159,10 @@ def stamp(cache: str, key: str) -> None:
         os.utime(path)
     except FileNotFoundError:
         try:
-            from pathlib import Path
+            from .fsutil import create_file, make_dirs_under, shared_mode
 
-            from .fsutil import make_dirs_under
-
-            make_dirs_under(Path(cache), Path(cache, "used"))
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o664))
+            make_dirs_under(cache, os.path.join(cache, "used"))
+            os.close(create_file(path, shared_mode(cache)))
         except OSError:
             pass
     except OSError:
@@ -165,39 +183,76 @@ def ensure_crate(
     python: str | None = None,
     sha256: str | None = None,
     events: str | os.PathLike | None = None,
-    lease: int | None = None,
+    lease: int | str | None = None,
     progress: bool = False,
 ) -> Ensured:
     """Materialise ``ref`` (an archive path, an archive URL with ``sha256``, a
     crate id or 12+ hex prefix, or a tag) into the first writable of
-    ``cache`` (a directory or a list, searched in order) and return where."""
+    ``cache`` (a directory or a list, searched in order) and return where.
+    With ``lease`` (a pid), the entry is leased for that process before it
+    is returned, and no ``gc`` removes it in between."""
     start = time.monotonic()
     ev = Events(events)
     caches = cache_list(cache)
     ev.emit("RESOLVING", ref=ref)
     try:
         crate_id = known_id(ref, caches, sha256)
-        found = find_ready(caches, crate_id, python) if crate_id else None
-        if found is not None:
-            c, key, _ = found
-            done = Ensured(crate_id, os.path.join(c, "e", key), "HIT", c, key, 0)
-        else:
-            from .filling import ensure_cold
+        url = ref.startswith(("http://", "https://", "file://"))
+        for _ in range(5):
+            found = (
+                find_ready(caches, crate_id, python, blob_digest(sha256) if url else None)
+                if crate_id
+                else None
+            )
+            if found is not None:
+                c, key, _ = found
+                done = Ensured(crate_id, os.path.join(c, "e", key), "HIT", c, key, 0)
+            else:
+                from .filling import ensure_cold
 
-            done = ensure_cold(ref, crate_id, store, caches, python, sha256, ev, progress)
-        return _done(ev, done, start, lease)
+                done = ensure_cold(ref, crate_id, store, caches, python, sha256, ev, progress)
+            if lease is None or _lease(done, lease):
+                return _done(ev, done, start)
+            crate_id = done.id  # gc removed it just before the lease: ensure again
+        raise EnvcrateError(f"{done.path} was removed (by gc) each time it was leased; try again")
     except BaseException as e:
         if isinstance(e, (EnvcrateError, OSError)):
             ev.emit("FAILED", error=str(e))
         raise
 
 
-def _done(ev: Events, done: Ensured, start: float, lease: int | None) -> Ensured:
-    stamp(done.cache, done.key)
-    if lease is not None:
-        from . import leases
+def _lease(done: Ensured, lease: int | str) -> bool:
+    """Lease the entry for ``lease`` (a pid, or a name such as ``ttl-<pid>``)
+    under its shared use lock, then check it is still the entry found: False
+    (and no lease) if ``gc`` removed it meanwhile. A cache this process may
+    not write gets no lease, with a warning: the entry is used all the same."""
+    from . import leases
 
-        leases.add(done.cache, done.key, lease)
+    fd = leases.lock_use(done.cache, done.key, exclusive=False)
+    try:
+        try:
+            done.lease = leases.add(done.cache, done.key, lease)
+        except OSError as e:
+            import sys
+
+            print(
+                f"envcrate: warning: cannot lease {done.path} ({e.strerror}): "
+                "the cache's owner may remove it while it is in use",
+                file=sys.stderr,
+            )
+            return read_ready(done.path) is not None
+        ready = read_ready(done.path)
+        if ready is None or ready[0] != done.id:
+            leases.drop(done.lease)
+            done.lease = None
+            return False
+        return True
+    finally:
+        leases.unlock(fd)
+
+
+def _done(ev: Events, done: Ensured, start: float) -> Ensured:
+    stamp(done.cache, done.key)
     ev.crate = done.id
     ev.emit(done.state if done.state != "WAITED" else "READY", prefix=done.path)
     done.seconds = time.monotonic() - start
@@ -206,32 +261,18 @@ def _done(ev: Events, done: Ensured, start: float, lease: int | None) -> Ensured
 
 def known_id(ref: str, caches: list[str], sha256: str | None) -> str | None:
     """The crate id of ``ref`` if it can be known without a store: a full id,
-    a prefix of a crate in the caches, an archive with its record beside it,
-    an archive URL whose digest was seen before."""
+    a prefix of a crate in the caches, an archive (from its head, checked),
+    an archive URL whose digest was seen before (to be confirmed by the
+    entry's own marker: see :func:`find_ready`)."""
     hexd = normalize_id(ref)
     if hexd is not None and len(hexd) == 64 and not os.path.exists(ref):
         return "sha256:" + hexd
     if os.path.isfile(ref):
-        try:  # the record beside a packed archive names the crate
-            with open(ref + ".json", "rb") as f:
-                data = f.read()
-        except OSError:
-            return None
-        # Its top-level "id", found without json (which imports re: ~10 ms in
-        # each of the processes that may start at once); records are written
-        # with sorted keys and an indent of one (record.encode_record).
-        at = data.find(b'\n "id": "sha256:')
-        if at >= 0:
-            hexd = normalize_id(data[at + 16 : at + 80].decode("ascii", "replace"))
-            if hexd is not None and len(hexd) == 64:
-                return "sha256:" + hexd
-        import json
+        # The crate id its head hashes to (not the record beside it, which
+        # is not checked against anything): reading the head imports zstandard.
+        from .unpacker import read_head
 
-        try:
-            crate_id = json.loads(data).get("id")
-            return crate_id if isinstance(crate_id, str) else None
-        except (ValueError, AttributeError):
-            return None
+        return read_head(ref).id
     if ref.startswith(("http://", "https://", "file://")) and sha256:
         blob = blob_digest(sha256).split(":", 1)[1]
         for c in caches:

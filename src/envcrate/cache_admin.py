@@ -1,26 +1,51 @@
 """Looking after a cache: list, show, verify and remove entries, and ``gc``.
 
-An entry is removed by renaming it to a hidden name first (it disappears at
-once for ``ensure``) and then deleting the tree; entries with a live lease
-are never removed.
+An entry is removed by renaming it to a hidden name in the same directory
+first (it disappears at once for ``ensure``; a rename within its parent
+needs no write permission on the read-only entry itself) and then making it
+writable and deleting the tree, which only its owner (or root) can do.
+Entries with a live lease, or being leased right now (their use lock is
+held), are never removed; in a group-shared cache, another member's entries
+are kept with the reason.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
 from . import leases
 from .cache import read_marker
 from .errors import EnvcrateError, NotFoundError
-from .fsutil import remove_tree, sha256_file
+from .fsutil import make_dirs_under, remove_tree, sha256_file
 from .ids import normalize_id
 from .manifest import FILES_MEMBER, decode_table
 
 ABANDONED = 3600.0  # temporary directories and downloads older than this are abandoned
+
+# A cache's directories, and whether each is sticky in a group-shared cache
+# (members add to it, and remove only what is theirs). Not sticky: leases/
+# (any member's gc drops dead leases), used/ (stamps), tags/ (a tag moves;
+# these are hints for ls/info/rm). See cache_layout.md.
+LAYOUT = {"e": True, "locks": True, "dl": True, "blobs": True}
+LAYOUT.update(leases=False, used=False, tags=False)
+
+
+def prepare(cache: Path) -> None:
+    """Create a group-shared cache's directories when this process owns its
+    root (or is root), so that they belong to the cache's owner rather than
+    to the first member who fills it: the owner of a sticky directory may
+    remove anything in it. Nothing happens in other caches."""
+    try:
+        st = os.stat(cache)
+    except OSError:
+        return
+    if not st.st_mode & 0o020 or os.geteuid() not in (0, st.st_uid):
+        return
+    for name, sticky in LAYOUT.items():
+        make_dirs_under(cache, cache / name, sticky=sticky)
 
 
 def _last_use(cache: Path, key: str, entry: Path) -> float:
@@ -174,25 +199,63 @@ def _digest_or_target(p: Path, want_type: str | None = None):
         return None
 
 
-def remove(cache: Path, key: str, *, dry_run: bool = False) -> bool:
-    """Remove an entry unless it is leased; True if it was (or would be) removed."""
-    if leases.holders(cache, key):
-        return False
-    if dry_run:
-        return True
-    entry = cache / "e" / key
-    trash = tempfile.mkdtemp(dir=cache / "e", prefix=f".{key}.trash-")
+class Kept(EnvcrateError):
+    """An entry that stays; the message says why, in a few words."""
+
+
+def _user(uid: int) -> str:
+    import pwd
+
     try:
-        os.rename(entry, os.path.join(trash, "x"))
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def remove(cache: Path, key: str, *, dry_run: bool = False) -> bool:
+    """Remove an entry; True if it was (or would be) removed, False if it is
+    not there. :class:`Kept` says why one stays: another user's, leased, or
+    being leased right now."""
+    import secrets
+
+    cache = Path(cache)
+    entry = cache / "e" / key
+    try:
+        owner = os.lstat(entry).st_uid
     except FileNotFoundError:
-        os.rmdir(trash)
         return False
-    remove_tree(trash)
-    for p in (cache / "used" / key,):
+    me = os.geteuid()
+    if me not in (0, owner):  # its tree can be made writable by its owner only
+        raise Kept(f"owned by {_user(owner)}; only its owner (or root) can remove it")
+    if dry_run:
+        live = leases.holders(cache, key)
+        if live:
+            raise Kept(f"in use by {', '.join(live)}")
+        return True
+    try:
+        lock = leases.lock_use(cache, key, exclusive=True)
+    except leases.Busy:
+        raise Kept("in use (a process is leasing it right now)") from None
+    try:
+        live = leases.holders(cache, key)
+        if live:
+            raise Kept(f"in use by {', '.join(live)}")
+        trash = cache / "e" / f".{key}.trash-{secrets.token_hex(4)}"
         try:
-            os.unlink(p)
+            os.rename(entry, trash)
+        except FileNotFoundError:
+            return False
+        try:  # a process waiting for it finds it replaced, and takes the new one
+            os.unlink(leases.use_lock_path(cache, key))
         except OSError:
-            pass
+            pass  # another member's (sticky locks/): gc removes it once old
+    finally:
+        leases.unlock(lock)
+    remove_tree(trash)
+    try:
+        os.unlink(cache / "used" / key)
+    except OSError:
+        pass
     return True
 
 
@@ -231,6 +294,8 @@ def gc(
     removed, kept, cleaned = [], [], []
     freed = 0
     for cache in map(Path, caches):
+        if not dry_run:
+            prepare(cache)
         listed = sorted((e for e in entries([cache])), key=lambda e: e["last_use"])
         total = sum(e["size"] for e in listed)
         for e in listed:
@@ -243,8 +308,13 @@ def gc(
                 continue
             try:
                 done = remove(cache, e["key"], dry_run=dry_run)
+            except Kept as why:
+                kept.append({"id": e["id"], "prefix": e["prefix"], "error": str(why)})
+                continue
             except OSError as err:
-                kept.append({"id": e["id"], "prefix": e["prefix"], "error": err.strerror})
+                where = f" ({err.filename})" if err.filename else ""
+                error = f"{err.strerror or err}{where}"
+                kept.append({"id": e["id"], "prefix": e["prefix"], "error": error})
                 continue
             if done:
                 removed.append({"id": e["id"], "prefix": e["prefix"], "size": e["size"]})
@@ -261,12 +331,15 @@ def gc(
 
 
 def _unused_lock(cache: Path, lock: Path, now: float) -> bool:
-    """An old lock file of a crate that is not in this cache (a lock only
-    saves duplicate work, so removing one is harmless)."""
-    head = lock.name[: -len(".lock")]
+    """An old lock file of a crate (``<id16>.lock``) or entry (``<key>.use``)
+    that is not in this cache (a crate lock only saves duplicate work, and a
+    use lock is taken again if it was removed meanwhile)."""
+    head, _, kind = lock.name.rpartition(".")
     try:
         if now - lock.stat().st_mtime < ABANDONED:
             return False
+        if kind == "use":
+            return not (cache / "e" / head).exists()
         return not any(n.startswith(head) for n in os.listdir(cache / "e") if not n.startswith("."))
     except OSError:
         return False
@@ -283,15 +356,35 @@ def _unlink_if_free(lock: Path) -> None:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.unlink(lock)
     except OSError:
-        pass  # held by a filler right now
+        pass  # held by a filler right now, or another member's (sticky locks/)
     finally:
         os.close(fd)
 
 
+def _old(p: Path, now: float) -> bool:
+    try:
+        return now - p.lstat().st_mtime > ABANDONED
+    except OSError:
+        return False
+
+
 def _clean(cache: Path, now: float, dry_run: bool) -> list[str]:
-    """Abandoned fill directories, trash, partial downloads, stale holder files."""
+    """Abandoned fill directories, trash, partial downloads, stale holder
+    files, unused locks, temporary files of index writes that a full disk
+    interrupted, dead leases."""
     out = []
+
+    def clean(p: Path, how=None) -> None:
+        out.append(str(p))
+        if dry_run:
+            return
+        try:
+            (how or remove_tree)(p)
+        except OSError:
+            out.pop()  # another member's (sticky directories), or gone
+
     spots = [(cache / "e", (".envcrate-", ".trash-")), (cache / "dl", (".part", ".tar"))]
+    spots += [(cache / "blobs", (".",)), (cache / "tags", (".",))]  # .<name>.<pid>[.tmp]
     for directory, marks in spots:
         try:
             names = os.listdir(directory)
@@ -299,37 +392,20 @@ def _clean(cache: Path, now: float, dry_run: bool) -> list[str]:
             continue
         for name in names:
             p = directory / name
-            if not name.startswith(".") or not any(m in name for m in marks):
+            if not name.startswith(".") or not any(m in name[1:] for m in marks):
                 continue
-            try:
-                old = now - p.lstat().st_mtime > ABANDONED or ".trash-" in name
-            except FileNotFoundError:
-                continue
-            if old:
-                out.append(str(p))
-                if not dry_run:
-                    try:
-                        remove_tree(p)
-                    except OSError:
-                        out.pop()
+            if ".trash-" in name or _old(p, now):
+                clean(p)
     try:
         names = os.listdir(cache / "locks")
     except OSError:
         names = []
     for name in names:
         p = cache / "locks" / name
-        if name.endswith(".lock") and _unused_lock(cache, p, now):
-            out.append(str(p))
-            if not dry_run:
-                _unlink_if_free(p)
-        if name.endswith(".holder"):
-            try:
-                if now - p.stat().st_mtime > ABANDONED:
-                    out.append(str(p))
-                    if not dry_run:
-                        os.unlink(p)
-            except OSError:
-                pass
+        if name.endswith((".lock", ".use")) and _unused_lock(cache, p, now):
+            clean(p, _unlink_if_free)
+        elif (name.endswith(".holder") or ".holder." in name) and _old(p, now):
+            clean(p, os.unlink)  # stale, or the temporary file of an older envcrate
     try:
         keys = os.listdir(cache / "leases")
     except OSError:
@@ -341,4 +417,28 @@ def _clean(cache: Path, now: float, dry_run: bool) -> list[str]:
                 os.rmdir(cache / "leases" / key)
             except OSError:
                 pass
+    return out + _clean_probe_memo(now, dry_run)
+
+
+def _clean_probe_memo(now: float, dry_run: bool) -> list[str]:
+    """Temporary files (``<16 hex>.<pid>``) of interpreter-probe memos whose
+    writer was interrupted (a full disk), in this user's memo directory."""
+    try:
+        from .compat import probe_memo
+
+        memo = probe_memo()
+        names = os.listdir(memo)
+    except (OSError, ImportError):
+        return []
+    out = []
+    for name in names:
+        head, _, pid = name.partition(".")
+        p = Path(memo, name)
+        if len(head) == 16 and pid.isdigit() and _old(p, now):
+            out.append(str(p))
+            if not dry_run:
+                try:
+                    os.unlink(p)
+                except OSError:
+                    out.pop()
     return out

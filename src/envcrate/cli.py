@@ -186,6 +186,16 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="remove it even when tagged (and the tags)")
     _add_json(p)
 
+    p = add("fsck", help="check a store for unusable objects; --repair removes them")
+    _add_store(p)
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove orphan blobs older than an hour, damaged archives (and records left "
+        "with none) and broken tags",
+    )
+    _add_json(p)
+
     p = add("url", help="print a presigned HTTPS URL and the digest of a crate's archive")
     p.add_argument("ref", metavar="REF")
     _add_store(p)
@@ -247,10 +257,29 @@ def main(argv: list[str] | None = None) -> int:
         print("envcrate: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        what = "disk full" if e.errno == 28 else (e.strerror or str(e))
-        _fail(f"{what}{where}; free space or fix the path and try again")
+        _fail(os_error_message(e))
     return 1
+
+
+def os_error_message(e: OSError) -> str:
+    """One line: what failed (the error, the path) and what to do about it."""
+    import errno
+
+    path = e.filename if e.filename is not None else ""
+    where = f" ({path})" if path else ""
+    what = f"{e.strerror or e}{where}"
+    hint = {
+        errno.ENOSPC: "free space on that filesystem and try again",
+        errno.EACCES: "you lack permission on that path: ask its owner for access, "
+        "or choose another path (e.g. --cache DIR of your own)",
+        errno.EROFS: "that path is on a read-only filesystem: choose a writable one "
+        "(e.g. --cache DIR)",
+        errno.EDQUOT: "your disk quota is used up: free space within it, "
+        "or choose another filesystem (e.g. --cache DIR)",
+        errno.ENOENT: "that path does not exist: create it or fix the path",
+    }
+    hint[errno.EPERM] = hint[errno.EACCES]
+    return f"{what}; {hint.get(e.errno, 'fix the path and try again')}"
 
 
 class _Args:
@@ -372,10 +401,10 @@ def cmd_unpack(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .unpacker import read_manifest
-
     if os.path.isfile(args.ref) and not args.store and not args.cache:
-        manifest = read_manifest(args.ref)
+        from .unpacker import read_head
+
+        manifest = read_head(args.ref)  # the id checked against the table
         size, where = os.path.getsize(args.ref), args.ref
     elif args.cache:
         from . import cache_admin
@@ -470,10 +499,17 @@ def _shipped(args, shipped) -> int:
         "format": shipped.format,
         "store": shipped.store,
         "uploaded": shipped.uploaded,
+        "kept": shipped.kept,
         "seconds": round(shipped.seconds, 3),
     }
     if not args.json:
-        what = "uploaded" if shipped.uploaded else "already there, uploaded nothing"
+        if shipped.kept:
+            what = (
+                f"already has this crate as {shipped.format} with other bytes (blob "
+                f"{shipped.blob}), intact: kept it, uploaded nothing"
+            )
+        else:
+            what = "uploaded" if shipped.uploaded else "already there, uploaded nothing"
         print(f"{shipped.store}: {what} ({_size(shipped.size)})", file=sys.stderr)
     return _emit(args, obj, shipped.id)
 
@@ -500,9 +536,12 @@ def cmd_ls(args) -> int:
     from .stores import open_store
 
     store = open_store(args.store)
-    crates = store.listing()
+    problems: list[str] = []
+    crates = store.listing(problems)
+    for p in problems:  # the rest is listed: one bad object does not hide them
+        print(f"envcrate: warning: {p}", file=sys.stderr)
     if args.json:
-        return _emit(args, {"store": store.url, "crates": crates}, "")
+        return _emit(args, {"store": store.url, "crates": crates, "problems": problems}, "")
     rows = [("ID", "TAGS", "NAME", "KIND", "PYTHON", "SIZE", "CREATED")]
     for c in crates:
         rows.append(
@@ -541,6 +580,46 @@ def cmd_rm(args) -> int:
     return _emit(args, dict(removed, store=store.url), removed["id"])
 
 
+def cmd_fsck(args) -> int:
+    from .stores import open_store
+    from .stores.fsck import fsck
+
+    store = open_store(args.store)
+    report = fsck(store, repair=args.repair)
+    if args.json:
+        import json
+
+        print(json.dumps(report))
+    else:
+        for p in report["problems"]:
+            state = "repaired" if p["repaired"] else "problem"
+            print(f"{state}: {p['problem']} {p['key']}: {p['detail']}")
+        for key in report["recent"]:
+            print(f"recent: {key} has no record yet (less than an hour old: maybe a push)")
+        for line in report["repaired"]:
+            print(f"did: {line}")
+        c = report["checked"]
+        counts = f"{c['records']} records, {c['blobs']} blobs, {c['tags']} tags"
+        if not report["problems"]:
+            print(f"{store.url}: no problems ({counts})")
+    left = [p for p in report["problems"] if not p["repaired"]]
+    if left:
+        hint = (
+            "what is left needs a person: push the crate again, or remove it with "
+            "`envcrate rm ID --force`"
+            if args.repair
+            else f"`envcrate fsck --store {store.url} --repair` fixes what it can"
+        )
+        print(
+            f"envcrate: error: {len(left)} problem{'s' * (len(left) != 1)} in {store.url} "
+            f"(first: {left[0]['problem']} "
+            f"{left[0]['key']}); {hint}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def cmd_url(args) -> int:
     from .stores import blob_key, open_store
 
@@ -557,7 +636,7 @@ def cmd_url(args) -> int:
     return _emit(args, obj, f"{url}\n{a['blob']}")
 
 
-def _ensure(args, lease: int | None = None):
+def _ensure(args, lease: int | str | None = None):
     from .cache import ensure_crate
 
     return ensure_crate(
@@ -594,10 +673,12 @@ def _manifest_kind(prefix) -> str:
 def cmd_activate(args) -> int:
     from . import activation, leases
 
-    done = _ensure(args)
+    # A short-lived lease of our own covers the entry until the evaluating
+    # shell has made its lease (with its $$) and removed this one.
+    done = _ensure(args, lease=f"{leases.TTL_MARK}{os.getpid()}")
     act = activation.environment(done.prefix, _manifest_kind(done.prefix), dict(os.environ))
     shell = activation.detect_shell(args.shell)
-    lease = (leases.lease_dir(done.cache, done.key), leases.lease_name(""))
+    lease = (leases.lease_dir(done.cache, done.key), leases.lease_name(""), done.lease)
     sys.stdout.write(activation.shell_code(shell, act, lease))
     return 0
 
@@ -686,8 +767,16 @@ def _rm_cache(args) -> int:
                 f"{e['prefix']} is in use ({', '.join(e['in_use'])}); "
                 "stop those processes or wait, then remove it"
             )
-        if cache_admin.remove(Path(e["cache"]), e["key"]):
-            removed.append(e["prefix"])
+        try:
+            if cache_admin.remove(Path(e["cache"]), e["key"]):
+                removed.append(e["prefix"])
+        except cache_admin.Kept as why:
+            raise EnvcrateError(
+                f"cannot remove {e['prefix']}: {why}; ask them, or use a cache of your own "
+                "(--cache DIR)"
+                if "owner" in str(why)
+                else f"cannot remove {e['prefix']}: {why}; wait and try again"
+            ) from None
     if not args.json:
         for r in removed:
             print(f"removed {r}", file=sys.stderr)
@@ -756,6 +845,7 @@ COMMANDS = {
     "info": cmd_info,
     "tag": cmd_tag,
     "rm": cmd_rm,
+    "fsck": cmd_fsck,
     "url": cmd_url,
     "verify": cmd_verify,
     "ensure": cmd_ensure,

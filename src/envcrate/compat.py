@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
+import stat
 import sys
 from dataclasses import dataclass
 
@@ -159,14 +161,18 @@ def _memo_probe(path: str, memo: str) -> Interpreter | None:
         pass
     it = probe(path)
     if it is not None:
+        tmp = f"{spot}.{os.getpid()}"
         try:
             os.makedirs(memo, exist_ok=True)
-            tmp = f"{spot}.{os.getpid()}"
-            with open(tmp, "w") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            with open(fd, "w") as f:
                 json.dump({"sig": sig, "it": list(dataclasses.astuple(it))}, f)
             os.replace(tmp, spot)
-        except OSError:
-            pass
+        except OSError:  # a full disk, a read-only home: only a memo is lost
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
     return it
 
 
@@ -200,15 +206,22 @@ def find_interpreter(
                 f"--python {explicit} is {it.describe()}, the crate needs {needed}"
             )
         return it
-    tried = []
-    candidates = list(hints)
+    tried, passed = [], []
+    candidates = [(h, True) for h in hints]
     for name in (f"python{want}{abiflags}", f"python{want}", "python3", "python"):
         found = shutil.which(name)
         if found:
-            candidates.append(found)
-    for cand in dict.fromkeys(candidates):
-        if not cand or not os.path.exists(cand):
+            candidates.append((found, False))
+    seen = set()
+    for cand, hinted in candidates:
+        if not cand or cand in seen or not os.path.exists(cand):
             continue
+        seen.add(cand)
+        if hinted:
+            why = untrusted_interpreter(cand)
+            if why:
+                passed.append(f"{cand} ({why})")
+                continue
         tried.append(cand)
         it = probe(cand, memo)
         if fits(it):
@@ -216,5 +229,35 @@ def find_interpreter(
     raise IncompatibleError(
         f"the crate needs a {needed} interpreter and none was found"
         + (f" (tried {', '.join(tried)})" if tried else "")
+        + (f"; not run: {', '.join(passed)}" if passed else "")
         + "; pass one with --python PATH"
     )
+
+
+_INTERPRETER = re.compile(r"(python|pypy|\U0001d70bthon)(\d+(\.\d+)*)?[a-z]?")
+
+
+def untrusted_interpreter(path: str) -> str | None:
+    """Why the interpreter a crate names (where it was built) is not run
+    here, or None. A manifest is untrusted input, so only what looks like an
+    installed interpreter is started: an absolute path named like one, a
+    regular executable ELF file (not a script), owned by root or this user
+    and not writable by others, in a directory of which the same holds."""
+    if not os.path.isabs(path) or not _INTERPRETER.fullmatch(os.path.basename(path)):
+        return "not named like a Python interpreter"
+    real = os.path.realpath(path)
+    try:
+        st, up = os.stat(real), os.stat(os.path.dirname(real))
+        with open(real, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        return e.strerror or "unreadable"
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111 or magic != b"\x7fELF":
+        return "not an executable ELF file"
+    me = os.getuid()
+    for what, s in (("it", st), ("its directory", up)):
+        if s.st_uid not in (0, me):
+            return f"{what} belongs to uid {s.st_uid}, not to root or you"
+        if s.st_mode & 0o002:
+            return f"{what} is writable by anyone"
+    return None

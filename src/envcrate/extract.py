@@ -3,27 +3,30 @@
 the others are extracted frame by frame, see :mod:`envcrate.frames`), and
 what both ways share: the metadata files and the links.
 
-Every member must match the next row of the crate's file table (path, type,
-size, mode, link target), so what lands on disk is exactly what the crate id
+The file table was checked before (:func:`envcrate.tree.check_table`: plain
+relative paths, nothing below a link, links that stay inside). Every member
+must then be the next row of the table as envcrate archives it (path, type,
+mode, size, link target: :func:`check_member`), and every file's bytes must
+hash to the row's sha256 (checked as they are written, before the caller
+makes anything visible), so what lands on disk is exactly what the crate id
 names. Hostile archives are refused: absolute paths and ``..`` (see
 :func:`tar.safe_name`), member types other than file, directory and symlink
-(devices, hard links, fifos), setuid/setgid/sticky bits, and links that leave
-the destination. Files are created with ``O_CREAT|O_EXCL|O_NOFOLLOW`` and
-their final mode in one call, and symlinks only after every regular file, so
-no write can go through a link.
+(devices, hard links, fifos), setuid/setgid/sticky bits. Files are created
+with ``O_CREAT|O_EXCL|O_NOFOLLOW`` and their final mode in one call, and
+symlinks only after every regular file, each in a directory opened without
+following links (:func:`make_links`), so no write can go through a link.
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import os
-import posixpath
 import stat
 from collections.abc import Iterable
 from typing import Callable
 
 from . import tar
-from .errors import ArchiveError, UnsafeArchiveError
+from .errors import ArchiveError, DigestMismatchError, UnsafeArchiveError
 from .fsutil import write_all
 from .manifest import FILES_MEMBER, MANIFEST_MEMBER, FileRow
 from .reading import OpenedArchive
@@ -65,18 +68,29 @@ def make_dir(path: bytes) -> None:
             ) from None
 
 
-def _write_batch(batch: list[tuple[bytes, int, list[memoryview] | None]], held: list) -> None:
+def content_mismatch(path: str) -> DigestMismatchError:
+    return DigestMismatchError(
+        f"{path} in the archive does not match the crate's file table (content differs); "
+        "the archive is corrupt or was tampered with: fetch it again"
+    )
+
+
+def _write_batch(batch: list[tuple[bytes, int, list[memoryview] | None, str]], held: list) -> None:
     try:
-        for path, mode, pieces in batch:
+        for path, mode, pieces, digest in batch:
             if pieces is None:
                 make_dir(path)
                 continue
+            h = hashlib.sha256()
             fd = create_file(path, mode)
             try:
                 for piece in pieces:
+                    h.update(piece)
                     write_all(fd, piece)
             finally:
                 os.close(fd)
+            if h.hexdigest() != digest:
+                raise content_mismatch(os.fsdecode(path))
     finally:
         for piece in held:
             piece.release()
@@ -130,12 +144,12 @@ class _Writers:
                 self._error = e
 
     def add_dir(self, path: bytes) -> None:
-        self._batch.append((path, 0o755, None))
+        self._batch.append((path, 0o755, None, ""))
         if len(self._batch) >= self.BATCH_FILES:
             self._submit()
 
-    def add(self, path: bytes, mode: int, pieces: list[memoryview], size: int) -> None:
-        self._batch.append((path, mode, pieces))
+    def add(self, path: bytes, mode: int, pieces: list[memoryview], size: int, digest: str) -> None:
+        self._batch.append((path, mode, pieces, digest))
         self._bytes += size
         if len(self._batch) >= self.BATCH_FILES or self._bytes >= self.BATCH_BYTES:
             self._submit()
@@ -168,11 +182,40 @@ class _Writers:
             self._stop()
 
 
-def _link_escapes(name: bytes, target: bytes) -> bool:
-    if target.startswith(b"/"):
-        return True
-    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
-    return resolved == b".." or resolved.startswith(b"../")
+_TYPES = {tar.REGULAR: "f", b"\0": "f", tar.DIRECTORY: "d", tar.SYMLINK: "l"}
+
+
+def check_member(member: tar.Member, row: FileRow | None) -> str:
+    """Refuse ``member`` unless it is ``row`` (the file table's next row) as
+    envcrate archives it: same path, type, mode, size and link target. Its
+    path as text."""
+    path = member.name.decode("utf-8", "surrogateescape")
+    if member.mode & 0o7000:
+        raise UnsafeArchiveError(
+            f"archive member {tar.printable(member.name)} has setuid/setgid/sticky bits; "
+            "refusing to extract"
+        )
+    t = _TYPES.get(member.type)
+    if t is None:
+        raise UnsafeArchiveError(
+            f"archive member {tar.printable(member.name)} has type {tar.printable(member.type)} "
+            "(device, fifo or hard link); refusing to extract"
+        )
+    if row is None or row.path != path:
+        raise ArchiveError(
+            f"archive member {tar.printable(member.name)} is not the next entry of the crate's "
+            "file table"
+        )
+    if (
+        t != row.type
+        or member.mode != int(row.mode, 8)
+        or member.size != row.size
+        or (t == "l" and member.linkname.decode("utf-8", "surrogateescape") != row.digest)
+    ):
+        raise ArchiveError(
+            f"archive member {tar.printable(member.name)} does not match the crate's file table"
+        )
+    return path
 
 
 def extract(
@@ -183,6 +226,7 @@ def extract(
     read_only: bool = False,
 ) -> None:
     """Extract the entries of ``opened`` into the existing empty ``dest``;
+    ``rows``: its file table, checked already (:func:`envcrate.tree.check_table`).
     ``read_only`` creates files without write bits (a cache entry: cheaper
     than a chmod of every file afterwards)."""
     progress = progress or (lambda n: None)
@@ -196,56 +240,39 @@ def extract(
     try:
         for member in iter(stream.next_member, None):
             row = next(expected, None)
+            path = check_member(member, row)
             name = member.name
-            path = name.decode("utf-8", "surrogateescape")
-            if row is None or row.path != path:
-                raise ArchiveError(
-                    f"archive member {path} is not the next entry of the crate's file table"
-                )
-            if member.mode & 0o7000:
-                raise UnsafeArchiveError(
-                    f"archive member {path} has setuid/setgid/sticky bits; refusing to extract"
-                )
             full = root + b"/" + name
-            if member.type == tar.DIRECTORY:
-                if row.type != "d":
-                    raise ArchiveError(
-                        f"archive member {path} is a directory, the file table says {row.type}"
-                    )
+            if row.type == "d":
                 writers.add_dir(full)
-            elif member.type in (tar.REGULAR, b"\0"):
-                if row.type != "f" or row.size != member.size:
-                    raise ArchiveError(
-                        f"archive member {path} does not match the crate's file table"
-                    )
+            elif row.type == "f":
                 mode = 0o755 if row.mode == "755" else 0o644
                 if read_only:
                     mode &= ~0o222
                 if member.size > LARGE_FILE:
                     # Written here as it streams in, so that the reader's
                     # buffers it spans are not all held at once.
+                    h = hashlib.sha256()
                     fd = create_file(full, mode)
                     try:
-                        stream.pipe(member.size, functools.partial(write_all, fd))
+
+                        def sink(view, fd=fd, h=h) -> None:
+                            h.update(view)
+                            write_all(fd, view)
+
+                        stream.pipe(member.size, sink)
                     finally:
                         os.close(fd)
+                    if h.hexdigest() != row.digest:
+                        raise content_mismatch(path)
                 else:
                     pieces: list[memoryview] = []
                     stream.take(member.size, pieces, writers.held)
-                    writers.add(full, mode, pieces, member.size)
+                    writers.add(full, mode, pieces, member.size, row.digest)
                 stream.skip(tar.padding(member.size))
                 progress(member.size)
-            elif member.type == tar.SYMLINK:
-                target = member.linkname
-                if row.type != "l" or row.digest != target.decode("utf-8", "surrogateescape"):
-                    raise ArchiveError(
-                        f"archive member {path} does not match the crate's file table"
-                    )
-                links.append((name, target))
             else:
-                raise UnsafeArchiveError(
-                    f"archive member {path} has type {member.type!r} (device, fifo or hard link); refusing to extract"
-                )
+                links.append((name, member.linkname))
         writers.finish()
     finally:
         writers.close()
@@ -266,24 +293,49 @@ def write_head_files(
     _write_file(root + b"/" + FILES_MEMBER.encode(), table_bytes, mode)
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def make_links(root: bytes, links: list[tuple[bytes, bytes]]) -> None:
     """Make the symlinks (name, target) under ``root`` once every file is
-    written; refuse any that leaves it."""
-    for name, target in links:
-        if _link_escapes(name, target):
-            raise UnsafeArchiveError(
-                f"link {os.fsdecode(name)} -> {os.fsdecode(target)} leaves the destination; "
-                "refusing to extract"
-            )
-    for name, target in links:
-        full = root + b"/" + name
-        os.makedirs(os.path.dirname(full), 0o755, exist_ok=True)
-        os.symlink(target, full)
-    # Lexical checks cannot see chains of links (a -> ., b -> a/..): resolve for real.
-    real_root = os.path.realpath(root)
-    for name, _ in links:
-        real = os.path.realpath(root + b"/" + name)
-        if real != real_root and not real.startswith(real_root + b"/"):
-            raise UnsafeArchiveError(
-                f"link {os.fsdecode(name)} resolves outside the destination; refusing to extract"
-            )
+    written, in table order. The table was checked (no link leaves ``root``,
+    nothing lies below one), and each link is still made in its directory
+    opened component by component without following links, so none can be
+    made anywhere else."""
+    if not links:
+        return
+    root_fd = os.open(root, _DIR_FLAGS)
+    dirs: dict[bytes, int] = {b"": root_fd}
+    try:
+        for name, target in links:
+            parent, _, leaf = name.rpartition(b"/")
+            if parent not in dirs and len(dirs) > 64:  # links are sorted: the old ones are done
+                for rel in [r for r in dirs if r]:
+                    os.close(dirs.pop(rel))
+            os.symlink(target, leaf, dir_fd=_open_dir(dirs, parent))
+    except OSError as e:
+        raise UnsafeArchiveError(
+            f"link {os.fsdecode(name)} cannot be made inside the destination ({e.strerror}); "
+            "refusing to extract"
+        ) from None
+    finally:
+        for fd in dirs.values():
+            os.close(fd)
+
+
+def _open_dir(dirs: dict[bytes, int], rel: bytes) -> int:
+    """A descriptor of directory ``rel`` below the root (``dirs[b""]``),
+    opened and made if missing one component at a time, never through a
+    link; kept in ``dirs``."""
+    fd = dirs.get(rel)
+    if fd is not None:
+        return fd
+    parent, _, leaf = rel.rpartition(b"/")
+    up = _open_dir(dirs, parent)
+    try:
+        fd = os.open(leaf, _DIR_FLAGS, dir_fd=up)
+    except FileNotFoundError:
+        os.mkdir(leaf, 0o755, dir_fd=up)
+        fd = os.open(leaf, _DIR_FLAGS, dir_fd=up)
+    dirs[rel] = fd
+    return fd

@@ -91,11 +91,29 @@ def _remember_tag(caches: list[str], tag: str, crate_id: str) -> None:
     for c in caches:
         try:
             make_dirs_under(c, os.path.join(c, "tags"))
-            with open(os.path.join(c, "tags", tag), "w") as f:
-                f.write(crate_id + "\n")
+            _write_index(os.path.join(c, "tags", tag), crate_id)
             return
         except OSError:
             continue
+
+
+def _write_index(path: str, crate_id: str) -> None:
+    """Write a small index file (``0644``, whatever the umask) through a
+    temporary name beside it, which a failure (a full disk) removes."""
+    from .fsutil import create_file, write_all
+
+    d, name = os.path.split(path)
+    tmp = os.path.join(d, f".{name}.{os.getpid()}.tmp")
+    try:
+        fd = create_file(tmp, 0o644, os.O_WRONLY | os.O_TRUNC)
+        try:
+            write_all(fd, (crate_id + "\n").encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
 
 
 # ---------------------------------------------------------------- sources of archives
@@ -201,7 +219,7 @@ class _StoreCrate(_Source):
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
             ev.emit("DOWNLOADING", bytes=a.get("size"), store=self.store.url)
             with bar(a.get("size", 0), "downloading", progress) as tick:
-                self.store.download(blob_key(a["blob"]), tmp, tick)
+                self.store.download(blob_key(a["blob"]), tmp, tick, size=a["size"])
         except BaseException:
             unlink_quietly(tmp)
             raise
@@ -221,9 +239,10 @@ def _fill(
 ) -> Ensured:
     cache = writable_cache(caches)
     dl = os.path.join(cache, "dl")
-    for d in ("dl", "e", "locks"):
-        make_dirs_under(cache, os.path.join(cache, d))
-    if crate_id is None:  # an archive file or URL not seen before: its manifest names it
+    for d in ("dl", "e", "locks"):  # sticky when shared: see cache_layout.md
+        make_dirs_under(cache, os.path.join(cache, d), sticky=True)
+    if crate_id is None:  # an archive URL not seen before: its manifest names it
+        # (unchecked here: the fill refuses an archive that is not that crate)
         crate_id = source.manifest(dl, ev).id
         ev.crate = crate_id
     name = crate_id.split(":", 1)[1][:16]
@@ -241,6 +260,13 @@ def _fill(
 
             require_supported_os()
             manifest = source.manifest(dl, ev)
+            if manifest.id != crate_id:
+                from .errors import DigestMismatchError
+
+                raise DigestMismatchError(
+                    f"{ref_of(source)} holds crate {manifest.id}, not {crate_id}; "
+                    "it is corrupt or was replaced"
+                )
             check_host(manifest.platform)
             interpreter = interpreter_for(manifest, python, probe_memo())
             interp_path = interpreter.executable if interpreter is not None else None
@@ -267,6 +293,7 @@ def _fill(
                 manifest,
                 interpreter,
                 blob=blob,
+                crate_id=crate_id,
                 progress=progress,
                 phase=ev.emit,
                 seal=lambda tmp: _seal(tmp, manifest, blob, interp_path),
@@ -280,18 +307,22 @@ def _fill(
         return Ensured(crate_id, str(entry), "READY" if placed else "WAITED", cache, key, 0)
 
 
+def ref_of(source: _Source) -> str:
+    """What ``source`` is, for a message."""
+    for attr in ("url", "path"):
+        value = getattr(source, attr, None)
+        if value:
+            return str(value).split("?", 1)[0]
+    return "the archive"
+
+
 def _index_blob(cache: str, blob: str, crate_id: str) -> None:
     """Remember blob digest -> crate, so an archive URL is a warm hit next time."""
     try:
-        make_dirs_under(cache, os.path.join(cache, "blobs"))
-        name = blob.split(":", 1)[1]
-        path = os.path.join(cache, "blobs", name)
-        tmp = os.path.join(cache, "blobs", f".{name}.{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(crate_id + "\n")
-        os.replace(tmp, path)
+        make_dirs_under(cache, os.path.join(cache, "blobs"), sticky=True)
+        _write_index(os.path.join(cache, "blobs", blob.split(":", 1)[1]), crate_id)
     except OSError:
-        pass
+        pass  # a full disk, or (sticky blobs/) another member's file is there
 
 
 def _seal(tmp: str, manifest, blob: str | None, interpreter: str | None) -> None:
@@ -328,7 +359,8 @@ def _seal(tmp: str, manifest, blob: str | None, interpreter: str | None) -> None
     import json
 
     with open(os.path.join(tmp, READY), "w", encoding="utf-8", errors="surrogateescape") as f:
-        f.write(f"{manifest.id}\n{interpreter or ''}\n")  # read by the warm path (cache.read_ready)
+        # Plain lines read by the warm path (cache.read_ready), then JSON.
+        f.write(f"{manifest.id}\n{interpreter or ''}\n{blob or ''}\n")
         json.dump(marker, f, sort_keys=True)
     make_read_only(tmp, [READY, *copies])
 
@@ -358,7 +390,10 @@ def _clean_abandoned(cache: str, name: str) -> None:
 
     for entry in os.listdir(os.path.join(cache, "e")):
         if entry.startswith(f".{name}") and ".envcrate-" in entry:
-            remove_tree(os.path.join(cache, "e", entry))
+            try:
+                remove_tree(os.path.join(cache, "e", entry))
+            except PermissionError:
+                pass  # another member's (sticky e/): theirs to clean, or gc's as them
 
 
 def _me() -> str:
@@ -386,7 +421,10 @@ def _clean_dead_downloads(dl: str) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            unlink_quietly(os.path.join(dl, name))
+            try:
+                os.unlink(os.path.join(dl, name))
+            except OSError:
+                pass  # gone, or another member's (sticky dl/)
         except OSError:
             pass
 
@@ -472,10 +510,17 @@ class _CrateLock:
         # the hundreds of processes that may start at once about 50 ms.
         import fcntl
 
-        self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        from .fsutil import create_file, shared_mode
+
+        try:  # group-writable in a shared cache: lockf needs O_RDWR
+            self._fd = create_file(self.lock_path, shared_mode(self.cache), os.O_RDWR)
+        except PermissionError:
+            # Another user's lock file that we may not open (made by an older
+            # envcrate): fill without it; the rename decides.
+            self._fd = None
         if self.ready() is not None:
             return self
-        while True:
+        while self._fd is not None:
             if _try_lock(self._fd, fcntl):
                 self.held = True
                 break
@@ -514,10 +559,22 @@ class _CrateLock:
             return None
 
     def _write_holder(self) -> None:
-        tmp = os.path.join(self.cache, "locks", f".{self.key}.holder.{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(f"{os.uname().nodename}\n{os.getpid()}\n")
-        os.replace(tmp, self.holder_path)
+        """Written in place, no temporary file: a sticky ``locks/`` forbids
+        replacing another member's holder file by a rename, and a full disk
+        would leave the temporary file behind. (Readers take a short or
+        empty file for no holder.)"""
+        from .fsutil import create_file, shared_mode, write_all
+
+        try:
+            fd = create_file(self.holder_path, shared_mode(self.cache), os.O_WRONLY | os.O_TRUNC)
+        except OSError:
+            return  # waiters elsewhere then see no heartbeat, and fill too
+        try:
+            write_all(fd, f"{os.uname().nodename}\n{os.getpid()}\n".encode())
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT):
@@ -530,7 +587,12 @@ class _CrateLock:
         if self._beat is not None:
             self._stop.set()
             self._beat.join()
-            unlink_quietly(self.holder_path)
+            try:
+                os.unlink(self.holder_path)
+            except OSError:
+                pass  # another member's file (sticky locks/), written in place
+        if self._fd is None:
+            return
         if self.held:
             import fcntl
 

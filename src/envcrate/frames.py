@@ -16,10 +16,12 @@ The stream is checked as tightly as by a single pass: every header must
 carry the path, type, mode, size and link target of its file-table row (all
 of its bytes must be those :func:`tar.header` makes where it has pax records
 or a frame cuts it), and each frame must end where the index says the next
-one starts. Paths, modes and sizes come from the table, whose digest is the
-crate id; a file spanning frames is the only one opened without
-``O_EXCL`` (by each of its frames' writers), and links are made only after
-every file.
+one starts. Paths, modes and sizes come from the table, which the caller
+checked (:func:`envcrate.tree.check_table`) and whose digest is part of the
+crate id. Each file that lies whole in a frame is hashed by its writer as it
+writes it; a file spanning frames (the only one opened without ``O_EXCL``,
+by each of its frames' writers) is hashed once all of it is written, before
+anything becomes visible; links are made only after every file.
 The archive's digest is computed by this process as the writers work.
 Archives without a seek table and index (``tar.gz``, or written by other
 tools) go through :func:`envcrate.extract.extract` instead.
@@ -27,6 +29,7 @@ tools) go through :func:`envcrate.extract.extract` instead.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -36,9 +39,17 @@ from typing import Callable
 from . import tar
 from .archive import _INDEX_MAGIC
 from .errors import ArchiveError, EnvcrateError, UnsafeArchiveError
-from .extract import create_file, make_dir, make_links, write_head_files
+from .extract import content_mismatch, create_file, make_dir, make_links, write_head_files
 from .fsutil import current_umask, hash_file, write_all, write_all_at
-from .manifest import FILES_MEMBER, MANIFEST_MEMBER, FileRow, decode_rows, table_lines
+from .manifest import (
+    FILES_MEMBER,
+    MANIFEST_MEMBER,
+    MAX_MANIFEST,
+    MAX_TABLE,
+    FileRow,
+    decode_rows,
+    table_lines,
+)
 from .procs import ChildGone, Children
 
 HEAD_MEMBERS = 2  # the manifest and the file table come before the entries
@@ -102,13 +113,21 @@ def _read_index(f, table) -> list | None:
     magic, length = struct.unpack("<II", head)
     if magic != _INDEX_MAGIC:
         return None
+    if length > 64 * (len(table) + 1):  # a member and an offset per frame, in JSON
+        raise ArchiveError("the index of the archive is larger than its frames need; it is corrupt")
     try:
         index = json.loads(f.read(length))["frames"]
-        return [(int(m), int(at)) for m, at in index]
-    except (ValueError, KeyError, TypeError):
+        return [(_count(m), _count(at)) for m, at in index]
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise ArchiveError(
             "the index of the archive is not valid JSON; the archive is corrupt"
         ) from None
+
+
+def _count(value) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(value)
+    return value
 
 
 def _read_head(f, head: list[Frame], path: str) -> tuple[bytes, bytes]:
@@ -120,6 +139,10 @@ def _read_head(f, head: list[Frame], path: str) -> tuple[bytes, bytes]:
 
     d = zstandard.ZstdDecompressor()
     parts = []
+    if sum(fr.dsize for fr in head) > MAX_MANIFEST + MAX_TABLE + 4 * tar.BLOCK or any(
+        fr.dsize > MAX_FRAME or fr.csize > MAX_FRAME for fr in head
+    ):
+        raise ArchiveError(f"{path}: the head of the archive is larger than a crate's can be")
     for fr in head:
         f.seek(fr.offset)
         try:
@@ -145,14 +168,17 @@ def extract_frames(
     plan: Plan,
     dest: str,
     digest,
+    links: list[tuple[str, str]],
     progress: Callable[[int], None] | None = None,
     read_only: bool = False,
     processes: int | None = None,
 ) -> bool:
     """Extract the body of the crate at ``path`` into the existing empty
-    ``dest``, per ``plan``; hash the whole archive into ``digest`` (if any)
-    meanwhile. False, with nothing written, when no writer process can be
-    forked (``ulimit -u``): the caller reads the archive as a stream.
+    ``dest``, per ``plan``, whose file table the caller checked (``links``:
+    the table's links, as :class:`envcrate.tree.Tree` lists them); hash the
+    whole archive into ``digest`` (if any) meanwhile. False, with nothing
+    written, when no writer process can be forked (``ulimit -u``): the
+    caller reads the archive as a stream.
 
     The writers are forked even when other threads run here (a cache
     filler's heartbeat): they take no lock such a thread could hold, as
@@ -188,13 +214,61 @@ def extract_frames(
                 f"{path}: frame {k} of the body ends at member {dispatch.ends[k][0]}, not where "
                 "the next starts; the archive is corrupt"
             )
+    spanning = [rows[m] for m in sorted(dispatch.spanning)]
+    _check_spanning(root, spanning)  # their writers each wrote a part
     if read_only:  # files written in parts were made writable for that
         mask = current_umask()
-        for m in sorted(dispatch.spanning):
-            row = rows[m]
+        for row in spanning:
             os.chmod(root + b"/" + _encoded(row.path), _READ_ONLY_MODES[row.mode] & ~mask)
-    make_links(root, rows.links())
+    make_links(root, [(_encoded(name), _encoded(target)) for name, target in links])
     return True
+
+
+def _check_spanning(root: bytes, rows: list[FileRow]) -> None:
+    """Hash the files written in parts, now whole, against their rows: on
+    two threads (hashlib lets go of the interpreter lock), the largest
+    first; a quarter of a typical env's bytes lies in such files."""
+    import threading
+
+    todo = sorted(rows, key=lambda r: r.size, reverse=True)
+    bad: list[str] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while todo and not bad and not errors:
+            try:
+                row = todo.pop(0)
+            except IndexError:
+                return
+            try:
+                if _file_digest(root + b"/" + _encoded(row.path)) != row.digest:
+                    bad.append(row.path)
+            except BaseException as e:
+                errors.append(e)
+
+    helper = threading.Thread(target=work, name="envcrate-hash", daemon=True)
+    helper.start()
+    work()
+    helper.join()
+    if errors:
+        raise errors[0]
+    if bad:
+        raise content_mismatch(bad[0])
+
+
+def _file_digest(path: bytes) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    buf = bytearray(4 << 20)
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        while n := os.readv(fd, [buf]):
+            h.update(view[:n])
+    finally:
+        os.close(fd)
+    return h.hexdigest()
 
 
 class _Dispatch:
@@ -301,11 +375,6 @@ class _Rows:
             self._blocks[b] = block
         return block[k]
 
-    def links(self) -> list[tuple[bytes, bytes]]:
-        """(path, target) of every link, found without decoding other rows."""
-        links = decode_rows([line for line in self.lines if line.startswith(b'["l"')])
-        return [(_encoded(row.path), _encoded(row.digest)) for row in links]
-
 
 def _encoded(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
@@ -381,24 +450,10 @@ class _Work:
     def entry(self, m: int) -> tuple[FileRow, bytes, int, bytes | None]:
         """Member ``m``'s row, its path, its size in the stream, and its
         whole header when that is not one plain ustar block (else None)."""
-        row = self.rows[m]
+        row = self.rows[m]  # checked by the parent before the writers started
         t, p, mode, size, digest = row
         name = _encoded(p)
-        if (
-            b"\0" in name
-            or name[:1] in (b"/", b".", b"")
-            or b"//" in name
-            or b"/." in name
-            or name[-1:] == b"/"
-        ) and tar.safe_name(name) != name:
-            raise UnsafeArchiveError(
-                f"the crate's file table lists {p}, which is not a plain relative path; refusing to extract"
-            )
         if t == "f":
-            if mode not in _MODES:
-                raise ArchiveError(
-                    f"the crate's file table gives {p} mode {mode}; the crate is corrupt"
-                )
             if len(name) <= 100 and size <= tar.MAX_OCTAL_SIZE:
                 return row, name, size, None
             return row, name, size, tar.header(name, tar.REGULAR, int(mode, 8), size)
@@ -423,6 +478,7 @@ class _Work:
         span: list[int] = []
         nbytes = 0
         root, last, entry = self.root + b"/", self.rows.end, self.entry
+        sha256 = hashlib.sha256
         modes = _READ_ONLY_MODES if self.read_only else _MODES
         while pos < n:
             if m >= last:  # the end-of-archive blocks, then nothing
@@ -448,10 +504,12 @@ class _Work:
                 if not _plain_header_matches(data[pos : pos + hlen], row, name):
                     raise _mismatch(self.path, data[pos : pos + hlen], 0, row)
                 if t == "f":
+                    piece = data[pos + hlen : pos + hlen + size]
+                    if sha256(piece).hexdigest() != row.digest:
+                        raise content_mismatch(row.path)
                     fd = create_file(root + name, modes[row.mode])
                     try:
                         if size:
-                            piece = data[pos + hlen : pos + hlen + size]
                             k = os.write(fd, piece)
                             if k < size:  # a short write: rare
                                 write_all(fd, piece[k:])
@@ -479,9 +537,12 @@ class _Work:
                 if a < b or (not size and at < hlen <= end):
                     full = root + name
                     if a == hlen and b == hlen + size:  # the whole file is here
+                        piece = data[pos + a - at : pos + b - at]
+                        if sha256(piece).hexdigest() != row.digest:
+                            raise content_mismatch(row.path)
                         fd = create_file(full, modes[row.mode])
                         try:
-                            write_all(fd, data[pos + a - at : pos + b - at])
+                            write_all(fd, piece)
                         finally:
                             os.close(fd)
                     else:

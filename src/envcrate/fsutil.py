@@ -84,22 +84,23 @@ def copy_range(src: int, offset: int, count: int, dst: int) -> None:
 
 def group_shared(root: str | os.PathLike) -> bool:
     """Whether ``root`` is group-writable: a directory a project group shares."""
-    import stat
-
     try:
-        return bool(os.stat(root).st_mode & stat.S_IWGRP)
+        return bool(os.stat(root).st_mode & 0o020)
     except OSError:
         return False
 
 
-def make_dirs_under(root: str | os.PathLike, path: str | os.PathLike) -> None:
+def make_dirs_under(root: str | os.PathLike, path: str | os.PathLike, sticky: bool = False) -> None:
     """Create ``path`` below ``root`` (and ``root`` itself if missing). Below a
-    group-shared root every new directory is ``2775``: the group can write
-    in it and inherits it (set-group-id); otherwise ``0755 & ~umask``.
-    (Plain strings inside: the cache's cold path runs in every process that
-    waits for a fill and does not import pathlib.)"""
+    group-shared root every new directory is ``2775`` (``3775`` with
+    ``sticky``: members may add entries but remove only their own): the
+    group can write in it and inherits it (set-group-id); otherwise
+    ``0755 & ~umask``. Modes are set explicitly, never through the umask
+    alone, so nothing is world-writable even under umask 000. (Plain strings
+    inside: the cache's cold path runs in every process that waits for a
+    fill and does not import pathlib.)"""
     root, path = os.fspath(root), os.fspath(path)
-    os.makedirs(root, exist_ok=True)
+    _make_dirs(root)
     shared = group_shared(root)
     missing = []
     d = path
@@ -112,7 +113,50 @@ def make_dirs_under(root: str | os.PathLike, path: str | os.PathLike) -> None:
         except FileExistsError:
             continue
         if shared:
-            os.chmod(d, 0o2775)
+            os.chmod(d, 0o3775 if sticky and d == path else 0o2775)
+    if sticky and shared and not missing:  # made by an older envcrate: sticky now, if ours
+        try:
+            st = os.stat(path)
+            if not st.st_mode & 0o1000 and st.st_uid == os.geteuid():
+                os.chmod(path, (st.st_mode & 0o7777) | 0o1000)
+        except OSError:
+            pass
+
+
+def _make_dirs(path: str) -> None:
+    """``os.makedirs(path)``, each new directory ``0755 & ~umask`` (makedirs
+    would give the parents ``0777 & ~umask``)."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        _make_dirs(parent)
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        pass
+
+
+def create_file(path: str, mode: int, flags: int = os.O_WRONLY) -> int:
+    """Open ``path`` (created if missing) and, when this process owns it,
+    give it exactly ``mode``: not through the umask, which would make a
+    group-shared lock or stamp unusable by the next member (umask 022) or
+    world-writable (umask 000). Returns the descriptor."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, mode & 0o755)
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o7777 != mode and st.st_uid == os.geteuid():
+            os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def shared_mode(root: str, private: int = 0o644) -> int:
+    """``private`` with group write added in a group-shared cache: for the
+    files every member must open for writing (locks, holder files, stamps)."""
+    return private | 0o020 if group_shared(root) else private
 
 
 def sha256_file(path: str | os.PathLike) -> tuple[str, int]:
@@ -137,10 +181,38 @@ def hash_file(path: str | os.PathLike, digest) -> int:
     return size
 
 
-def remove_tree(path: str | os.PathLike) -> None:
+def remove_tree(path: str | os.PathLike, attempts: int = 5) -> None:
     """Remove a directory tree, read-only ones included (its directories are
-    made writable first); a missing path is fine."""
+    made writable first, which needs its owner); a missing path is fine. A
+    tree that is still being written (a killed filler's writers may not have
+    died yet) is walked again, a few times, until it is empty."""
+    import errno
     import shutil
+    import time
+
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+        return
+    for attempt in range(attempts):
+        try:
+            _make_writable(path)
+            shutil.rmtree(path)
+            return
+        except OSError as e:
+            if not os.path.lexists(path):
+                return
+            retry = e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT)
+            if not retry or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
+def _make_writable(path: str) -> None:
+    """``u+rwx`` on every directory of the tree that lacks it (top down, so
+    that each can then be listed)."""
     import stat
 
     def writable(p: str) -> None:
@@ -151,13 +223,7 @@ def remove_tree(path: str | os.PathLike) -> None:
         except FileNotFoundError:
             pass
 
-    if not os.path.lexists(path):
-        return
-    if os.path.islink(path) or not os.path.isdir(path):
-        os.unlink(path)
-        return
-    writable(os.fspath(path))
+    writable(path)
     for dirpath, dirnames, _ in os.walk(path):
         for d in dirnames:
             writable(os.path.join(dirpath, d))
-    shutil.rmtree(path)

@@ -1,21 +1,35 @@
 """Leases: which processes use an unpacked crate, so ``gc`` and ``rm`` leave
-it alone (design.md, Cache).
+it alone (design.md, Cache); and the per-entry use lock that keeps ``gc``
+from removing an entry between a process finding it and leasing it.
 
-A lease is an empty-or-JSON file ``leases/<entry key>/<host>.<boot>.<pid>``
-whose mtime is its creation time. On its own host (same host name and boot
-id) it lives while process ``pid`` runs and started no later than the lease
-was made (a reused pid started later). From another host it is trusted until
+A lease is an empty file ``leases/<entry key>/<host>.<boot>.<pid>`` whose
+mtime is its creation time. On its own host (same host name and boot id) it
+lives while process ``pid`` runs and started no later than the lease was
+made (a reused pid started later). From another host it is trusted until
 ``LEASE_TTL`` after its creation. ``activate`` has the evaluating shell create
-its lease itself (its ``$$`` is known only there).
+its lease itself (its ``$$`` is known only there); until then a lease named
+``<host>.<boot>.ttl-<pid>`` of its own covers the entry for ``SHORT_TTL``
+seconds from its mtime, and the shell removes it.
+
+The use lock ``locks/<key>.use`` (fcntl.lockf): a process that leases takes
+it shared, creates its lease, checks the entry is still the ready one, and
+lets go; ``gc``/``rm`` take it exclusive (without waiting: busy means in
+use), look at the leases, rename the entry away and let go. So an entry is
+never removed between a hit and its lease.
+
+Plain strings (no pathlib): ``run`` and ``ensure --lease`` import this on
+their warm path.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
-from pathlib import Path
 
 LEASE_TTL = 3 * 24 * 3600  # seconds a lease from another host is trusted
+SHORT_TTL = 60.0  # seconds an activate's own lease covers the entry, until the shell's exists
+TTL_MARK = "ttl-"
 
 
 def boot_id() -> str:
@@ -34,20 +48,31 @@ def lease_name(pid: int | str) -> str:
     return f"{this_host()}.{boot_id()}.{pid}"
 
 
-def lease_dir(cache, key: str) -> Path:
-    return Path(cache, "leases", key)
+def lease_dir(cache: str | os.PathLike, key: str) -> str:
+    return os.path.join(os.fspath(cache), "leases", key)
 
 
-def add(cache: Path, key: str, pid: int) -> Path:
+def add(cache: str | os.PathLike, key: str, pid: int | str) -> str:
+    """Create the lease of ``pid`` (or of a name such as ``ttl-<pid>``) on the
+    entry ``key``; its path. Lease directories are group-writable in a shared
+    cache (every member leases there); lease files ``0644``."""
+    from .fsutil import create_file, make_dirs_under
+
+    cache = os.fspath(cache)
     d = lease_dir(cache, key)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / lease_name(pid)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    if not os.path.isdir(d):
+        make_dirs_under(cache, d)
+    path = os.path.join(d, lease_name(pid))
+    fd = create_file(path, 0o644, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.utime(fd)  # an existing file (a pid reused since): made now
+    except OSError:
+        pass
     os.close(fd)
     return path
 
 
-def drop(path: Path) -> None:
+def drop(path: str | os.PathLike) -> None:
     try:
         os.unlink(path)
     except OSError:
@@ -67,22 +92,26 @@ def _started(pid: int) -> float | None:
         return None
 
 
-def alive(path: Path, now: float | None = None) -> bool:
+def alive(path: str | os.PathLike, now: float | None = None) -> bool:
+    path = os.fspath(path)
     try:
-        made = path.stat().st_mtime
+        made = os.stat(path).st_mtime
     except FileNotFoundError:
         return False
-    host, _, rest = path.name.partition(".")
+    now = now or time.time()
+    host, _, rest = os.path.basename(path).partition(".")
     boot, _, pid = rest.partition(".")
+    if pid.startswith(TTL_MARK):  # activate's own, until the shell's lease exists
+        return now < made + SHORT_TTL
     if host == this_host() and boot == boot_id():
         if not pid.isdigit():
             return False
         started = _started(int(pid))
         return started is not None and started <= made + 2  # clock tick slack
-    return (now or time.time()) < made + LEASE_TTL
+    return now < made + LEASE_TTL
 
 
-def holders(cache: Path, key: str) -> list[str]:
+def holders(cache: str | os.PathLike, key: str) -> list[str]:
     """Names of the live leases on an entry (dead ones are removed)."""
     d = lease_dir(cache, key)
     try:
@@ -91,9 +120,70 @@ def holders(cache: Path, key: str) -> list[str]:
         return []
     live = []
     for name in names:
-        p = d / name
+        p = os.path.join(d, name)
         if alive(p):
             live.append(name)
         else:
             drop(p)
     return sorted(live)
+
+
+# ------------------------------------------------------------------- the use lock
+
+
+def use_lock_path(cache: str | os.PathLike, key: str) -> str:
+    return os.path.join(os.fspath(cache), "locks", f"{key}.use")
+
+
+class Busy(Exception):
+    """The use lock is held by a process about to lease the entry."""
+
+
+def lock_use(cache: str | os.PathLike, key: str, exclusive: bool) -> int | None:
+    """Take the entry's use lock; its descriptor (give it to :func:`unlock`),
+    or None where this process cannot have one (a cache it may not write:
+    it cannot lease there either). Exclusive: without waiting, :class:`Busy`
+    if it is held. The descriptor is checked to be the file now at the path
+    (``gc`` removes old use locks), else the lock is taken again."""
+    import fcntl
+
+    from .fsutil import create_file, make_dirs_under, shared_mode
+
+    cache = os.fspath(cache)
+    path = use_lock_path(cache, key)
+    for _ in range(10):
+        try:
+            if not os.path.isdir(os.path.join(cache, "locks")):
+                make_dirs_under(cache, os.path.join(cache, "locks"), sticky=True)
+            fd = create_file(path, shared_mode(cache), os.O_RDWR)
+        except OSError:
+            if exclusive:
+                raise
+            try:  # a shared lock needs only read access
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+        try:
+            if exclusive:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    if e.errno in (errno.EACCES, errno.EAGAIN):
+                        raise Busy from None
+                    raise
+            else:
+                fcntl.lockf(fd, fcntl.LOCK_SH)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass  # removed meanwhile: take the new one
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    return None
+
+
+def unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing releases the record lock

@@ -34,7 +34,7 @@ from .envs import load_env
 from .envs.base import SourceEnv
 from .errors import EnvcrateError
 from .fsutil import current_umask, sha256_file, unlink_quietly
-from .manifest import SCHEMA, Manifest, crate_id_of_table, encode_table, short_id
+from .manifest import SCHEMA, Manifest, crate_id_of, encode_table, short_id
 from .progress import bar
 from .record import write_record
 from .scan import Findings, Scanner
@@ -111,7 +111,7 @@ def pack_source(
         _check_level(format, level)
     threads = threads or default_threads()
     out_dir, out_name = _output_place(output, format)
-    scanner = Scanner([p.encode("utf-8", "surrogateescape") for p in source.prefixes])
+    scanner = _scanner(source)
     # Written under a temporary name, renamed once complete.
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{source.name}-", suffix=".tmp")
     try:
@@ -123,7 +123,7 @@ def pack_source(
 
             def manifest_of(rows, table: bytes) -> bytes:
                 nonlocal manifest
-                manifest = _manifest(source, crate_id_of_table(table), scanner.findings, rows)
+                manifest = _manifest(source, table, scanner.findings, rows)
                 return manifest.to_bytes()
 
             try:
@@ -168,25 +168,43 @@ def _copy_behind_head(path: str, out_dir: Path, result, fmt: str) -> str:
 
 def identify(source: SourceEnv) -> str:
     """The crate id ``source`` would pack to, computed without compressing or
-    writing anything (``ship`` asks the store with it before packing)."""
+    writing anything (``ship`` asks the store with it before packing): every
+    file hashed and scanned for prefixes as packing does."""
     import hashlib
 
+    scanner = _scanner(source)
     rows = []
+    buf = bytearray(4 << 20)
     for entry, data in prefetch(source.entries):
         if entry.type != "f":
             rows.append(row_of(entry))
             continue
+        meta = (entry.path, entry.scan, entry.placeholder, entry.placeholder_mode)
         if data is not None:
             rows.append(row_of(entry, len(data), hashlib.sha256(data).hexdigest()))
+            scanner.merge([scanner.whole(meta, data, 0, len(data))])
             continue
+        h = hashlib.sha256()
+        size = 0
+        scanner.begin(entry)
         try:
-            digest, size = sha256_file(entry.source)
+            with open(entry.source, "rb") as f:
+                while n := f.readinto(buf):
+                    h.update(memoryview(buf)[:n])
+                    scanner.update(buf, 0, n)
+                    size += n
         except OSError as e:
             raise EnvcrateError(f"cannot read {entry.source}: {e.strerror}") from None
+        scanner.end()
         if size != entry.size:
             raise EnvcrateError(f"{entry.source} changed while it was being read; try again")
-        rows.append(row_of(entry, size, digest))
-    return crate_id_of_table(encode_table(rows))
+        rows.append(row_of(entry, size, h.hexdigest()))
+    scanner.merge([scanner.pieces()])
+    return _manifest(source, encode_table(rows), scanner.findings, rows).id
+
+
+def _scanner(source: SourceEnv) -> Scanner:
+    return Scanner([p.encode("utf-8", "surrogateescape") for p in source.prefixes])
 
 
 HOLD_LIMIT = 256 << 20  # compressed bytes held in memory while the walk goes on
@@ -258,7 +276,7 @@ def _head_room(source: SourceEnv, fmt: str, level: int | None) -> int:
             if e.placeholder
         ]
     )
-    manifest = _manifest(source, "sha256:" + "0" * 64, known, rows)
+    manifest = _manifest(source, None, known, rows)
     head = head_frames(manifest.to_bytes(), encode_table(rows), fmt, level).data
     return len(head) + len(head) // 64 + (8 << 10)
 
@@ -297,11 +315,13 @@ def _check_space(out_dir: Path, total: int) -> None:
         )
 
 
-def _manifest(source: SourceEnv, crate_id: str, findings: Findings, rows) -> Manifest:
+def _manifest(source: SourceEnv, table: bytes | None, findings: Findings, rows) -> Manifest:
+    """The manifest of ``source``, its id computed from ``table`` (None: a
+    stand-in id, for estimating the manifest's size)."""
     platform = dict(host_platform(), libc=libc_record(findings.glibc))
     data = {
         "schema": SCHEMA,
-        "id": crate_id,
+        "id": "sha256:" + "0" * 64,
         "kind": source.kind,
         "name": source.name,
         "platform": platform,
@@ -319,4 +339,6 @@ def _manifest(source: SourceEnv, crate_id: str, findings: Findings, rows) -> Man
         "envcrate": __version__,
     }
     data.update(source.extra)
+    if table is not None:
+        data["id"] = crate_id_of(table, data)
     return Manifest(data)

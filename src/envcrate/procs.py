@@ -112,7 +112,14 @@ def fork(record: Callable[[int], None]) -> int:
     child before a Ctrl-C can unwind this call: an interrupt raised as the
     fork returns would lose the child, never to be waited for. (Interrupts
     are raised in the main thread only; there, one that comes meanwhile is
-    held and raised again once the child is recorded.)"""
+    held and raised again once the child is recorded.)
+
+    The child dies with its parent (``PR_SET_PDEATHSIG``): a filler killed
+    with SIGKILL must not leave writers extracting into a directory that the
+    next filler is removing. (The signal comes when the forking *thread*
+    ends: children are forked and waited for by one thread.)"""
+    die_with_parent = _pdeathsig()  # looked up before the fork: the child only calls it
+    parent = os.getpid()
     main = threading.current_thread() is threading.main_thread()
     held = []
     if main:
@@ -120,7 +127,12 @@ def fork(record: Callable[[int], None]) -> int:
     pid = -1
     try:
         pid = os.fork()
-        if pid:
+        if pid == 0:
+            if die_with_parent is not None:
+                die_with_parent(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:  # the parent died before the call
+                os._exit(1)
+        else:
             record(pid)
     finally:
         if main:
@@ -128,6 +140,23 @@ def fork(record: Callable[[int], None]) -> int:
             if held and pid != 0:  # the child must not unwind its parent's calls
                 signal.raise_signal(signal.SIGINT)
     return pid
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl: list = []  # [libc's prctl, or None where there is none]
+
+
+def _pdeathsig():
+    """libc's ``prctl`` (Linux), loaded once per process (ctypes costs a few
+    milliseconds to import; only a cold fill or a pack forks)."""
+    if not _prctl:
+        try:
+            import ctypes
+
+            _prctl.append(ctypes.CDLL(None, use_errno=True).prctl)
+        except (ImportError, OSError, AttributeError):
+            _prctl.append(None)
+    return _prctl[0]
 
 
 class BackgroundHash:

@@ -17,14 +17,14 @@ import struct
 import threading
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
 from . import tar
 from .archive import _SEEK_TABLE_MAGIC, _SEEKABLE_FOOTER_MAGIC, GZIP_MAGIC, ZSTD_MAGIC
 from .errors import ArchiveError, EnvcrateError
-from .manifest import FILES_MEMBER, MANIFEST_MEMBER, FileRow
+from .manifest import FILES_MEMBER, MANIFEST_MEMBER, MAX_MANIFEST, MAX_TABLE
 
 
 def detect_format(path: str) -> str:
@@ -63,20 +63,33 @@ def _seek_table(f: BinaryIO) -> list[tuple[int, int]] | None:
     return [struct.unpack_from("<II", head, 8 + i * width) for i in range(count)]
 
 
-def _first_unit(f: BinaryIO, fmt: str) -> bytes:
-    """Decompress only the first zstd frame (or gzip member) of ``f``."""
+def _first_unit(f: BinaryIO, fmt: str, limit: int) -> bytes:
+    """Decompress only the first zstd frame (or gzip member) of ``f``, at
+    most ``limit`` bytes of it (an archive is refused before a larger one
+    is read: a small archive can inflate to gigabytes)."""
     if fmt == "tar.zst":
         import zstandard
 
-        d = zstandard.ZstdDecompressor().decompressobj()
-    else:
-        d = zlib.decompressobj(31)
+        # One read stops at the end of the frame (read_across_frames=False).
+        reader = zstandard.ZstdDecompressor().stream_reader(f, read_size=1 << 16)
+        first = reader.read(limit + 1)
+        if len(first) > limit:
+            raise ArchiveError("the archive's first frame is larger than a crate manifest can be")
+        return first
+    d = zlib.decompressobj(31)
     out = []
+    got = 0
+    pending = b""
     while not d.eof:
-        chunk = f.read(1 << 16)
-        if not chunk:
-            raise ArchiveError("the archive ends inside its manifest; it is truncated")
-        out.append(d.decompress(chunk))
+        if not pending:
+            pending = f.read(1 << 16)
+            if not pending:
+                raise ArchiveError("the archive ends inside its manifest; it is truncated")
+        out.append(d.decompress(pending, limit + 1 - got))
+        got += len(out[-1])
+        pending = d.unconsumed_tail
+        if got > limit:
+            raise ArchiveError("the archive's first frame is larger than a crate manifest can be")
     return b"".join(out)
 
 
@@ -85,9 +98,11 @@ def read_manifest_bytes(path: str) -> bytes:
     fmt = detect_format(path)
     try:
         with open(path, "rb") as f:
-            first = _first_unit(f, fmt)
+            first = _first_unit(f, fmt, MAX_MANIFEST + 2 * tar.BLOCK)
     except (zlib.error, ValueError) as e:
         raise ArchiveError(f"{path}: cannot decompress the manifest ({e})") from None
+    except OSError as e:
+        raise EnvcrateError(f"cannot read {path}: {e.strerror or e}") from None
     except Exception as e:  # zstandard.ZstdError
         if type(e).__name__ == "ZstdError":
             raise ArchiveError(f"{path}: cannot decompress the manifest ({e})") from None
@@ -95,10 +110,12 @@ def read_manifest_bytes(path: str) -> bytes:
     if len(first) < tar.BLOCK:
         raise ArchiveError(f"{path} does not start with a crate manifest")
     name, typeflag, _, size, _ = tar.parse_header(first[: tar.BLOCK])
-    if name != MANIFEST_MEMBER.encode() or typeflag != tar.REGULAR:
+    if name != MANIFEST_MEMBER.encode() or typeflag != tar.REGULAR or size > MAX_MANIFEST:
         raise ArchiveError(
             f"{path} does not start with a crate manifest; it is not an envcrate archive"
         )
+    if len(first) < tar.BLOCK + size:
+        raise ArchiveError(f"{path}: the archive ends inside its manifest; it is truncated")
     return first[tar.BLOCK : tar.BLOCK + size]
 
 
@@ -325,7 +342,8 @@ class _Reader:
                     raise ArchiveError("the archive is truncated")
                 return
             while data:
-                out = d.decompress(data)
+                # At most a piece at a time: one read can inflate a thousandfold.
+                out = d.decompress(data, PIECE)
                 if out and not self._put(lane, Piece(out, len(out))):
                     return
                 if d.eof:
@@ -334,7 +352,7 @@ class _Reader:
                         break
                     d = zlib.decompressobj(31)
                 else:
-                    data = b""
+                    data = d.unconsumed_tail
 
     # -- the consumer's side
 
@@ -482,10 +500,18 @@ class TarStream:
         if n:
             self.pipe(n, lambda v: None)
 
-    def drain(self) -> None:
-        """Consume the rest (what follows the end-of-archive blocks)."""
-        while self._fill():
-            pass
+    def drain(self, limit: int = 64 << 10) -> None:
+        """Consume the rest (what follows the end-of-archive blocks): at most
+        ``limit`` bytes of zeros, as tar pads (envcrate writes none)."""
+        left = limit
+        while True:
+            rest = self._buf[self._pos :]
+            if rest and (len(rest) > left or rest.tobytes().strip(b"\0")):
+                raise ArchiveError("data follows the end of the archive; it is corrupt")
+            left -= len(rest)
+            self._pos = len(self._buf)
+            if not self._fill():
+                return
 
     def next_member(self) -> tar.Member | None:
         pax: dict[bytes, bytes] = {}
@@ -499,6 +525,8 @@ class TarStream:
                 return None
             name, typeflag, mode, size, link = tar.parse_header(block, self.check_sums)
             if typeflag in (tar.PAX, tar.PAX_GLOBAL):
+                if size > tar.MAX_PAX:
+                    raise ArchiveError("a pax header of the archive is too large; it is corrupt")
                 data = self.read(size)
                 self.skip(tar.padding(size))
                 if typeflag == tar.PAX:
@@ -509,6 +537,8 @@ class TarStream:
             if b"linkpath" in pax:
                 link = pax[b"linkpath"]
             if b"size" in pax:
+                if not pax[b"size"].isdigit():
+                    raise ArchiveError("a pax header of the archive is malformed; it is corrupt")
                 size = int(pax[b"size"])
             return tar.Member(tar.safe_name(name), typeflag, mode, size, link)
 
@@ -558,27 +588,10 @@ def _expect(stream: TarStream, name: str, path: str) -> bytes:
     m = stream.next_member()
     if m is None or m.name != name.encode() or m.type != tar.REGULAR:
         raise ArchiveError(f"{path} lacks its {name} member; it is not an envcrate archive")
+    if m.size > (MAX_MANIFEST if name == MANIFEST_MEMBER else MAX_TABLE):
+        raise ArchiveError(f"{path}: its {name} member is too large for a crate")
     data = stream.read(m.size)
+    if len(data) < m.size:
+        raise ArchiveError(f"{path} ends inside its {name} member; it is truncated")
     stream.skip(tar.padding(m.size))
     return data
-
-
-def iter_rows(opened: OpenedArchive) -> Iterable[FileRow]:
-    """Recompute the file table of the entries as archived (for verify)."""
-    s = opened.stream
-    while True:
-        m = s.next_member()
-        if m is None:
-            return
-        path = m.name.decode("utf-8", "surrogateescape")
-        if m.type == tar.DIRECTORY:
-            yield FileRow("d", path, "755")
-        elif m.type == tar.SYMLINK:
-            yield FileRow("l", path, "777", 0, m.linkname.decode("utf-8", "surrogateescape"))
-        elif m.type in (tar.REGULAR, b"\0"):
-            h = hashlib.sha256()
-            s.pipe(m.size, h.update)
-            s.skip(tar.padding(m.size))
-            yield FileRow("f", path, "755" if m.mode & 0o111 else "644", m.size, h.hexdigest())
-        else:
-            raise ArchiveError(f"member {path} has unsupported type {m.type!r}")

@@ -48,11 +48,11 @@ def relocate(root: str, prefix: str, manifest: Manifest, interpreter: Interprete
 
 
 def _member_path(root: str, rel: str) -> str:
-    """The path of a listed file, refusing one reached through a link."""
+    """The path of a file the manifest lists for relocation: a file of the
+    crate's table (checked before extraction, see :mod:`envcrate.tree`),
+    which no link lies above."""
     path = os.path.join(root, rel)
-    if os.path.realpath(path) != os.path.join(os.path.realpath(root), rel) or not os.path.isfile(
-        path
-    ):
+    if not os.path.isfile(path) or os.path.islink(path):
         raise UnsafeArchiveError(
             f"{rel} is listed for relocation but is not a regular file of the crate"
         )
@@ -138,12 +138,9 @@ def _repoint_venv(root: str, prefix: str, manifest: Manifest, it: Interpreter) -
         "base-executable": it.executable,
     }
     if "command" in old_cfg:
-        words = old_cfg["command"].split()
-        if words:
-            words[0] = it.executable
-        if words and words[-1] == manifest.prefix:
-            words[-1] = prefix
-        new_values["command"] = " ".join(words)
+        # What created the env, as venv writes it; made from the interpreter
+        # and the prefix alone (the manifest's own line is a hint at most).
+        new_values["command"] = f"{it.executable} -m venv {prefix}"
     cfg_path = os.path.join(root, "pyvenv.cfg")
     if not os.path.isfile(cfg_path) or os.path.islink(cfg_path):
         raise RelocationError("the venv crate has no pyvenv.cfg; it was not packed from a venv")

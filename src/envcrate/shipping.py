@@ -2,7 +2,10 @@
 
 ``push`` publishes an archive already packed; ``ship`` works out the crate id
 of an env first and uploads nothing (and packs nothing) when the store already
-has the crate in that format.
+has the crate in that format, intact. Both verify an archive completely
+(structure, file table, every file's digest, blob digest) before anything of
+it is published, and neither replaces an intact published archive of the
+format by other bytes (:meth:`Store.publish`).
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .envs import load_env
-from .errors import DigestMismatchError, EnvcrateError
+from .errors import ArchiveError, EnvcrateError
 from .packer import identify, pack_source, resolve_format
 from .progress import bar
 from .reading import detect_format
 from .record import recorded_blob
-from .stores import Store, check_tag, file_digest, open_store
+from .stores import Store, check_tag, open_store
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,19 @@ class Shipped:
     store: str
     uploaded: bool
     seconds: float
+    kept: bool = False  # the store had the crate in this format with other bytes, intact
+
+
+def _verified(path: Path, blob: str | None) -> str:
+    """The blob digest of ``path``, computed while verifying it completely;
+    a one-line ArchiveError saying nothing was published otherwise."""
+    from .verify import verify_archive
+
+    try:
+        return verify_archive(path, blob).blob
+    except ArchiveError as e:
+        where = "" if str(path) in str(e) else f"{path}: "
+        raise type(e)(f"{where}{e}; nothing was published: pack the env again") from None
 
 
 def push(
@@ -53,16 +69,20 @@ def push(
     from .unpacker import read_manifest
 
     manifest = read_manifest(path)
-    blob = file_digest(path)
-    recorded = recorded_blob(path, fmt)
-    if recorded and recorded != blob:
-        raise DigestMismatchError(
-            f"{path} has digest {blob} but was packed as {recorded}; it changed since: pack again"
-        )
     size = path.stat().st_size
+    blob = _verified(path, recorded_blob(path, fmt))
     with bar(size, f"pushing {path.name}", progress) as tick:
-        uploaded = store.publish(path, manifest.data, fmt, blob, size, tag=tag, progress=tick)
-    return Shipped(manifest.id, blob, size, fmt, store.url, uploaded, time.monotonic() - start)
+        done = store.publish(path, manifest.data, fmt, blob, size, tag=tag, progress=tick)
+    return Shipped(
+        manifest.id,
+        done.blob,
+        done.size,
+        fmt,
+        store.url,
+        done.uploaded,
+        time.monotonic() - start,
+        done.kept,
+    )
 
 
 def ship(
@@ -78,7 +98,9 @@ def ship(
     name: str | None = None,
     progress: bool = False,
 ) -> Shipped:
-    """Pack ``env`` and publish it, unless the store already has the crate."""
+    """Pack ``env`` and publish it, unless the store already has the crate
+    in that format with its blob intact (recorded size; for a directory store
+    also its digest): a damaged or missing blob is packed and uploaded again."""
     start = time.monotonic()
     store = open_store(store)
     store.require_writable()
@@ -102,12 +124,13 @@ def ship(
         )
         if crate.id != crate_id:
             raise EnvcrateError(f"{source.prefix} changed while it was being shipped; try again")
+        blob = _verified(crate.archive, crate.blob)
         with bar(crate.size, f"uploading {crate.archive.name}", progress) as tick:
-            uploaded = store.publish(
+            done = store.publish(
                 crate.archive,
                 crate.manifest.data,
                 fmt,
-                crate.blob,
+                blob,
                 crate.size,
                 tag=tag,
                 move=True,
@@ -116,5 +139,12 @@ def ship(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return Shipped(
-        crate.id, crate.blob, crate.size, fmt, store.url, uploaded, time.monotonic() - start
+        crate.id,
+        done.blob,
+        done.size,
+        fmt,
+        store.url,
+        done.uploaded,
+        time.monotonic() - start,
+        done.kept,
     )

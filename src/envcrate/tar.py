@@ -94,21 +94,39 @@ class Member:
     linkname: bytes
 
 
+MAX_PAX = 1 << 20  # bytes of pax records in one header; envcrate writes a few hundred
+
+
 def number(field: bytes) -> int:
     """A numeric header field: octal, or base-256 for large values."""
     if field[:1] == b"\x80":  # base-256 (GNU) for large values
         return int.from_bytes(field[1:], "big")
     field = field.split(b"\0", 1)[0].strip()
-    return int(field, 8) if field else 0
+    if not field:
+        return 0
+    if not field.isdigit() or b"8" in field or b"9" in field:
+        raise ArchiveError("a tar header has a malformed number; the archive is corrupt")
+    return int(field, 8)
 
 
 def parse_pax(data: bytes) -> dict[bytes, bytes]:
+    """The records of a pax header (``<length> <key>=<value>\\n`` each)."""
     out = {}
     pos = 0
     while pos < len(data):
-        sp = data.index(b" ", pos)
-        n = int(data[pos:sp])
+        sp = data.find(b" ", pos, pos + 20)
+        length = data[pos:sp]
+        if sp < 0 or not length.isdigit():
+            raise ArchiveError("a pax header of the archive is malformed; the archive is corrupt")
+        n = int(length)
         rec = data[sp + 1 : pos + n - 1]
+        if (
+            n <= sp - pos
+            or pos + n > len(data)
+            or data[pos + n - 1 : pos + n] != b"\n"
+            or b"=" not in rec
+        ):
+            raise ArchiveError("a pax header of the archive is malformed; the archive is corrupt")
         key, _, value = rec.partition(b"=")
         out[key] = value
         pos += n
@@ -119,7 +137,7 @@ def parse_header(block: bytes, check_sum: bool = True) -> tuple[bytes, bytes, in
     """(name, typeflag, mode, size, linkname) of a raw header block."""
     if check_sum:
         chk = block[148:156]
-        stored = int(chk[:6], 8) if chk[6:8] == b"\0 " and chk[:6].isdigit() else number(chk)
+        stored = number(chk[:6]) if chk[6:8] == b"\0 " else number(chk)
         actual = sum(block) - sum(chk) + 8 * 32
         if stored != actual:
             raise ArchiveError("a tar header has a wrong checksum; the archive is corrupt")
@@ -142,7 +160,7 @@ def safe_name(raw: bytes) -> bytes:
     """Normalise a member name and refuse names that leave the destination."""
     if b"\0" in raw or raw.startswith(b"/"):
         raise UnsafeArchiveError(
-            f"archive member {raw!r} has an absolute path; refusing to extract"
+            f"archive member {printable(raw)} has an absolute path; refusing to extract"
         )
     if b"//" not in raw and b"/." not in raw and raw[:1] != b"." and raw[-1:] != b"/":
         return raw  # no empty, "." or ".." component: already normal
@@ -151,6 +169,13 @@ def safe_name(raw: bytes) -> bytes:
         raise UnsafeArchiveError("archive member with an empty name; refusing to extract")
     if b".." in parts:
         raise UnsafeArchiveError(
-            f"archive member {raw.decode(errors='replace')} contains '..'; refusing to extract"
+            f"archive member {printable(raw)} contains '..'; refusing to extract"
         )
     return b"/".join(parts)
+
+
+def printable(name: bytes) -> str:
+    """A member name for a one-line message (undecodable bytes and control
+    characters escaped)."""
+    text = name.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

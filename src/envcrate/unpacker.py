@@ -1,10 +1,14 @@
 """Unpacking: a crate archive becomes a working env at a destination.
 
 The story: read the manifest (first frame only), check that this host and an
-interpreter can run the crate, extract into a temporary directory beside the
-destination while the archive's digest is computed, relocate for the final
-path, and rename into place. On any failure the temporary directory is
-removed, so the destination either holds a complete env or nothing.
+interpreter can run the crate, then read the manifest and the file table,
+check that they hash to the crate id and that the table describes nothing
+envcrate would not extract (:mod:`envcrate.tree`), check the free space the
+table needs, extract into a temporary directory beside the destination
+(every file's bytes checked against the table as they are written, the
+archive's digest computed meanwhile), relocate for the final path, and
+rename into place. On any failure the temporary directory is removed, so
+the destination either holds a complete env or nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -22,16 +25,38 @@ from .errors import ArchiveError, DigestMismatchError, EnvcrateError
 from .extract import extract
 from .frames import extract_frames, read_plan
 from .fsutil import current_umask, remove_tree
-from .manifest import Manifest, crate_id_of_table, iter_table
+from .manifest import Manifest, crate_id_of, decode_table
 from .procs import BackgroundHash
 from .progress import bar
 from .reading import open_stream, read_manifest_bytes
 from .record import recorded_blob
 from .relocate import relocate
+from .tree import Tree, check_against_table, check_table
 
 
 def read_manifest(archive: str | os.PathLike) -> Manifest:
+    """The manifest of ``archive`` (its first frame only), its fields
+    checked; not yet checked against the file table (see :func:`read_head`)."""
     return Manifest.from_bytes(read_manifest_bytes(os.fspath(archive)))
+
+
+def read_head(archive: str | os.PathLike) -> Manifest:
+    """The manifest of ``archive``, checked against its file table: the crate
+    id it names is what the table and the manifest hash to. Reads only the
+    head of a seekable crate."""
+    archive = os.fspath(archive)
+    plan = read_plan(archive)
+    if plan is not None:
+        manifest_bytes, table = plan.manifest_bytes, plan.table_bytes
+    else:
+        opened = open_stream(archive)
+        try:
+            manifest_bytes, table = opened.manifest_bytes, opened.table_bytes
+        finally:
+            opened.close()
+    manifest = Manifest.from_bytes(manifest_bytes)
+    _check_id(archive, manifest, table, None)
+    return manifest
 
 
 def interpreter_for(
@@ -76,12 +101,6 @@ def unpack(
             f"{final} exists and is not empty; choose a new destination or remove it"
         )
     final.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(final.parent).free
-    if free < manifest.file_bytes:
-        raise EnvcrateError(
-            f"not enough free space in {final.parent}: the crate needs {manifest.file_bytes >> 20} MiB, "
-            f"{free >> 20} MiB are free"
-        )
     if blob is None:
         blob = recorded_blob(archive)
     if final.exists():
@@ -103,27 +122,72 @@ def _check_blob(archive: str, blob: str, got: str | None = None) -> None:
         ) from None
 
 
-def _check_head(archive: str, manifest: Manifest, manifest_bytes: bytes, table: bytes) -> None:
-    if Manifest.from_bytes(manifest_bytes).data != manifest.data:
-        raise DigestMismatchError(f"{archive}: the manifest changed while it was being read")
-    if crate_id_of_table(table) != manifest.id:
+def _check_id(archive: str, manifest: Manifest, table: bytes, crate_id: str | None) -> None:
+    got = crate_id_of(table, manifest.data)
+    if got != manifest.id:
         raise DigestMismatchError(
-            f"{archive}: the file table does not match crate id {manifest.id}"
+            f"{archive}: its file table and manifest do not hash to the crate id it names "
+            f"({manifest.id}); the archive is corrupt or was tampered with"
+        )
+    if crate_id is not None and got != crate_id:
+        raise DigestMismatchError(f"{archive} holds crate {got}, not {crate_id}")
+
+
+def check_head(
+    archive: str, manifest: Manifest, manifest_bytes: bytes, table: bytes, crate_id: str | None
+) -> Tree:
+    """The tree of the crate whose head (manifest and table) was read from
+    ``archive``, checked: the manifest is ``manifest`` (the one the host and
+    interpreter were checked with), manifest and table hash to its id (and
+    to ``crate_id``, the one asked for, if given), the table lists only what
+    can be extracted safely and the manifest's relocation records name it."""
+    head = Manifest.from_bytes(manifest_bytes)
+    if head.data != manifest.data:
+        raise DigestMismatchError(
+            f"{archive}: the manifest in the archive differs from the one it was described "
+            "with (its record); the archive or its record is corrupt"
+        )
+    _check_id(archive, head, table, crate_id)
+    tree = check_table(decode_table(table))
+    check_against_table(head, tree)
+    return tree
+
+
+def check_space(where: str, tree: Tree) -> None:
+    """Refuse to start when the filesystem of ``where`` lacks the space or
+    the inodes that the crate's table says extracting it takes."""
+    st = os.statvfs(where)
+    free = st.f_bavail * st.f_frsize
+    if free < tree.disk_bytes:
+        raise EnvcrateError(
+            f"not enough free space in {os.path.dirname(where)}: the crate needs "
+            f"{tree.disk_bytes >> 20} MiB, {free >> 20} MiB are free; free space or choose "
+            "another destination"
+        )
+    if st.f_files and st.f_favail < len(tree.rows):
+        raise EnvcrateError(
+            f"not enough free inodes in {os.path.dirname(where)}: the crate has "
+            f"{len(tree.rows)} entries, {st.f_favail} inodes are free; remove files or choose "
+            "another destination"
         )
 
 
-def _extract(archive: str, tmp: str, manifest: Manifest, digest, tick, read_only: bool) -> None:
+def _extract(
+    archive: str, tmp: str, manifest: Manifest, crate_id, digest, tick, read_only: bool
+) -> None:
     """Extract ``archive`` into ``tmp``, hashing it into ``digest``: frame by
     frame where it has a seek table and an index, else as one stream."""
     plan = read_plan(archive)
     if plan is not None:
-        _check_head(archive, manifest, plan.manifest_bytes, plan.table_bytes)
-        if extract_frames(archive, plan, tmp, digest, tick, read_only=read_only):
+        tree = check_head(archive, manifest, plan.manifest_bytes, plan.table_bytes, crate_id)
+        check_space(tmp, tree)
+        if extract_frames(archive, plan, tmp, digest, tree.links, tick, read_only=read_only):
             return
     opened = open_stream(archive, digest)
     try:
-        _check_head(archive, manifest, opened.manifest_bytes, opened.table_bytes)
-        extract(opened, iter_table(opened.table_bytes), tmp, tick, read_only=read_only)
+        tree = check_head(archive, manifest, opened.manifest_bytes, opened.table_bytes, crate_id)
+        check_space(tmp, tree)
+        extract(opened, tree.rows, tmp, tick, read_only=read_only)
         opened.finish()
     finally:
         opened.close()
@@ -136,6 +200,7 @@ def fill(
     interpreter: Interpreter | None,
     *,
     blob: str | None,
+    crate_id: str | None = None,
     progress: bool = False,
     phase: Callable[[str], None] | None = None,
     seal: Callable[[str], None] | None = None,
@@ -143,10 +208,11 @@ def fill(
     hashed: BackgroundHash | None = None,
 ) -> bool:
     """Extract ``archive`` into a temporary directory beside ``final`` while
-    checking ``blob`` (hashing the archive meanwhile, unless ``hashed`` does),
-    relocate it for ``final``, let ``seal`` finish it, and rename it into
-    place. Returns False when ``final`` appeared meanwhile (another filler
-    won): this copy is then discarded."""
+    checking ``blob`` (hashing the archive meanwhile, unless ``hashed`` does)
+    and that it is crate ``crate_id`` (if given), relocate it for ``final``,
+    let ``seal`` finish it, and rename it into place. Returns False when
+    ``final`` appeared meanwhile (another filler won): this copy is then
+    discarded."""
     phase = phase or (lambda state: None)
     digest = hashlib.sha256() if blob and hashed is None else None
     tmp = tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.envcrate-")
@@ -156,7 +222,7 @@ def fill(
             with bar(
                 manifest.file_bytes, f"unpacking {manifest.data.get('name', '')}", progress
             ) as tick:
-                _extract(archive, tmp, manifest, digest, tick, read_only)
+                _extract(archive, tmp, manifest, crate_id, digest, tick, read_only)
         except ArchiveError:
             if blob:  # say what is wrong with the bytes, not where it showed first
                 _check_blob(archive, blob)

@@ -1,4 +1,6 @@
-"""Checking an archive against its own records: blob digest and crate id."""
+"""Checking an archive completely without extracting it: everything
+unpacking would refuse, every file's digest, the crate id and the blob
+digest."""
 
 from __future__ import annotations
 
@@ -6,10 +8,14 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from .errors import DigestMismatchError
-from .manifest import Manifest, crate_id_of_table, decode_table, encode_table
-from .reading import iter_rows, open_stream
+from . import tar
+from .errors import ArchiveError, DigestMismatchError
+from .extract import check_member, content_mismatch
+from .fsutil import sha256_file
+from .manifest import Manifest, crate_id_of, decode_table
+from .reading import open_stream
 from .record import recorded_blob
+from .tree import check_against_table, check_table
 
 
 @dataclass(frozen=True)
@@ -21,50 +27,62 @@ class Verified:
 
 
 def verify_archive(archive: str | os.PathLike, blob: str | None = None) -> Verified:
-    """Recompute the blob digest and every entry's digest; raise
-    :class:`DigestMismatchError` naming the first mismatch."""
+    """Read ``archive`` from start to end as unpacking would (the same checks
+    of the manifest, the file table and every member) and hash every file;
+    raise a one-line :class:`~envcrate.errors.ArchiveError` naming the first
+    problem, a :class:`DigestMismatchError` when the archive's digest is not
+    ``blob`` (by default the one recorded beside it)."""
     archive = os.fspath(archive)
     if blob is None:
         blob = recorded_blob(archive)
+    try:
+        v = _verify(archive, blob)
+    except ArchiveError:
+        if blob:  # say what is wrong with the bytes, not where it showed first
+            got = "sha256:" + sha256_file(archive)[0]
+            if got != blob:
+                raise _blob_mismatch(archive, got, blob) from None
+        raise
+    return v
+
+
+def _blob_mismatch(archive: str, got: str, blob: str) -> DigestMismatchError:
+    return DigestMismatchError(f"{archive}: the archive's digest is {got}, its record says {blob}")
+
+
+def _verify(archive: str, blob: str | None) -> Verified:
     digest = hashlib.sha256()
     opened = open_stream(archive, digest)
     try:
         manifest = Manifest.from_bytes(opened.manifest_bytes)
-        recorded = decode_table(opened.table_bytes)
-        actual = []
-        for i, row in enumerate(iter_rows(opened)):
-            want = recorded[i] if i < len(recorded) else None
-            if want != row:
-                raise DigestMismatchError(
-                    f"{archive}: entry {row.path} does not match the crate's file table"
-                    + ("" if want is None or want.path != row.path else f" ({_diff(want, row)})")
-                )
-            actual.append(row)
-        opened.finish()
-        if len(actual) != len(recorded):
+        computed = crate_id_of(opened.table_bytes, manifest.data)
+        if computed != manifest.id:
             raise DigestMismatchError(
-                f"{archive}: entry {recorded[len(actual)].path} is missing from the archive"
+                f"{archive}: the file table and manifest hash to {computed}, the manifest "
+                f"says {manifest.id}"
             )
+        tree = check_table(decode_table(opened.table_bytes))
+        check_against_table(manifest, tree)
+        rows = iter(tree.rows)
+        stream = opened.stream
+        for member in iter(stream.next_member, None):
+            row = next(rows, None)
+            path = check_member(member, row)
+            if row.type == "f":
+                h = hashlib.sha256()
+                stream.pipe(member.size, h.update)
+                stream.skip(tar.padding(member.size))
+                if h.hexdigest() != row.digest:
+                    raise content_mismatch(path)
+        missing = next(rows, None)
+        if missing is not None:
+            raise DigestMismatchError(
+                f"{archive}: entry {missing.path} is missing from the archive"
+            )
+        opened.finish()
     finally:
         opened.close()
-    computed = crate_id_of_table(encode_table(actual))
-    if computed != manifest.id:
-        raise DigestMismatchError(
-            f"{archive}: the entries hash to {computed}, the manifest says {manifest.id}"
-        )
     got = "sha256:" + digest.hexdigest()
     if blob and got != blob:
-        raise DigestMismatchError(
-            f"{archive}: the archive's digest is {got}, its record says {blob}"
-        )
-    return Verified(manifest.id, got, bool(blob), len(actual))
-
-
-def _diff(want, got) -> str:
-    if want.type != got.type:
-        return f"type {got.type}, expected {want.type}"
-    if want.size != got.size:
-        return f"size {got.size}, expected {want.size}"
-    if want.mode != got.mode:
-        return f"mode {got.mode}, expected {want.mode}"
-    return "content differs"
+        raise _blob_mismatch(archive, got, blob)
+    return Verified(manifest.id, got, bool(blob), len(tree.rows))

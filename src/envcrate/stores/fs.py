@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import NotFoundError, StoreError
-from ..fsutil import current_umask, group_shared, make_dirs_under, unlink_quietly
-from .base import Progress, Store
+from ..fsutil import current_umask, group_shared, make_dirs_under, sha256_file, unlink_quietly
+from .base import Progress, Store, Stored, too_big, too_large
 
 
 class FsStore(Store):
@@ -24,6 +24,19 @@ class FsStore(Store):
         self.url = url or str(self.root)
 
     def _path(self, key: str) -> Path:
+        # Keys are made from checked digests and tag names; this is the last
+        # line of defence against one that would leave the store.
+        parts = key.split("/")
+        if (
+            key.startswith("/")
+            or any(p in ("", ".", "..") for p in parts[:-1])
+            or parts[-1]
+            in (
+                ".",
+                "..",
+            )
+        ):
+            raise StoreError(f"{key!r} is not a key of the store {self.url}")
         return self.root / key
 
     def _fail(self, e: OSError, doing: str) -> StoreError:
@@ -59,9 +72,13 @@ class FsStore(Store):
             unlink_quietly(tmp)
             raise
 
-    def read(self, key: str) -> bytes | None:
+    def read(self, key: str, limit: int | None = None) -> bytes | None:
         try:
-            return self._path(key).read_bytes()
+            with open(self._path(key), "rb") as f:
+                data = f.read() if limit is None else f.read(limit + 1)
+            if limit is not None and len(data) > limit:
+                raise too_big(f"{self.url}/{key}", limit)
+            return data
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:
@@ -99,15 +116,21 @@ class FsStore(Store):
 
         self._place(key, fill)
 
-    def download(self, key: str, dest: Path, progress: Progress | None) -> None:
+    def download(
+        self, key: str, dest: Path, progress: Progress | None, size: int | None = None
+    ) -> None:
         try:
             with open(self._path(key), "rb") as src, open(dest, "wb") as out:
+                if size is not None and os.fstat(src.fileno()).st_size > size:
+                    raise too_large(f"{self.url}/{key}", size)
                 while chunk := src.read(8 << 20):
                     out.write(chunk)
                     if progress:
                         progress(len(chunk))
         except FileNotFoundError:
             raise NotFoundError(f"{self.url}/{key} does not exist") from None
+        except OSError as e:
+            raise self._fail(e, f"read {key}") from None
 
     def size(self, key: str) -> int | None:
         try:
@@ -125,6 +148,39 @@ class FsStore(Store):
         except OSError as e:
             raise self._fail(e, f"list {prefix}") from None
         return sorted(prefix + n for n in names if not n.startswith("."))
+
+    def walk(self, prefix: str) -> list[Stored]:
+        out = []
+        top = self._path(prefix.rstrip("/") or ".") if prefix.strip("/") else self.root
+
+        def fail(e: OSError) -> None:
+            if not isinstance(e, FileNotFoundError):
+                raise self._fail(e, f"list {prefix}")
+
+        try:
+            for dirpath, dirnames, filenames in os.walk(top, onerror=fail):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                rel = os.path.relpath(dirpath, self.root)
+                for name in sorted(filenames):
+                    if name.startswith("."):  # a writer's temporary file
+                        continue
+                    try:
+                        st = os.lstat(os.path.join(dirpath, name))
+                    except FileNotFoundError:
+                        continue  # removed meanwhile
+                    key = name if rel == "." else f"{rel}/{name}"
+                    out.append(Stored(key, st.st_size, st.st_mtime))
+        except OSError as e:
+            raise self._fail(e, f"list {prefix}") from None
+        return out
+
+    def local_digest(self, key: str) -> str | None:
+        try:
+            return "sha256:" + sha256_file(self._path(key))[0]
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise self._fail(e, f"read {key}") from None
 
     def delete(self, key: str) -> None:
         try:

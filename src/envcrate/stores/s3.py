@@ -6,6 +6,15 @@ transfer manager (parallel multipart parts, each with a SHA-256 checksum the
 server verifies); small objects carry one too. An object only appears when
 complete, and a failed upload aborts its multipart upload; one left open by a
 killed process is aborted by the next upload of the same blob.
+
+Retries: botocore retries each request (standard mode: 3 attempts with
+backoff, 5xx and throttling included) and s3transfer each downloaded part
+from its first byte when its stream breaks (5 attempts); on top of that,
+every primitive here is retried as a whole with backoff while it fails in a
+transient way, until the deadline of :mod:`.network`, whose stall timeout is
+also botocore's connect and read timeout. A download is bounded by the size
+its record says: a larger object is refused before it is read, and the bytes
+received are counted.
 """
 
 from __future__ import annotations
@@ -15,8 +24,9 @@ import hashlib
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..errors import NotFoundError, StoreError
-from .base import Progress, Store
+from ..errors import EnvcrateError, NotFoundError, StoreError
+from .base import Progress, Store, Stored, too_big, too_large
+from .network import RETRY_STATUS, Deadline, Transient, retrying, timeout
 
 MAX_PRESIGN = 7 * 24 * 3600  # SigV4 limit
 _PART = 8 << 20  # awscli's default part size and concurrency
@@ -49,8 +59,8 @@ class S3Store(Store):
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
                 retries={"max_attempts": 3, "mode": "standard"},
-                connect_timeout=10,
-                read_timeout=60,
+                connect_timeout=timeout(),
+                read_timeout=timeout(),
                 max_pool_connections=_CONCURRENCY + 2,
             )
             self._client = boto3.session.Session().client("s3", config=config)
@@ -111,6 +121,60 @@ class S3Store(Store):
         return StoreError(f"cannot {doing} {self.url}: {first}; try again")
 
     @staticmethod
+    def _transient(e: Exception) -> bool:
+        """Whether another attempt may not meet this failure: a lost, refused
+        or stalled connection, a broken stream, a 5xx or throttling answer."""
+        from botocore import exceptions as bx
+        from s3transfer.exceptions import RetriesExceededError
+
+        while e is not None:
+            if isinstance(
+                e,
+                (
+                    bx.ConnectionError,
+                    bx.HTTPClientError,
+                    bx.IncompleteReadError,
+                    RetriesExceededError,
+                    ConnectionError,
+                    TimeoutError,
+                ),
+            ):
+                return True
+            if isinstance(e, bx.ClientError):
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                code = str(e.response.get("Error", {}).get("Code", ""))
+                return status in RETRY_STATUS or code in (
+                    "SlowDown",
+                    "RequestTimeout",
+                    "InternalError",
+                    "ServiceUnavailable",
+                    "503",
+                    "500",
+                )
+            e = e.__cause__ or e.__context__  # boto3's transfer wraps the real error
+        return False
+
+    def _call(self, doing: str, fn, missing=Ellipsis):
+        """``fn(deadline)``, retried with backoff while it fails transiently and
+        the deadline allows; ``missing`` is returned for a missing object
+        (else that is an error too)."""
+        deadline = Deadline(f"trying to {doing} {self.url}")
+
+        def attempt():
+            try:
+                return fn(deadline)
+            except EnvcrateError:
+                raise
+            except Exception as e:
+                if missing is not Ellipsis and self._missing(e):
+                    return missing
+                if self._transient(e):
+                    raise Transient(str(self._fail(e, doing))) from None
+                raise self._fail(e, doing) from None
+
+        return retrying(attempt, deadline)
+
+    @staticmethod
     def _missing(e: Exception) -> bool:
         from botocore.exceptions import ClientError
 
@@ -122,46 +186,67 @@ class S3Store(Store):
 
     # -- primitives
 
-    def read(self, key: str) -> bytes | None:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except Exception as e:
-            if self._missing(e):
-                return None
-            raise self._fail(e, f"read {key} from") from None
+    def read(self, key: str, limit: int | None = None) -> bytes | None:
+        def get(deadline):
+            answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            with answer["Body"] as body:
+                if limit is None:
+                    return body.read()
+                data = body.read(limit + 1)
+            if len(data) > limit:
+                raise too_big(f"{self.url}/{key}", limit)
+            return data
+
+        return self._call(f"read {key} from", get, missing=None)
 
     def write(self, key: str, data: bytes) -> None:
         checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()
-        try:
+
+        def put(deadline):
             self.client.put_object(
                 Bucket=self.bucket, Key=self._key(key), Body=data, ChecksumSHA256=checksum
             )
-        except Exception as e:
-            raise self._fail(e, f"write {key} to") from None
+
+        self._call(f"write {key} to", put)
 
     def upload(
         self, key: str, path: Path, digest: str, progress: Progress | None, move: bool = False
     ) -> None:
         full = self._key(key)
-        try:
-            self._abort_stale(full)
-            self.client.upload_file(
-                str(path),
-                self.bucket,
-                full,
-                ExtraArgs={"ChecksumAlgorithm": "SHA256"},
-                Callback=progress,
-                Config=self._transfer(),
-            )
-        except Exception as e:
-            # Another publisher of the same blob may have completed it (and
-            # aborted our parts as stale): the key is the content, so that is fine.
+        expected = path.stat().st_size
+
+        def put(deadline):
+            sent = [0]
+
+            def tick(n: int) -> None:
+                sent[0] += n
+                if progress:
+                    progress(n)
+                deadline.check()
+
             try:
-                if self.size(key) == path.stat().st_size:
-                    return
-            except StoreError:
-                pass
-            raise self._fail(e, f"upload {key} to") from None
+                self._abort_stale(full)
+                self.client.upload_file(
+                    str(path),
+                    self.bucket,
+                    full,
+                    ExtraArgs={"ChecksumAlgorithm": "SHA256"},
+                    Callback=tick,
+                    Config=self._transfer(),
+                )
+            except Exception:
+                # Another publisher of the same blob may have completed it (and
+                # aborted our parts as stale): the key is the content, so that is fine.
+                try:
+                    if self._head(key) == expected:
+                        return
+                except Exception:
+                    pass
+                if progress and sent[0]:
+                    progress(-sent[0])  # the next attempt sends it all again
+                raise
+
+        self._call(f"upload {key} to", put)
 
     def _abort_stale(self, full: str) -> None:
         listing = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=full)
@@ -171,44 +256,88 @@ class S3Store(Store):
                     Bucket=self.bucket, Key=full, UploadId=up["UploadId"]
                 )
 
-    def download(self, key: str, dest: Path, progress: Progress | None) -> None:
-        try:
-            self.client.download_file(
-                self.bucket, self._key(key), str(dest), Callback=progress, Config=self._transfer()
-            )
-        except Exception as e:
-            if self._missing(e):
-                raise NotFoundError(f"{self.url}/{key} does not exist") from None
-            raise self._fail(e, f"download {key} from") from None
+    def download(
+        self, key: str, dest: Path, progress: Progress | None, size: int | None = None
+    ) -> None:
+        where = f"{self.url}/{key}"
 
-    def size(self, key: str) -> int | None:
+        def get(deadline):
+            if size is not None:
+                found = self._head(key)
+                if found is not None and found > size:
+                    raise too_large(where, size)
+            got = [0]
+
+            def tick(n: int) -> None:
+                # s3transfer reports a retried part's bytes back as negative
+                got[0] += n
+                if size is not None and got[0] > size:
+                    raise too_large(where, size)
+                if progress:
+                    progress(n)
+                deadline.check()
+
+            try:
+                self.client.download_file(
+                    self.bucket, self._key(key), str(dest), Callback=tick, Config=self._transfer()
+                )
+            except Exception as e:
+                if self._missing(e):
+                    raise NotFoundError(f"{where} does not exist") from None
+                if progress and got[0]:
+                    progress(-got[0])
+                raise
+
+        self._call(f"download {key} from", get)
+
+    def _head(self, key: str) -> int | None:
         try:
             return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
         except Exception as e:
             if self._missing(e):
                 return None
-            raise self._fail(e, f"read {key} from") from None
+            raise
+
+    def size(self, key: str) -> int | None:
+        return self._call(f"read {key} from", lambda deadline: self._head(key))
 
     def keys(self, prefix: str) -> list[str]:
         full = self._key(prefix)
         skip = len(self._key(""))
-        out = []
-        try:
+
+        def listing(deadline):
+            out = []
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=full, Delimiter="/"
             )
             for page in pages:
                 out += [o["Key"][skip:] for o in page.get("Contents", [])]
-        except Exception as e:
-            raise self._fail(e, "list") from None
-        return sorted(out)
+            return sorted(out)
+
+        return self._call("list", listing)
+
+    def walk(self, prefix: str) -> list[Stored]:
+        skip = len(self._key(""))
+
+        def listing(deadline):
+            out = []
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(prefix)
+            )
+            for page in pages:
+                out += [
+                    Stored(o["Key"][skip:], o["Size"], o["LastModified"].timestamp())
+                    for o in page.get("Contents", [])
+                ]
+            return sorted(out, key=lambda o: o.key)
+
+        return self._call("list", listing)
 
     def delete(self, key: str) -> None:
-        try:
+        def remove(deadline):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
-        except Exception as e:
-            if not self._missing(e):
-                raise self._fail(e, f"remove {key} from") from None
+
+        self._call(f"remove {key} from", remove, missing=None)
 
     def presign(self, key: str, expires: int) -> str:
         if not 1 <= expires <= MAX_PRESIGN:
