@@ -93,24 +93,23 @@ def _json_value(rng: random.Random, depth: int = 0):
 
 
 def _crafted(rng: random.Random, seed: tf.Seed, sandbox: Path) -> tuple[str, dict]:
-    base = tf.well_formed(seed)
     pick = rng.random()
     if pick < 0.15:
         path = rng.choice(tf.REQUIRED)
-        return f"without {'.'.join(map(str, path))}", tf._set(base, path, None, delete=True)
+        return f"without {'.'.join(map(str, path))}", tf.craft(seed, path, delete=True)
     if pick < 0.3:
         case = rng.choice(sorted(tf.SEMANTIC))
         path, value = tf.SEMANTIC[case]
         if isinstance(value, str) and "{sandbox}" in value:
             value = value.format(sandbox=sandbox)
-        return f"semantic: {case}", tf._set(base, path, value)
+        return f"semantic: {case}", tf.craft(seed, path, value)
     path = rng.choice(sorted(tf.FIELDS, key=str))
     ok = tf.FIELDS[path]
     for _ in range(100):
         value = _json_value(rng)
         if not ok(value):
             break
-    return f"{'.'.join(map(str, path))} = {value!r}", tf._set(base, path, value)
+    return f"{'.'.join(map(str, path))} = {value!r}", tf.craft(seed, path, value)
 
 
 def _tar_case(rng: random.Random, seed: tf.Seed) -> dict:

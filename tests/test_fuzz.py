@@ -755,7 +755,30 @@ def well_formed(seed: Seed) -> dict:
     m = copy.deepcopy(seed.manifest)
     m["pins"] = [{"name": "six", "version": "1.17.0", "source": {"type": "index"}}]
     assert m["prefix_files"] and m["venv"]["base_links"] and "command" in m["venv"]["cfg"]
-    return m
+    return rebind(m, seed.table)
+
+
+def rebind(manifest: dict, table: bytes) -> dict:
+    """The manifest with the id its table and fields give, where the id
+    covers manifest fields (what relocation does): a crafted field is then
+    refused for what it is, not for breaking the id. As it is when the id
+    cannot be computed from it (a malformed manifest, made on purpose)."""
+    from envcrate import manifest as mf
+
+    of = getattr(mf, "crate_id_of", None)
+    if of is None:
+        return manifest
+    try:
+        return dict(manifest, id=of(table, manifest))
+    except Exception:
+        return manifest
+
+
+def craft(seed: Seed, path: tuple, value=None, delete: bool = False) -> dict:
+    """The well-formed manifest with one field set (or deleted), its id
+    recomputed unless the id is the field."""
+    m = _set(well_formed(seed), path, value, delete)
+    return m if path[0] == "id" else rebind(m, seed.table)
 
 
 def _set(m: dict, path: tuple, value, delete: bool = False) -> dict:
@@ -773,14 +796,13 @@ def _set(m: dict, path: tuple, value, delete: bool = False) -> dict:
 @st.composite
 def crafted(draw, seed: Seed) -> tuple[str, dict]:
     """A manifest with one field of a wrong type, or without a required one."""
-    base = well_formed(seed)
     if draw(st.integers(0, 4)) == 0:
         path = draw(st.sampled_from(REQUIRED))
-        return f"without {'.'.join(map(str, path))}", _set(base, path, None, delete=True)
+        return f"without {'.'.join(map(str, path))}", craft(seed, path, delete=True)
     path = draw(st.sampled_from(sorted(FIELDS, key=str)))
     ok = FIELDS[path]
     value = draw(JSON.filter(lambda v: not ok(v)))
-    return f"{'.'.join(map(str, path))} = {value!r}", _set(base, path, value)
+    return f"{'.'.join(map(str, path))} = {value!r}", craft(seed, path, value)
 
 
 def _refused(reader: str, fn) -> list[Problem]:
@@ -886,7 +908,7 @@ def test_a_manifest_with_a_malformed_value_is_refused(seeds, tmp_path, case):
     path, value = SEMANTIC[case]
     if isinstance(value, str) and "{sandbox}" in value:
         value = value.format(sandbox=tmp_path / "work" / "sandbox")  # see _fresh
-    manifest = _set(well_formed(seed), path, value)
+    manifest = craft(seed, path, value)
     problems = check_crafted(seed, manifest, "frames", tmp_path, alone=case not in NEEDS_TABLE)
     assert not problems, "\n".join(map(str, problems))
 
@@ -966,7 +988,7 @@ def test_cli_refuses_a_truncated_archive_with_one_line(seeds, tmp_path):
 
 def test_cli_refuses_a_crafted_manifest_with_one_line(seeds, tmp_path):
     seed = seeds["tar.zst"]
-    manifest = _set(well_formed(seed), ("prefix_files", 0, "placeholder"), 7)
+    manifest = craft(seed, ("prefix_files", 0, "placeholder"), 7)
     archive = tmp_path / "crafted.tar.zst"
     archive.write_bytes(repack(seed, manifest, "frames"))
     _cli_refuses(archive, tmp_path)
