@@ -93,29 +93,101 @@ def _json_value(rng: random.Random, depth: int = 0):
 
 
 def _crafted(rng: random.Random, seed: tf.Seed, sandbox: Path) -> tuple[str, dict]:
-    base = tf.well_formed(seed)
     pick = rng.random()
     if pick < 0.15:
         path = rng.choice(tf.REQUIRED)
-        return f"without {'.'.join(map(str, path))}", tf._set(base, path, None, delete=True)
+        return f"without {'.'.join(map(str, path))}", tf.craft(seed, path, delete=True)
     if pick < 0.3:
         case = rng.choice(sorted(tf.SEMANTIC))
         path, value = tf.SEMANTIC[case]
         if isinstance(value, str) and "{sandbox}" in value:
             value = value.format(sandbox=sandbox)
-        return f"semantic: {case}", tf._set(base, path, value)
+        return f"semantic: {case}", tf.craft(seed, path, value)
     path = rng.choice(sorted(tf.FIELDS, key=str))
     ok = tf.FIELDS[path]
     for _ in range(100):
         value = _json_value(rng)
         if not ok(value):
             break
-    return f"{'.'.join(map(str, path))} = {value!r}", tf._set(base, path, value)
+    return f"{'.'.join(map(str, path))} = {value!r}", tf.craft(seed, path, value)
+
+
+def _tar_case(rng: random.Random, seed: tf.Seed) -> dict:
+    """Valid frames around a tar stream with one or two damaged members."""
+    members, done = list(seed.members), []
+    for _ in range(rng.choice([1, 1, 2])):
+        k = rng.randrange(len(members))
+        n = len(members[k])
+        if n == 0:  # cut away by the first change
+            continue
+        if rng.random() < 0.7:
+            lo, hi = rng.choice(tf.HEADER_FIELDS)
+            pos = min(n - 1, rng.randrange(lo, hi))
+        else:
+            pos = rng.randrange(n)
+        kind = rng.choice(tf.MUTATIONS)
+        end = min(n, pos + (rng.randint(1, 16) if rng.random() < 0.7 else rng.randint(1, 1024)))
+        if kind == "flip":
+            m = tf.Mutation(kind, pos, mask=rng.randint(1, 255))
+        elif kind == "truncate":
+            m = tf.Mutation(kind, pos)
+        elif kind == "overwrite":
+            alphabet = b"01234567 \x80\x00" if rng.random() < 0.5 else bytes(range(256))
+            m = tf.Mutation(
+                kind, pos, end, junk=bytes(rng.choice(alphabet) for _ in range(end - pos))
+            )
+        elif kind == "duplicate":
+            m = tf.Mutation(kind, pos, end, at=rng.randrange(n + 1))
+        else:
+            m = tf.Mutation(kind, pos, end)
+        members[k] = m.apply(members[k])
+        done.append(f"member {k} {m}")
+    layout = rng.choice(["stream", "frames"])
+    data = tf.repack_members(members, layout)
+    return {"kind": "tar", "fmt": "tar.zst", "what": "; ".join(done) + f" ({layout})", "data": data}
+
+
+def _tail_case(rng: random.Random, seed: tf.Seed) -> dict:
+    """The real crate with its index or seek table changed, framing intact."""
+    _, index, seek = tf.tail_of(seed.data)
+    i = rng.randrange(len(seek))
+    what = rng.choice(["index value", "index entry", "seek size"])
+    if what == "index value":
+        j = rng.randint(0, 1)
+        index[i][j] = rng.choice([rng.randint(-3, 40), 2**63, -(2**63), _json_value(rng)])
+        desc = f"index[{i}][{j}] = {index[i][j]!r}"
+    elif what == "index entry":
+        k = rng.randrange(len(seek))
+        op = rng.choice(["drop", "duplicate", "swap"])
+        if op == "drop":
+            del index[i]
+        elif op == "duplicate":
+            index.insert(i, index[k])
+        else:
+            index[i], index[k] = index[k], index[i]
+        desc = f"index: {op} {i} {k}"
+    else:
+        j = rng.randint(0, 1)
+        value = rng.choice(
+            [rng.randrange(2**32), rng.randrange(4 << 20), seek[i][j] + rng.randint(-3, 3)]
+        )
+        seek[i] = (value, seek[i][1]) if j == 0 else (seek[i][0], value)
+        desc = f"seek[{i}] {'csize' if j == 0 else 'dsize'} = {value}"
+    return {
+        "kind": "tail",
+        "fmt": "tar.zst",
+        "what": desc,
+        "data": tf.with_tail(seed.data, index, seek),
+    }
 
 
 def make_case(rng: random.Random, seeds: dict[str, tf.Seed], sandbox: Path) -> dict:
     """A case: what it is, the bytes to write, and which checks to run."""
     pick = rng.random()
+    if pick < 0.15:
+        return _tar_case(rng, seeds["tar.zst"])
+    if pick < 0.25:
+        return _tail_case(rng, seeds["tar.zst"])
     if pick < 0.6:  # byte mutations, one to three stacked
         seed = seeds[rng.choice(["tar.zst", "tar.zst", "tar.gz"])]
         data, done = seed.data, []
