@@ -463,3 +463,241 @@ def test_a_genuine_crate_still_verifies_and_unpacks(small_crate, tmp_path):
     want = next(r[3] for r in rows if r[4].endswith("site-packages/six.py"))
     assert hashlib.sha256(six.read_bytes()).hexdigest() == want
     shutil.rmtree(dest)
+
+
+# ------------------------------------------------------------ found by an attacker's review
+
+
+def _dir(name: str) -> tuple[FileRow, bytes]:
+    from test_extract import _member
+
+    return FileRow("d", name, "755", 0, ""), _member(name.encode() + b"/", b"5", 0o755)
+
+
+@pytest.mark.parametrize("layout", ["stream", "frames"])
+def test_a_link_target_spelled_in_escapes_is_refused(tmp_path, layout):
+    """``d/é -> ..`` and ``d/up -> "\\udcc3\\udca9/.."``: the target is the bytes
+    of ``é/..`` spelled as surrogate escapes, another string to the checks
+    but the same name on disk (the frames path made ``d/up`` lead outside)."""
+    from test_extract import _member
+
+    up = (
+        FileRow("l", "d/up", "777", 0, "\udcc3\udca9/.."),
+        _member(b"d/up", b"2", 0o777, link="\u00e9/..".encode()),
+    )
+    members = [_file("pyvenv.cfg", b"version = 3\n"), _dir("d"), _link("d/\u00e9", ".."), up]
+    archive = _crate(tmp_path / "a.tar.zst", members, layout=layout)
+    box = _sandbox(tmp_path)
+    with pytest.raises(ArchiveError):
+        unpack(archive, box / "dest", python=sys.executable)
+    assert list(box.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "case", ["surrogate path", "pax size digits", "many pax headers", "placeholder surrogate",
+             "libc digits", "python digits"],
+)  # fmt: skip
+def test_strings_and_numbers_that_crashed_are_one_line(tmp_path, case):
+    from test_extract import _member
+
+    from envcrate import tar
+    from envcrate.compat import host_platform
+    from envcrate.manifest import encode_table
+
+    members = [_file("pyvenv.cfg", b"version = 3\n"), _file("f.txt", b"/nowhere\n")]
+    table, extra = None, None
+    if case == "surrogate path":
+        table = encode_table([r._replace(path=r.path + "\ud800") for r, _ in members])
+    elif case == "pax size digits":
+        row, raw = _file("a", b"x")
+        pax = _member(b"././@PaxHeader", b"x", 0o644, tar._pax_record(b"size", b"1" * 5000))
+        members = [(row, pax + raw)]
+    elif case == "many pax headers":  # each under the cap, together far over it
+        row, raw = _file("a", b"x")
+        records = b"".join(tar._pax_record(b"k%d" % j, b"v" * 1000) for j in range(600))
+        members = [(row, b"".join(_member(b"././@PaxHeader", b"x", 0o644, records)
+                                  for _ in range(3)) + raw)]  # fmt: skip
+    elif case == "placeholder surrogate":
+        extra = {"prefix_files": [{"path": "f.txt", "placeholder": "\ud800", "mode": "text"}]}
+    elif case == "libc digits":
+        extra = {"platform": dict(host_platform(), libc={"family": "glibc", "version": "9" * 5000})}
+    else:
+        py = {
+            "implementation": sys.implementation.name,
+            "version": "3." + "1" * 5000,
+            "abiflags": "",
+        }
+        extra = {"python": py}
+    archive = _crate(tmp_path / "a.tar.zst", members, table=table, extra=extra)
+    for args in (["unpack", archive, tmp_path / "dest"], ["verify", archive]):
+        out = envcrate(*args)
+        _one_line_error(out)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_a_non_canonical_manifest_is_refused(tmp_path):
+    """Two spellings of one manifest would give one crate id two
+    ``.envcrate/manifest.json`` files."""
+    members = [_file("pyvenv.cfg", b"version = 3\n")]
+    archive = _crate(tmp_path / "a.tar.zst", members)
+    raw = zstandard.ZstdDecompressor().decompressobj().decompress(archive.read_bytes())
+    start = raw.index(b"{")
+    end = raw.index(b"\0", start)
+    spaced = json.dumps(json.loads(raw[start:end]), indent=1).encode()
+    from envcrate import tar
+    from envcrate.manifest import MANIFEST_MEMBER
+
+    head = tar.header(MANIFEST_MEMBER.encode(), tar.REGULAR, 0o644, len(spaced))
+    head += spaced + bytes(tar.padding(len(spaced)))
+    rest = raw[512 + (end - start) + tar.padding(end - start) :]
+    evil = tmp_path / "spaced.tar.zst"
+    evil.write_bytes(zstandard.ZstdCompressor().compress(head + rest))
+    _one_line_error(envcrate("unpack", evil, tmp_path / "dest"), "canonical")
+
+
+def test_relocation_order_does_not_depend_on_the_list(tmp_path):
+    """Two archives of one crate id list the same relocation records in two
+    orders; the destination must be the same (the replacements interact:
+    the new prefix contains the other placeholder)."""
+    members = [_file("pyvenv.cfg", b"version = 3\n"), _file("f.txt", b"/x and /t and /x/t\n")]
+    records = [
+        {"path": "f.txt", "placeholder": "/t", "mode": "text"},
+        {"path": "f.txt", "placeholder": "/x", "mode": "text"},
+    ]
+    results = []
+    for k, order in enumerate((records, records[::-1])):
+        archive = _crate(tmp_path / f"{k}.tar.zst", members, extra={"prefix_files": order})
+        dest = unpack(archive, tmp_path / "tmpdest" / f"d{k}", python=sys.executable)
+        results.append((dest / "f.txt").read_text().replace(str(dest), "DEST"))
+    assert results[0] == results[1]
+
+
+def test_a_member_named_like_relocations_temporary_is_fine(tmp_path):
+    members = [
+        _file("pyvenv.cfg", b"version = 3\n"),
+        _file("f.txt", b"/nowhere\n"),
+        _file("f.txt.envcrate-tmp", b"mine\n"),
+    ]
+    extra = {"prefix_files": [{"path": "f.txt", "placeholder": "/nowhere", "mode": "text"}]}
+    archive = _crate(tmp_path / "a.tar.zst", members, extra=extra)
+    dest = unpack(archive, tmp_path / "dest", python=sys.executable)
+    assert (dest / "f.txt").read_text() == f"{dest}\n"
+    assert (dest / "f.txt.envcrate-tmp").read_text() == "mine\n"
+
+
+def _fake_venv_beside_a_link(where: Path) -> Path:
+    """A link to the real interpreter in a directory that makes it another
+    venv: its pyvenv.cfg and a .pth that runs code when site is imported."""
+    real = os.path.realpath(sys.executable)
+    v = "%d.%d" % sys.version_info[:2]
+    (where / "bin").mkdir(parents=True)
+    (where / "bin" / "python3").symlink_to(real)
+    site = where / "lib" / f"python{v}" / "site-packages"
+    site.mkdir(parents=True)
+    (where / "pyvenv.cfg").write_text(f"home = {os.path.dirname(real)}\nversion = {v}.0\n")
+    ran = where / "ran"
+    (site / "evil.pth").write_text(f"import os; open({str(ran)!r}, 'w').close()\n")
+    return where / "bin" / "python3"
+
+
+def test_an_interpreter_hint_is_run_by_its_real_path_without_site(tmp_path, small_crate):
+    """A hint that is a link to a real interpreter, from a directory with a
+    pyvenv.cfg and a .pth: running the link would run the .pth."""
+    hint = _fake_venv_beside_a_link(tmp_path / "fake")
+    members = [_file("pyvenv.cfg", b"version = 3\n")]
+    links = [{"path": "bin/python", "kind": "link", "target": str(hint)}]
+    extra = {"venv": {"base_links": links, "cfg": {"home": str(hint.parent)}}}
+    archive = _crate(tmp_path / "a.tar.zst", members, extra=extra)
+    env = dict(os.environ, PATH="/nonexistent")
+    out = subprocess.run(
+        [sys.executable, "-m", "envcrate.cli", "unpack", archive, tmp_path / "dest"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "fake" / "ran").exists()
+
+
+def test_a_store_record_is_checked_against_the_archive_before_its_hint_is_probed(
+    small_crate, tmp_path
+):
+    from envcrate.stores import open_store
+
+    store = tmp_path / "store"
+    open_store(store).publish(
+        small_crate.archive, small_crate.manifest.data, "tar.zst", small_crate.blob,
+        small_crate.size,
+    )  # fmt: skip
+    hint = _fake_venv_beside_a_link(tmp_path / "fake")
+    record = store / "crates" / (small_crate.id.split(":")[1] + ".json")
+    data = json.loads(record.read_text())
+    data["venv"]["cfg"]["base-executable"] = str(hint)
+    for link in data["venv"]["base_links"]:
+        link["target"] = str(hint)
+    record.chmod(0o644)
+    record.write_text(json.dumps(data))
+    env = dict(os.environ, PATH="/nonexistent")
+    out = envcrate("ensure", small_crate.id, "--store", store, "--cache", tmp_path / "c", env=env)
+    _one_line_error(out, "differs from its record")
+    assert not (tmp_path / "fake" / "ran").exists()
+
+
+def test_a_probe_memo_others_may_write_is_not_believed(tmp_path):
+    """Under umask 000 the memo's directory came out world-writable: anyone
+    could choose the interpreter a venv is pointed at."""
+    from envcrate import compat
+
+    memo = tmp_path / "pythons"
+    memo.mkdir()
+    real = os.path.realpath(sys.executable)
+    assert compat.probe(real, str(memo)) is not None  # remembered
+    memo.chmod(0o777)
+    (spot,) = [p for p in memo.iterdir() if not p.name.startswith(".")]
+    kept = json.loads(spot.read_text())
+    kept["it"][0] = "/tmp/someone-elses-python"
+    spot.write_text(json.dumps(kept))
+    assert compat.probe(real, str(memo)).executable != "/tmp/someone-elses-python"
+    assert stat_mode(memo) == 0o700  # and made private again
+
+
+def stat_mode(p: Path) -> int:
+    import stat
+
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_cache_files_that_are_fifos_or_devices_do_not_hang_or_exhaust(small_crate, tmp_path):
+    """A ready marker that is a FIFO (an open that never returns) and a blob
+    index that is /dev/zero (a read that never ends)."""
+    cache = tmp_path / "cache"
+    key = small_crate.id.split(":")[1][:16]
+    bogus = cache / "e" / f"{key}-zzzzzzzz" / ".envcrate"
+    bogus.mkdir(parents=True)
+    os.mkfifo(bogus / "ready")
+    (cache / "blobs").mkdir()
+    digest = "ab" * 32
+    (cache / "blobs" / digest).symlink_to("/dev/zero")
+    out = envcrate("ensure", small_crate.archive, "--cache", cache, "--json", timeout=120)
+    assert out.returncode == 0 and json.loads(out.stdout)["id"] == small_crate.id, out.stderr
+    url = "file://" + str(small_crate.archive)
+    out = subprocess.run(
+        [sys.executable, "-m", "envcrate.cli", "ensure", url, "--sha256", digest, "--cache", cache],
+        capture_output=True, text=True, timeout=120,
+        preexec_fn=_limited(768 << 20),
+    )  # fmt: skip
+    assert "MemoryError" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_an_entry_that_is_not_ready_at_the_key_is_an_error_not_a_result(small_crate, tmp_path):
+    cache = tmp_path / "cache"
+    done = json.loads(envcrate("ensure", small_crate.archive, "--cache", cache, "--json").stdout)
+    prefix = Path(done["prefix"])
+    marker = prefix / ".envcrate" / "ready"
+    prefix.joinpath(".envcrate").chmod(0o755)
+    marker.chmod(0o644)
+    marker.write_bytes(b"sha256:" + b"\xff" * 64 + b"\n\n\n{}")  # not a ready marker
+    out = envcrate("ensure", small_crate.id, "--cache", cache, "--store", tmp_path / "none")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    out = envcrate("ensure", small_crate.archive, "--cache", cache)
+    _one_line_error(out, "not a ready entry")

@@ -83,14 +83,37 @@ def _marker_lines(entry) -> list[bytes] | None:
     None when it is not a ready entry of this envcrate (entries of crate
     format 1 had two plain lines). Opened rather than stat'ed: on NFS an open
     revalidates the directory."""
-    try:
-        with open(os.path.join(entry, READY), "rb") as f:
-            head = f.read(8192).split(b"\n", 3)
-    except OSError:
+    data = read_small(os.path.join(entry, READY), 8192)
+    if data is None:
         return None
-    if len(head) < 4 or not head[0].startswith(b"sha256:") or head[2][:1] not in (b"s", b""):
+    head = data.split(b"\n", 3)
+    if (
+        len(head) < 4
+        or len(head[0]) != 71
+        or not head[0].startswith(b"sha256:")
+        or not head[0][7:].isalnum()
+        or head[2][:1] not in (b"s", b"")
+    ):
         return None
     return head
+
+
+def read_small(path: str, limit: int) -> bytes | None:
+    """At most ``limit`` bytes of the regular file at ``path``, or None: a
+    cache file another member made could be a link, a FIFO (an open that
+    never returns) or /dev/zero (a read that never ends)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_mode & 0o170000 != 0o100000:  # S_ISREG, without importing stat
+            return None
+        return os.read(fd, limit)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def read_ready(entry) -> tuple[str, str | None] | None:
@@ -101,7 +124,7 @@ def read_ready(entry) -> tuple[str, str | None] | None:
     if head is None:
         return None
     interp = head[1].decode("utf-8", "surrogateescape")
-    return head[0].decode(), (interp or None)
+    return head[0].decode("ascii"), (interp or None)
 
 
 def read_marker(entry) -> dict | None:
@@ -109,12 +132,15 @@ def read_marker(entry) -> dict | None:
     of crate format 1 had two)."""
     import json
 
-    try:
-        with open(os.path.join(entry, READY), "rb") as f:
-            parts = f.read().split(b"\n", 3)
-        return json.loads(parts[2] if parts[2][:1] == b"{" else parts[3])
-    except (OSError, ValueError, IndexError):
+    data = read_small(os.path.join(entry, READY), 16 << 20)
+    if data is None:
         return None
+    try:
+        parts = data.split(b"\n", 3)
+        marker = json.loads(parts[2] if parts[2][:1] == b"{" else parts[3])
+    except (ValueError, IndexError, RecursionError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("id"), str) else None
 
 
 def _usable(ready: tuple[str, str | None], crate_id: str, python: str | None) -> bool:
@@ -276,12 +302,11 @@ def known_id(ref: str, caches: list[str], sha256: str | None) -> str | None:
     if ref.startswith(("http://", "https://", "file://")) and sha256:
         blob = blob_digest(sha256).split(":", 1)[1]
         for c in caches:
-            try:
-                with open(os.path.join(c, "blobs", blob)) as f:
-                    known = f.read().strip()
-            except OSError:
+            data = read_small(os.path.join(c, "blobs", blob), 128)
+            if data is None:
                 continue
-            if normalize_id(known):
+            known = data.decode("ascii", "replace").strip()
+            if normalize_id(known) and len(known) == 71:
                 return known
         return None
     if hexd is not None:

@@ -119,16 +119,19 @@ def probe_memo() -> str:
 
 
 def probe(path: str, memo: str | None = None) -> Interpreter | None:
-    """What the interpreter at ``path`` is (by running it), or None if it
-    does not run. With ``memo`` (a directory), the answer is kept there and
-    reused while the interpreter's file is unchanged: the cache's fillers
-    skip starting a Python."""
+    """What the interpreter at ``path`` is (by running it isolated, without
+    ``site``: no ``.pth`` file near it runs), or None if it does not run.
+    With ``memo`` (a directory), the answer is kept there and reused while
+    the interpreter's file is unchanged: the cache's fillers skip starting
+    a Python."""
     if memo is not None:
         return _memo_probe(path, memo)
     import subprocess
 
     try:
-        out = subprocess.run([path, "-I", "-c", _PROBE], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [path, "-I", "-S", "-c", _PROBE], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
@@ -141,6 +144,10 @@ def probe(path: str, memo: str | None = None) -> Interpreter | None:
 
 
 def _memo_probe(path: str, memo: str) -> Interpreter | None:
+    """:func:`probe`, its answer kept in ``memo``: a directory of this user's
+    own, made 0700; a memo is only believed when it and its directory are
+    this user's and no one else may write them (else anyone who could
+    would choose the interpreter a venv is pointed at)."""
     import hashlib
 
     try:
@@ -152,28 +159,73 @@ def _memo_probe(path: str, memo: str) -> Interpreter | None:
     spot = os.path.join(
         memo, hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     )
-    try:
-        with open(spot) as f:
-            kept = json.load(f)
-        if kept["sig"] == sig:
+    kept = _read_memo(memo, spot)
+    if kept is not None and kept.get("sig") == sig:
+        try:
             return Interpreter(*kept["it"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+        except (KeyError, TypeError):
+            pass
     it = probe(path)
     if it is not None:
-        tmp = f"{spot}.{os.getpid()}"
-        try:
-            os.makedirs(memo, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            with open(fd, "w") as f:
-                json.dump({"sig": sig, "it": list(dataclasses.astuple(it))}, f)
-            os.replace(tmp, spot)
-        except OSError:  # a full disk, a read-only home: only a memo is lost
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        _write_memo(memo, spot, {"sig": sig, "it": list(dataclasses.astuple(it))})
     return it
+
+
+def _own_private(st: os.stat_result) -> bool:
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _read_memo(memo: str, spot: str) -> dict | None:
+    try:
+        if not _own_private(os.stat(memo)):
+            return None
+        fd = os.open(spot, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or not _own_private(st):
+                return None
+            data = os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
+        kept = json.loads(data)
+        return kept if isinstance(kept, dict) else None
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def _make_dirs(path: str) -> None:
+    """``path`` and its missing parents, none of them writable by others
+    whatever the umask (the memo's parent is the default cache)."""
+    if os.path.isdir(path):
+        return
+    _make_dirs(os.path.dirname(path))
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    from .fsutil import current_umask
+
+    os.chmod(path, 0o755 & ~current_umask())
+
+
+def _write_memo(memo: str, spot: str, kept: dict) -> None:
+    import tempfile
+
+    try:
+        _make_dirs(memo)
+        os.chmod(memo, 0o700)  # whatever the umask made of it, or of an older one
+        fd, tmp = tempfile.mkstemp(dir=memo, prefix=".memo-")  # 0600
+    except OSError:  # a full disk, a read-only home: only a memo is lost
+        return
+    try:
+        with open(fd, "w") as f:
+            json.dump(kept, f)
+        os.replace(tmp, spot)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 def find_interpreter(
@@ -222,6 +274,9 @@ def find_interpreter(
             if why:
                 passed.append(f"{cand} ({why})")
                 continue
+            # The file that was checked, not a link to it: a link's own
+            # directory could hold a pyvenv.cfg that makes it another Python.
+            cand = os.path.realpath(cand)
         tried.append(cand)
         it = probe(cand, memo)
         if fits(it):
@@ -240,14 +295,15 @@ _INTERPRETER = re.compile(r"(python|pypy|\U0001d70bthon)(\d+(\.\d+)*)?[a-z]?")
 def untrusted_interpreter(path: str) -> str | None:
     """Why the interpreter a crate names (where it was built) is not run
     here, or None. A manifest is untrusted input, so only what looks like an
-    installed interpreter is started: an absolute path named like one, a
-    regular executable ELF file (not a script), owned by root or this user
-    and not writable by others, in a directory of which the same holds."""
+    installed interpreter is started (by its real path): an absolute path
+    named like one, a regular executable ELF file (not a script), owned by
+    root or this user and not writable by others, in directories of which
+    the same holds up to the root (a world-writable one only if sticky)."""
     if not os.path.isabs(path) or not _INTERPRETER.fullmatch(os.path.basename(path)):
         return "not named like a Python interpreter"
     real = os.path.realpath(path)
     try:
-        st, up = os.stat(real), os.stat(os.path.dirname(real))
+        st = os.stat(real)
         with open(real, "rb") as f:
             magic = f.read(4)
     except OSError as e:
@@ -255,9 +311,20 @@ def untrusted_interpreter(path: str) -> str | None:
     if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111 or magic != b"\x7fELF":
         return "not an executable ELF file"
     me = os.getuid()
-    for what, s in (("it", st), ("its directory", up)):
-        if s.st_uid not in (0, me):
-            return f"{what} belongs to uid {s.st_uid}, not to root or you"
-        if s.st_mode & 0o002:
-            return f"{what} is writable by anyone"
-    return None
+    if st.st_uid not in (0, me):
+        return f"it belongs to uid {st.st_uid}, not to root or you"
+    if st.st_mode & 0o022:
+        return "it is writable by others"
+    d = os.path.dirname(real)
+    while True:
+        try:
+            up = os.stat(d)
+        except OSError as e:
+            return e.strerror or "unreadable"
+        if up.st_uid not in (0, me):
+            return f"{d} belongs to uid {up.st_uid}, not to root or you"
+        if up.st_mode & 0o002 and not up.st_mode & 0o1000:
+            return f"{d} is writable by anyone"
+        if d == os.path.dirname(d):
+            return None
+        d = os.path.dirname(d)

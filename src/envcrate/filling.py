@@ -17,9 +17,9 @@ import os
 import time
 
 from .cache import READY, Ensured, entry_key, find_ready
-from .errors import EnvcrateError, NotFoundError
+from .errors import ArchiveError, EnvcrateError, NotFoundError
 from .events import Events
-from .fsutil import make_dirs_under, unlink_quietly
+from .fsutil import group_shared, make_dirs_under, unlink_quietly
 from .ids import blob_digest, normalize_id
 
 HEARTBEAT = 2.0  # seconds between a filler's holder-file touches
@@ -254,23 +254,6 @@ def _fill(
     # processes that only wait never start a Python to probe.
     with _CrateLock(cache, name, ev, ready) as lock:
         found = ready()
-        if found is None:
-            from .compat import check_host, probe_memo, require_supported_os
-            from .unpacker import interpreter_for
-
-            require_supported_os()
-            manifest = source.manifest(dl, ev)
-            if manifest.id != crate_id:
-                from .errors import DigestMismatchError
-
-                raise DigestMismatchError(
-                    f"{ref_of(source)} holds crate {manifest.id}, not {crate_id}; "
-                    "it is corrupt or was replaced"
-                )
-            check_host(manifest.platform)
-            interpreter = interpreter_for(manifest, python, probe_memo())
-            interp_path = interpreter.executable if interpreter is not None else None
-            found = find_ready(caches, crate_id, interp_path)  # --python named a venv's python
         if found is not None:
             c, k, _ = found
             return Ensured(
@@ -278,13 +261,41 @@ def _fill(
             )
         from pathlib import Path  # only the filler gets here
 
-        key = entry_key(crate_id, interp_path)
-        entry = Path(cache, "e", key)
+        from .compat import check_host, probe_memo, require_supported_os
+        from .unpacker import interpreter_for, read_head
+
+        require_supported_os()
+        manifest = source.manifest(dl, ev)
+        if manifest.id != crate_id:
+            raise _not_the_crate(source, manifest.id, crate_id)
+        check_host(manifest.platform)
         if lock.held:
             _clean_abandoned(cache, name)
         _clean_dead_downloads(dl)
         path, blob, downloaded = source.archive(dl, ev, progress)
         try:
+            # The archive's head, checked against the crate id, before the
+            # interpreter its manifest names is looked for (a store record
+            # alone is not checked against anything).
+            try:
+                head = read_head(path)
+            except ArchiveError:
+                if blob:  # say what is wrong with the bytes, not where it showed first
+                    from .unpacker import _check_blob
+
+                    _check_blob(path, blob)
+                raise
+            if head.id != crate_id or head.data != manifest.data:
+                raise _not_the_crate(source, head.id, crate_id)
+            interpreter = interpreter_for(manifest, python, probe_memo())
+            interp_path = interpreter.executable if interpreter is not None else None
+            found = find_ready(caches, crate_id, interp_path)  # --python named a venv's python
+            if found is not None:
+                c, k, _ = found
+                state = "WAITED" if lock.waited else "HIT"
+                return Ensured(crate_id, os.path.join(c, "e", k), state, c, k, 0)
+            key = entry_key(crate_id, interp_path)
+            entry = Path(cache, "e", key)
             from .unpacker import fill
 
             placed = fill(
@@ -298,13 +309,30 @@ def _fill(
                 phase=ev.emit,
                 seal=lambda tmp: _seal(tmp, manifest, blob, interp_path),
                 read_only=True,
+                group=group_shared(cache),
             )
         finally:
             if downloaded:
                 unlink_quietly(path)
+        if not placed and find_ready([cache], crate_id, interp_path) is None:
+            # Something else sits at the entry's name (another member's, in a
+            # shared cache, that only its owner can remove).
+            raise EnvcrateError(
+                f"{entry} exists but is not a ready entry of {crate_id}; "
+                "remove it (envcrate gc --cache, as its owner) or use another --cache"
+            )
         if blob:
             _index_blob(cache, blob, crate_id)
         return Ensured(crate_id, str(entry), "READY" if placed else "WAITED", cache, key, 0)
+
+
+def _not_the_crate(source: _Source, got: str, crate_id: str):
+    from .errors import DigestMismatchError
+
+    return DigestMismatchError(
+        f"{ref_of(source)} holds crate {got}, not {crate_id} (or its manifest differs from its "
+        "record); it is corrupt or was replaced"
+    )
 
 
 def ref_of(source: _Source) -> str:

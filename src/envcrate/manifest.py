@@ -210,7 +210,14 @@ class Manifest:
             data = json.loads(raw)
         except (ValueError, RecursionError) as e:
             raise ArchiveError(f"the crate manifest is not valid JSON ({_one_line(e)})") from None
-        return cls.from_data(data)
+        manifest = cls.from_data(data)
+        if manifest.to_bytes() != bytes(raw):
+            # One manifest, one spelling: what unpacking writes is what was read.
+            raise ArchiveError(
+                "the crate manifest is not in envcrate's canonical JSON; the archive is corrupt "
+                "or was not made by envcrate"
+            )
+        return manifest
 
     @classmethod
     def from_data(cls, data) -> Manifest:
@@ -228,7 +235,7 @@ MAX_TABLE = 256 << 20  # bytes of file table (about 2.5 million entries)
 MAX_FILE = 1 << 44  # bytes; a larger file is refused (16 TiB)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"sha256:[0-9a-f]{64}")
-_VERSION = re.compile(r"\d+(\.\d+)*")
+_VERSION = re.compile(r"\d{1,9}(\.\d{1,9}){0,9}")
 # What a base-interpreter link may be called: bin/python, bin/python3.11, bin/pypy3, bin/python3.13t...
 BASE_LINK = re.compile(r"bin/(python|pypy|\U0001d70bthon)(\d+(\.\d+)?)?t?")
 
@@ -249,6 +256,9 @@ def check_manifest(data) -> None:
         raise ArchiveError(
             "the crate manifest is not a JSON object; this is not an envcrate archive"
         )
+    odd = _odd_string(data)
+    if odd is not None:
+        raise bad("text", f"holds a string that is not a file name's one spelling ({odd[:60]!a})")
     schema = data.get("schema")
     if type(schema) is not int:
         raise bad("schema", "is not a number")
@@ -349,6 +359,29 @@ def check_manifest(data) -> None:
     for key in ("flags", "conda"):
         if key in data and not isinstance(data[key], dict):
             raise bad(key, "is not an object")
+
+
+def _odd_string(obj, depth: int = 0) -> str | None:
+    """A string in ``obj`` (JSON) that does not stand for one sequence of
+    bytes: a lone surrogate, or escapes of bytes that are valid UTF-8 (names
+    and prefixes are bytes on disk; two spellings of one would compare
+    unequal and land as one)."""
+    if isinstance(obj, str):
+        try:
+            back = obj.encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")
+        except UnicodeError:
+            return obj
+        return None if back == obj else obj
+    if depth > 20:
+        return "(nested too deeply)"
+    if isinstance(obj, dict):
+        obj = [*obj.keys(), *obj.values()]
+    if isinstance(obj, list):
+        for item in obj:
+            odd = _odd_string(item, depth + 1)
+            if odd is not None:
+                return odd
+    return None
 
 
 def _plain(path: str) -> bool:

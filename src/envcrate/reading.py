@@ -515,6 +515,7 @@ class TarStream:
 
     def next_member(self) -> tar.Member | None:
         pax: dict[bytes, bytes] = {}
+        pax_bytes = 0  # of all the pax headers in front of this member
         while True:
             block = self.read(tar.BLOCK)
             if len(block) < tar.BLOCK:
@@ -525,19 +526,25 @@ class TarStream:
                 return None
             name, typeflag, mode, size, link = tar.parse_header(block, self.check_sums)
             if typeflag in (tar.PAX, tar.PAX_GLOBAL):
-                if size > tar.MAX_PAX:
-                    raise ArchiveError("a pax header of the archive is too large; it is corrupt")
+                pax_bytes += size
+                if pax_bytes > tar.MAX_PAX:
+                    raise ArchiveError(
+                        "a member's pax headers are too large; the archive is corrupt"
+                    )
                 data = self.read(size)
                 self.skip(tar.padding(size))
                 if typeflag == tar.PAX:
-                    pax.update(tar.parse_pax(data))
+                    # Only what envcrate writes is kept: a thousand other
+                    # keys would be memory for nothing.
+                    found = tar.parse_pax(data)
+                    pax.update((k, found[k]) for k in (b"path", b"linkpath", b"size") if k in found)
                 continue
             if b"path" in pax:
                 name = pax[b"path"]
             if b"linkpath" in pax:
                 link = pax[b"linkpath"]
             if b"size" in pax:
-                if not pax[b"size"].isdigit():
+                if not pax[b"size"].isdigit() or len(pax[b"size"]) > 20:
                     raise ArchiveError("a pax header of the archive is malformed; it is corrupt")
                 size = int(pax[b"size"])
             return tar.Member(tar.safe_name(name), typeflag, mode, size, link)

@@ -28,8 +28,12 @@ MAX_SHEBANG = 127
 
 def relocate(root: str, prefix: str, manifest: Manifest, interpreter: Interpreter | None) -> None:
     new = prefix.encode("utf-8", "surrogateescape")
-    # Longest placeholder first, so a longer spelling is not half-replaced by a shorter one.
-    records = sorted(manifest.prefix_files, key=lambda r: len(r["placeholder"]), reverse=True)
+    # Longest placeholder first, so a longer spelling is not half-replaced by
+    # a shorter one; then in the spec's order, whatever the list's.
+    records = sorted(
+        manifest.prefix_files,
+        key=lambda r: (-len(r["placeholder"]), r["path"], r["placeholder"], r["mode"]),
+    )
     for rec in records:
         path = _member_path(root, rec["path"])
         old = rec["placeholder"].encode("utf-8", "surrogateescape")
@@ -60,14 +64,24 @@ def _member_path(root: str, rel: str) -> str:
 
 
 def _rewrite(path: str, data: bytes) -> None:
+    import tempfile
+
     mode = os.lstat(path).st_mode & 0o777
-    tmp = path + ".envcrate-tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    # A name of its own beside the file (a crate may list any name).
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".envcrate-")
     try:
-        write_all(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, mode)
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def binary_replace(data: bytes, old: bytes, new: bytes, name: str = "") -> bytes:

@@ -34,9 +34,10 @@ _META = META_DIR.encode()
 def safe_path(path: str) -> bytes:
     """The bytes of a table path, refused unless it is a plain relative path
     (no empty, ``.`` or ``..`` component, no NUL) outside ``.envcrate/``."""
-    name = path.encode("utf-8", "surrogateescape")
+    name = encoded(path)
     if (
-        not name
+        name is None
+        or not name
         or b"\0" in name
         or name[:1] == b"/"
         or name[-1:] == b"/"
@@ -58,6 +59,18 @@ def safe_path(path: str) -> bytes:
             "refusing to extract"
         )
     return name
+
+
+def encoded(text: str) -> bytes | None:
+    """The bytes a table string stands for, or None when it is not the one
+    spelling of them (a lone surrogate, or escapes of bytes that are valid
+    UTF-8): two spellings of one name would be two paths to the checks and
+    one on disk."""
+    try:
+        name = text.encode("utf-8", "surrogateescape")
+    except UnicodeError:
+        return None
+    return name if name.decode("utf-8", "surrogateescape") == text else None
 
 
 def _shown(text: str) -> str:
@@ -91,7 +104,7 @@ def check_row(row: FileRow) -> None:
         raise ArchiveError(f"the crate's file table row of {_shown(path)} is malformed")
     elif t == "d" and digest:
         raise ArchiveError(f"the crate's file table gives directory {_shown(path)} a digest")
-    elif t == "l" and (not digest or "\0" in digest or digest.startswith("/")):
+    elif t == "l" and not _link_target_ok(digest):
         raise UnsafeArchiveError(
             f"link {_shown(path)} -> {_shown(digest)} is absolute or empty; refusing to extract"
         )
@@ -166,10 +179,15 @@ def _fine_in_bulk(rows: list[FileRow]) -> bool:
         return False
     if set(map(type, sizes)) != {int} or set(map(type, digests)) != {str}:
         return False
-    keys = [p.encode("utf-8", "surrogateescape") for p in paths]
+    try:
+        keys = [p.encode("utf-8", "surrogateescape") for p in paths]
+    except UnicodeError:
+        return False
     joined = b"\0" + b"\0".join(keys) + b"\0"
     if joined.count(b"\0") != len(keys) + 1 or any(bad in joined for bad in _BAD_PATHS):
         return False
+    if joined.decode("utf-8", "surrogateescape") != "\0" + "\0".join(paths) + "\0":
+        return False  # a name spelled in two ways (see encoded)
     if not all(map(bytes.__lt__, keys, keys[1:])):
         return False
     files = [(s, d) for t, s, d in zip(types, sizes, digests) if t == "f"]
@@ -188,7 +206,12 @@ def _fine_in_bulk(rows: list[FileRow]) -> bool:
 
 
 def _link_target_ok(target: str) -> bool:
-    return bool(target) and "\0" not in target and not target.startswith("/")
+    return (
+        bool(target)
+        and "\0" not in target
+        and not target.startswith("/")
+        and encoded(target) is not None
+    )
 
 
 def _refuse_row_by_row(rows: list[FileRow]) -> None:

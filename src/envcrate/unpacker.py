@@ -91,7 +91,8 @@ def unpack(
     ``hashed``: the archive's hash, started by the caller (who cancels it)."""
     require_supported_os()
     archive = os.fspath(archive)
-    manifest = read_manifest(archive)
+    # Checked against the table before the interpreter it names is looked for.
+    manifest = read_head(archive)
     check_host(manifest.platform)
     interpreter = interpreter_for(manifest, python, probe_memo())
 
@@ -206,13 +207,35 @@ def fill(
     seal: Callable[[str], None] | None = None,
     read_only: bool = False,
     hashed: BackgroundHash | None = None,
+    group: bool = False,
 ) -> bool:
     """Extract ``archive`` into a temporary directory beside ``final`` while
     checking ``blob`` (hashing the archive meanwhile, unless ``hashed`` does)
     and that it is crate ``crate_id`` (if given), relocate it for ``final``,
     let ``seal`` finish it, and rename it into place. Returns False when
     ``final`` appeared meanwhile (another filler won): this copy is then
-    discarded."""
+    discarded. ``group``: the tree is for a group-shared cache, so it is
+    made group-readable whatever the umask (which is narrowed for the fill,
+    in this process: its writers are forked from it)."""
+    if group:
+        mask = os.umask(0)
+        os.umask(mask & ~0o050)
+        try:
+            return fill(
+                archive,
+                final,
+                manifest,
+                interpreter,
+                blob=blob,
+                crate_id=crate_id,
+                progress=progress,
+                phase=phase,
+                seal=seal,
+                read_only=read_only,
+                hashed=hashed,
+            )
+        finally:
+            os.umask(mask)
     phase = phase or (lambda state: None)
     digest = hashlib.sha256() if blob and hashed is None else None
     tmp = tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.envcrate-")

@@ -117,7 +117,7 @@ def _stream(
                     got += len(chunk)
                     if progress:
                         progress(len(chunk))
-                    deadline.moved()
+                    deadline.moved(len(chunk))
             except (OSError, http.client.HTTPException) as e:
                 reason = str(e) or type(e).__name__
                 raise Transient(

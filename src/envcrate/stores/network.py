@@ -7,8 +7,8 @@ Two settings, read from the environment each time they are needed:
   after it (and retried).
 - ``ENVCRATE_NETWORK_DEADLINE`` (seconds, default 120): how long one
   operation (a download, an upload, a request) may go on without moving a
-  byte, retries included; after it envcrate gives up with one line. A
-  transfer that moves bytes is never cut, however long it takes.
+  MiB, retries included; after it envcrate gives up with one line. A
+  transfer that keeps moving data is never cut, however long it takes.
 
 Failures that another attempt may not meet (a lost connection, a stalled
 read, HTTP 500/502/503/504) are :class:`Transient` and retried with
@@ -81,10 +81,17 @@ class Deadline:
             "the server, then try again (or raise the deadline)"
         )
 
-    def moved(self) -> None:
-        """Bytes moved: the deadline counts from now (it bounds the time
-        spent without progress, not how long a large transfer takes)."""
-        self.end = time.monotonic() + self.seconds
+    PROGRESS = 1 << 20  # bytes that count as progress: a trickle does not
+
+    def moved(self, n: int) -> None:
+        """``n`` bytes moved: once a MiB has since the deadline was last set,
+        it counts from now (it bounds the time spent without progress, not
+        how long a large transfer takes; a connection that stalls after every
+        few hundred bytes does not keep it off)."""
+        self._moved = getattr(self, "_moved", 0) + n
+        if self._moved >= self.PROGRESS:
+            self._moved = 0
+            self.end = time.monotonic() + self.seconds
 
     def read_timeout(self) -> float:
         """The stall timeout, but no longer than what is left."""

@@ -223,7 +223,7 @@ class S3Store(Store):
                 if progress:
                     progress(n)
                 if n > 0:
-                    deadline.moved()
+                    deadline.moved(n)
 
             try:
                 self._abort_stale(full)
@@ -277,7 +277,7 @@ class S3Store(Store):
                 if progress:
                     progress(n)
                 if n > 0:
-                    deadline.moved()
+                    deadline.moved(n)
 
             try:
                 self.client.download_file(
