@@ -587,3 +587,49 @@ def test_verify_tells_a_planted_entry(users, shipped, small_crate, user_dir, env
     assert text.stderr.strip().count("\n") == 0 and text.stderr.startswith("envcrate: error:"), (
         text.stderr
     )
+
+
+def test_the_shell_lease_of_activate_is_not_written_through_a_symlink(
+    users, shipped, small_crate, user_dir, env
+):
+    """H1: the evaluating shell makes its own lease ``leases/<key>/<host>.<boot>.<$$>``
+    in a group-writable directory; a member's symlink under that name (the
+    pid known here; guessed or sprayed otherwise) to the victim's file: the
+    shell removes the name and creates its lease new, the file is intact."""
+    from servers import wait_for
+
+    from envcrate.leases import lease_name
+
+    one, two, _ = users
+    cache = shared_cache(user_dir / "shared", env)
+    args = ["--store", shipped, "--cache", cache]
+    key = os.path.basename(ok(as_member(one, env, "ensure", "small", *args, "--json"))["prefix"])
+    succeeds(as_member(one, env, "run", "small", *args, "--", "true"))  # makes leases/<key>
+    rc = private_file(one, one.home / f"rc-{user_dir.name}", "# my precious rc\n")
+    pidfile, go = one.home / f"shell-{user_dir.name}.pid", user_dir / "go"
+    cli = f"{sys.executable} -m envcrate.cli activate small {' '.join(map(str, args))} --shell sh"
+    script = (
+        f"echo $$ > {pidfile}; while [ ! -e {go} ]; do sleep 0.02; done; "
+        f'out=$({cli}) || exit 9; eval "$out"; echo "$VIRTUAL_ENV"'
+    )
+    shell = subprocess.Popen(
+        [str(a) for a in one.cmd(["sh", "-c", script], shared=True)],
+        env=one.env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pid = wait_for(lambda: pidfile.read_text().strip(), 30, "the shell's pid")
+        lease = cache / "leases" / key / lease_name(pid)
+        member_sh(two, f"ln -s {rc} {lease}")
+        go.touch()
+        out, err = shell.communicate(timeout=120)
+    finally:
+        shell.kill()
+        shell.wait()
+    assert shell.returncode == 0, err
+    assert out.strip() == str(cache / "e" / key)
+    unchanged(rc, "# my precious rc\n")
+    st = lease.lstat()
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == one.uid
