@@ -322,3 +322,314 @@ def test_gc_as_the_owner_makes_an_older_shared_cache_sticky(user_dir, env):
     ok(envcrate("gc", "--cache", cache, "--json", env=env))
     assert stat.S_IMODE((cache / "e").stat().st_mode) == 0o3775
     assert stat.S_IMODE((cache / "used").stat().st_mode) == 0o2775
+
+
+# ------------------------------------------------ one member against another (review)
+#
+# In a group-shared cache every member may add names to its directories. These
+# tests plant, as member two, what the security review found (symlinks, FIFOs,
+# devices, a held lock, an entry) and check that member one's envcrate neither
+# writes through them nor hangs on them. See cache_layout.md, Permissions.
+
+
+def as_member(user, env, *args, **kw):
+    return user.envcrate(*args, env=env, shared=True, **kw)
+
+
+def member_sh(user, script: str) -> None:
+    """``script`` run by ``/bin/sh`` as ``user`` with the shared group."""
+    out = run(user.cmd(["sh", "-c", script], shared=True))
+    assert out.returncode == 0, (script, out.stderr)
+
+
+def private_file(user, path: Path, text: str, days_old: float = 0) -> Path:
+    path.write_text(text)
+    os.chown(path, user.uid, user.gid)
+    path.chmod(0o600)
+    if days_old:
+        t = time.time() - days_old * 86400
+        os.utime(path, (t, t))
+    return path
+
+
+def unchanged(path: Path, text: str) -> None:
+    st = path.lstat()
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600, stat.filemode(st.st_mode)
+    assert path.read_text() == text
+
+
+def test_symlinks_planted_in_locks_and_used_are_not_followed(
+    users, shipped, small_crate, user_dir, env
+):
+    """H1: a member's symlinks under the names of the crate's lock and holder
+    files (cold path) and of an entry's stamp (warm path) to the victim's
+    files: nothing is truncated, written, chmod-ed or created through them."""
+    one, two, _ = users
+    cache = shared_cache(user_dir / "shared", env)
+    secret = private_file(one, one.home / f"secret-{user_dir.name}", "top secret\n")
+    rc = private_file(one, one.home / f"rc-{user_dir.name}", "# my precious rc\n")
+    id16 = small_crate.id.split(":", 1)[1][:16]
+    member_sh(
+        two, f"ln -s {secret} {cache}/locks/{id16}.lock; ln -s {rc} {cache}/locks/{id16}.holder"
+    )
+    args = ["--store", shipped, "--cache", cache, "--json"]
+    first = ok(as_member(one, env, "ensure", "small", *args))
+    assert first["state"] == "READY"
+    unchanged(secret, "top secret\n")
+    unchanged(rc, "# my precious rc\n")
+    # The stamp: used/ is not sticky; a dangling symlink there must not make
+    # the victim create a (group-writable) file where the link points.
+    key = os.path.basename(first["prefix"])
+    job = one.home / f"job-{user_dir.name}.sh"
+    member_sh(two, f"rm -f {cache}/used/{key}; ln -s {job} {cache}/used/{key}")
+    warm = ok(as_member(one, env, "ensure", "small", *args))
+    assert warm["state"] == "HIT"
+    assert not os.path.lexists(job)
+
+
+def test_part_and_index_files_cannot_be_planted(users, shipped, small_crate, user_dir, env):
+    """H1: a download from an http store and the blob and tag index records
+    it writes go to names no member can plant a symlink under in advance
+    (the old ones were ``<pid>``-named: here the attacker knows the pid)."""
+    from servers import HttpServer, wait_for
+
+    from envcrate.leases import this_host
+
+    one, two, _ = users
+    cache = shared_cache(user_dir / "shared", env)
+    notes = {
+        n: private_file(one, one.home / f"{n}-{user_dir.name}", f"{n}\n")
+        for n in ("notes", "blobidx", "tagidx")
+    }
+    server = HttpServer(shipped)
+    pidfile, go = one.home / f"victim-{user_dir.name}.pid", user_dir / "go"
+    script = f'echo $$ > {pidfile}; while [ ! -e {go} ]; do sleep 0.02; done; exec "$@"'
+    argv = ["sh", "-c", script, "sh", sys.executable, "-m", "envcrate.cli", "ensure", "small"]
+    argv += ["--store", server.url, "--cache", cache, "--json"]
+    try:
+        victim = subprocess.Popen(
+            [str(a) for a in one.cmd(argv, shared=True)],
+            env=one.env(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        pid = wait_for(lambda: pidfile.read_text().strip(), 30, "the victim's pid")
+        blob = small_crate.blob.split(":", 1)[1]
+        host = this_host().replace(".", "_")
+        member_sh(
+            two,
+            f"ln -s {notes['notes']} {cache}/dl/.{blob}.{host}-{pid}.part; "
+            f"ln -s {notes['blobidx']} {cache}/blobs/.{blob}.{pid}.tmp; "
+            f"mkdir -p {cache}/tags; ln -s {notes['tagidx']} {cache}/tags/.small.{pid}.tmp",
+        )
+        go.touch()
+        out, err = victim.communicate(timeout=120)
+    finally:
+        server.stop()
+    assert victim.returncode == 0, err
+    assert json.loads(out)["state"] == "READY"
+    for name, path in notes.items():
+        unchanged(path, f"{name}\n")
+    # The index records were written all the same, as regular files.
+    assert (cache / "blobs" / blob).read_text().strip() == small_crate.id
+    assert (cache / "tags" / "small").read_text().strip() == small_crate.id
+
+
+def test_a_symlinked_lease_directory_is_not_cleaned(users, shipped, small_crate, user_dir, env):
+    """H2: ``leases/<x>`` made a symlink to the victim's directory: neither
+    ``gc`` nor ``ls --cache`` (which drop dead leases) removes anything there,
+    whatever the names; in a real lease directory only regular files of the
+    lease form are dropped."""
+    one, two, _ = users
+    cache = shared_cache(user_dir / "shared", env)
+    data = one.home / f"data-{user_dir.name}"
+    data.mkdir(mode=0o700)
+    os.chown(data, one.uid, one.gid)
+    files = {
+        n: private_file(one, data / n, f"{n}\n", days_old=5)
+        for n in ("results.csv", "thesis.tex", "otherhost.0123456789ab.42")
+    }
+    ok(as_member(one, env, "ensure", "small", "--store", shipped, "--cache", cache, "--json"))
+    key = os.listdir(cache / "e")[0]
+    member_sh(
+        two,
+        f"ln -s {data} {cache}/leases/0123456789abcdef-00000000; "
+        f"mkdir -p {cache}/leases/{key}; ln -s {data}/thesis.tex {cache}/leases/{key}/x.0123456789ab.7",
+    )
+    ok(as_member(one, env, "ls", "--cache", cache, "--json"))
+    ok(as_member(one, env, "gc", "--cache", cache, "--json"))
+    for name, path in files.items():
+        unchanged(path, f"{name}\n")
+
+
+def test_fifos_and_devices_in_index_files_neither_hang_nor_flood(
+    users, shipped, small_crate, user_dir, env
+):
+    """M3: tag records that are a FIFO (an open would block) or a symlink to
+    ``/dev/zero`` (a read would not end) are skipped by ``ls --cache``; a
+    FIFO under the crate's holder-file name does not block a cold fill."""
+    one, two, _ = users
+    cache = shared_cache(user_dir / "shared", env)
+    id16 = small_crate.id.split(":", 1)[1][:16]
+    member_sh(
+        two,
+        f"mkdir -p {cache}/tags; mkfifo {cache}/tags/fifo; ln -s /dev/zero {cache}/tags/zero; "
+        f"mkfifo {cache}/locks/{id16}.holder",
+    )
+    args = ["--store", shipped, "--cache", cache, "--json"]
+    ok(as_member(one, env, "ensure", "small", *args, timeout=120))
+    # Under a memory limit: the old unbounded read would end in MemoryError.
+    limited = ["sh", "-c", 'ulimit -v 2000000; exec "$@"', "sh", sys.executable, "-m"]
+    out = run(
+        one.cmd([*limited, "envcrate.cli", "ls", "--cache", cache, "--json"], shared=True),
+        env=one.env(env),
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    listed = json.loads(out.stdout)
+    assert "Traceback" not in out.stderr
+    assert any(small_crate.id == e["id"] for e in listed["crates"]), listed
+
+
+LOCK_HOLDER = """
+import fcntl, os, sys, time
+lock, holder, held = sys.argv[1:4]
+fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o664)
+os.fchmod(fd, 0o664)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+with open(holder, "w") as f:
+    f.write("somehost\\n1\\n")
+open(held, "w").close()
+while True:  # a heartbeat that never stops
+    os.utime(holder)
+    time.sleep(0.5)
+"""
+
+
+def test_a_member_holding_the_crate_lock_forever_is_given_up_on(
+    users, shipped, small_crate, user_dir, env
+):
+    """M5: a member takes the crate's lock and keeps its heartbeat fresh;
+    another member's cold ensure waits at most ENVCRATE_LOCK_WAIT seconds,
+    then fills itself."""
+    from servers import wait_for
+
+    one, two, _ = users
+    cache = shared_cache(user_dir / "shared", env)
+    id16 = small_crate.id.split(":", 1)[1][:16]
+    held = two.home / f"held-{user_dir.name}"
+    argv = [sys.executable, "-c", LOCK_HOLDER, f"{cache}/locks/{id16}.lock"]
+    argv += [f"{cache}/locks/{id16}.holder", held]
+    holder = subprocess.Popen([str(a) for a in two.cmd(argv, shared=True)])
+    try:
+        wait_for(held.exists, 30, "the member holding the lock")
+        out = as_member(
+            one,
+            dict(env, ENVCRATE_LOCK_WAIT="3"),
+            "ensure",
+            "small",
+            "--store",
+            shipped,
+            "--cache",
+            cache,
+            "--json",
+            timeout=90,
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads(succeeds(out).stdout)["state"] == "READY"
+
+
+def test_verify_tells_a_planted_entry(users, shipped, small_crate, user_dir, env):
+    """H5: a member may add the entry of a crate that is not cached yet (and
+    the warm path uses it: members trust each other's fills), but
+    ``verify --cache`` checks the entry's file table and manifest against
+    the crate id and reports a planted one."""
+    one, two, _ = users
+    private = one.home / f"cache-{user_dir.name}"
+    real = Path(
+        ok(
+            one.envcrate(
+                "ensure", "small", "--store", shipped, "--cache", private, "--json", env=env
+            )
+        )["prefix"]
+    )
+    good = ok(one.envcrate("verify", small_crate.id, "--cache", private, "--json", env=env))
+    assert good["ok"], good
+    cache = shared_cache(user_dir / "shared", env)
+    e = cache / "e" / real.name
+    # The real entry's ready marker, with no relocated files to check.
+    head, _, record = (real / ".envcrate" / "ready").read_bytes().rpartition(b"\n")
+    marker = json.loads(record)
+    marker["local"] = {}
+    ready = two.home / f"ready-{user_dir.name}"
+    ready.write_bytes(head + b"\n" + json.dumps(marker).encode())
+    ready.chmod(0o644)
+    table = '["d","755",0,"","bin"]\\n["f","755",%d,"%s","bin/python"]\\n'
+    member_sh(
+        two,
+        f"E={e}; mkdir -p $E/.envcrate $E/bin; "
+        "printf '#!/bin/sh\\necho PWNED\\n' > $E/bin/python; chmod 755 $E/bin/python; "
+        "H=$(sha256sum $E/bin/python | cut -c1-64); "
+        f"printf '{table}' $(stat -c %s $E/bin/python) $H > $E/.envcrate/files.jsonl; "
+        f"cp {ready} $E/.envcrate/ready; cp {real}/.envcrate/manifest.json $E/.envcrate/; chmod -R a-w $E",
+    )
+    hit = ok(as_member(one, env, "ensure", small_crate.id, "--cache", cache, "--json"))
+    assert hit["state"] == "HIT"  # trusted, as every member's fill is
+    out = as_member(one, env, "verify", small_crate.id, "--cache", cache, "--json")
+    assert out.returncode != 0, out.stdout
+    report = json.loads(out.stdout)
+    assert not report["ok"] and "not the crate" in report["entries"][0]["error"], report
+    text = as_member(one, env, "verify", small_crate.id, "--cache", cache)
+    assert text.returncode != 0 and "Traceback" not in text.stderr, text.stderr
+    assert text.stderr.strip().count("\n") == 0 and text.stderr.startswith("envcrate: error:"), (
+        text.stderr
+    )
+
+
+def test_the_shell_lease_of_activate_is_not_written_through_a_symlink(
+    users, shipped, small_crate, user_dir, env
+):
+    """H1: the evaluating shell makes its own lease ``leases/<key>/<host>.<boot>.<$$>``
+    in a group-writable directory; a member's symlink under that name (the
+    pid known here; guessed or sprayed otherwise) to the victim's file: the
+    shell removes the name and creates its lease new, the file is intact."""
+    from servers import wait_for
+
+    from envcrate.leases import lease_name
+
+    one, two, _ = users
+    cache = shared_cache(user_dir / "shared", env)
+    args = ["--store", shipped, "--cache", cache]
+    key = os.path.basename(ok(as_member(one, env, "ensure", "small", *args, "--json"))["prefix"])
+    succeeds(as_member(one, env, "run", "small", *args, "--", "true"))  # makes leases/<key>
+    rc = private_file(one, one.home / f"rc-{user_dir.name}", "# my precious rc\n")
+    pidfile, go = one.home / f"shell-{user_dir.name}.pid", user_dir / "go"
+    cli = f"{sys.executable} -m envcrate.cli activate small {' '.join(map(str, args))} --shell sh"
+    script = (
+        f"echo $$ > {pidfile}; while [ ! -e {go} ]; do sleep 0.02; done; "
+        f'out=$({cli}) || exit 9; eval "$out"; echo "$VIRTUAL_ENV"'
+    )
+    shell = subprocess.Popen(
+        [str(a) for a in one.cmd(["sh", "-c", script], shared=True)],
+        env=one.env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pid = wait_for(lambda: pidfile.read_text().strip(), 30, "the shell's pid")
+        lease = cache / "leases" / key / lease_name(pid)
+        member_sh(two, f"ln -s {rc} {lease}")
+        go.touch()
+        out, err = shell.communicate(timeout=120)
+    finally:
+        shell.kill()
+        shell.wait()
+    assert shell.returncode == 0, err
+    assert out.strip() == str(cache / "e" / key)
+    unchanged(rc, "# my precious rc\n")
+    st = lease.lstat()
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == one.uid

@@ -49,10 +49,11 @@ def environment(prefix: Path, kind: str, environ: dict[str, str]) -> Activation:
 def _state_vars(prefix: Path) -> dict[str, str]:
     """The variables ``conda env config vars set`` recorded in
     ``conda-meta/state``."""
-    try:
-        with open(prefix / "conda-meta" / "state", encoding="utf-8") as f:
-            state = json.load(f)
-    except (OSError, ValueError):
+    from .fsutil import read_bounded
+
+    try:  # a regular file of a sane size (a FIFO or /dev/zero there neither hangs nor floods)
+        state = json.loads(read_bounded(prefix / "conda-meta" / "state", 1 << 20))
+    except (OSError, ValueError, RecursionError):
         return {}
     env_vars = state.get("env_vars") if isinstance(state, dict) else None
     if not isinstance(env_vars, dict):
@@ -108,10 +109,13 @@ def shell_code(shell: str, act: Activation, lease: tuple[str, str, str | None]) 
                 lines.append(f"set -gx {k} {_fish_q(v)}")
         lines += [f"set -e {k}" for k in unset]
         lines.append("functions -e deactivate 2>/dev/null")
+        # A new file (`>?` fails on an existing name, symlinks included), in a
+        # lease directory that is no symlink: see the sh version below.
         lines.append(
             "set -l __envcrate_umask (umask); umask 022; "
-            f"mkdir -p {_fish_q(lease_dir)} 2>/dev/null; "
-            f"and touch {_fish_q(mine)}$fish_pid 2>/dev/null; umask $__envcrate_umask"
+            f"mkdir -p {_fish_q(lease_dir)} 2>/dev/null; and test ! -L {_fish_q(lease_dir)}; "
+            f"and rm -f {_fish_q(mine)}$fish_pid 2>/dev/null; "
+            f"and true >?{_fish_q(mine)}$fish_pid 2>/dev/null; umask $__envcrate_umask"
         )
         if short:
             lines.append(f"rm -f {_fish_q(short)} 2>/dev/null")
@@ -120,8 +124,16 @@ def shell_code(shell: str, act: Activation, lease: tuple[str, str, str | None]) 
     lines = [f"{k}={_sq(v)}; export {k}" for k, v in new.items()]
     lines.append("unset " + " ".join(unset))
     lines.append("unset -f deactivate 2>/dev/null || true")
-    # In a subshell, for its umask; $$ is still the evaluating shell's pid.
-    lines.append(f'(umask 022 && mkdir -p {_sq(lease_dir)} && : > {_sq(mine)}"$$") 2>/dev/null')
+    # In a subshell, for its umask and noclobber; $$ is still the evaluating
+    # shell's pid. In a shared cache the lease directory is group-writable: a
+    # member may have put a symlink there under our lease's name (or made the
+    # directory a symlink), which a plain `: >` would follow and truncate. So:
+    # no symlinked directory, the name removed, then created new (`set -C`
+    # opens with O_EXCL, which follows no symlink).
+    lines.append(
+        f"(umask 022 && mkdir -p {_sq(lease_dir)} && [ ! -h {_sq(lease_dir)} ] && "
+        f'rm -f {_sq(mine)}"$$" && set -C && : > {_sq(mine)}"$$") 2>/dev/null'
+    )
     if short:
         lines.append(f"rm -f {_sq(short)} 2>/dev/null")
     lines.append("hash -r 2>/dev/null || true")

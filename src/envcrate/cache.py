@@ -177,12 +177,22 @@ def find_ready(caches: list, crate_id: str, python: str | None, blob: str | None
 
 def stamp(cache: str, key: str) -> None:
     """Refresh the entry's last-use stamp, at most once a minute. Stamps are
-    group-writable in a shared cache (any member refreshes them in place)."""
+    group-writable in a shared cache (any member refreshes them in place).
+    ``used/`` is not sticky, so another member may replace a stamp by a
+    symlink or FIFO: the stamp is looked at with ``lstat``, touched through
+    a descriptor opened without following a symlink (a regular file only),
+    and created new only where nothing is."""
     path = os.path.join(cache, "used", key)
     try:
-        if time.time() - os.stat(path).st_mtime < STAMP_EVERY:
-            return
-        os.utime(path)
+        st = os.lstat(path)
+        if time.time() - st.st_mtime < STAMP_EVERY or st.st_mode & 0o170000 != 0o100000:
+            return  # fresh, or not a stamp envcrate made: left alone
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_mode & 0o170000 == 0o100000:
+                os.utime(fd)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         try:
             from .fsutil import create_file, make_dirs_under, shared_mode

@@ -19,11 +19,20 @@ from pathlib import Path
 from . import leases
 from .cache import read_marker
 from .errors import EnvcrateError, NotFoundError
-from .fsutil import make_dirs_under, remove_tree, sha256_file
+from .fsutil import (
+    make_dirs_under,
+    open_regular,
+    read_bounded,
+    read_small,
+    remove_tree,
+    sha256_file,
+)
 from .ids import normalize_id
 from .manifest import FILES_MEMBER, decode_table
 
 ABANDONED = 3600.0  # temporary directories and downloads older than this are abandoned
+TAG_BYTES = 256  # a tag or index record is a crate id and a newline
+ENTRY_FILE_BYTES = 1 << 30  # an entry's file table or manifest is read up to this size
 
 # A cache's directories, and whether each is sticky in a group-shared cache
 # (members add to it, and remove only what is theirs). Not sticky: leases/
@@ -64,9 +73,9 @@ def _tags(cache: Path) -> dict[str, list[str]]:
     except OSError:
         return out
     for name in names:
-        try:
-            crate_id = (cache / "tags" / name).read_text().strip()
-        except OSError:
+        try:  # a short regular file: never a FIFO (a hang) or /dev/zero (no end)
+            crate_id = read_small(cache / "tags" / name, TAG_BYTES).decode().strip()
+        except (OSError, UnicodeDecodeError):
             continue
         out.setdefault(crate_id, []).append(name)
     return out
@@ -134,11 +143,36 @@ def find(caches: list[Path], ref: str) -> list[dict]:
 
 def verify(prefix: Path) -> dict:
     """Every file of an unpacked crate against its file table (and, for the
-    files relocation rewrote, against the digests recorded then)."""
+    files relocation rewrote, against the digests recorded then). First the
+    table and the manifest must hash to the crate id the entry claims to be
+    (its ready marker's): in a group-shared cache any member may add the
+    entry of a crate not cached yet, and one whose own table describes
+    other files would otherwise check out. Such an entry is not ok: its
+    table and manifest are reported ``modified`` (and ``error`` says why)."""
+    from .manifest import MANIFEST_MEMBER, Manifest, crate_id_of
+
     marker = read_marker(prefix) or {}
     local = marker.get("local", {})
-    with open(prefix / FILES_MEMBER, "rb") as f:
-        rows = decode_table(f.read())
+    claimed = marker.get("id")
+    table = read_bounded(prefix / FILES_MEMBER, ENTRY_FILE_BYTES)
+    try:
+        manifest = Manifest.from_bytes(read_bounded(prefix / MANIFEST_MEMBER, ENTRY_FILE_BYTES))
+        content_id = crate_id_of(table, manifest.data)
+    except (OSError, EnvcrateError) as e:
+        content_id, why = None, f"its manifest cannot be read ({getattr(e, 'strerror', None) or e})"
+    else:
+        why = f"its file table and manifest are those of {content_id}"
+    if content_id is None or content_id != claimed or manifest.id != claimed:
+        return {
+            "id": claimed,
+            "prefix": str(prefix),
+            "modified": sorted([FILES_MEMBER, MANIFEST_MEMBER]),
+            "missing": [],
+            "extra": [],
+            "ok": False,
+            "error": f"{prefix} is not the crate {claimed}: {why} (a planted or altered entry)",
+        }
+    rows = decode_table(table)
     modified, missing = [], []
     expected = set(local)
     for row in rows:
@@ -348,9 +382,14 @@ def _unused_lock(cache: Path, lock: Path, now: float) -> bool:
 def _unlink_if_free(lock: Path) -> None:
     import fcntl
 
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    try:  # a symlink or FIFO planted under the name is not opened (only unlinked, as a name)
+        fd = open_regular(lock, os.O_RDWR)
     except OSError:
+        try:
+            if not os.path.isfile(lock) or os.path.islink(lock):
+                os.unlink(lock)
+        except OSError:
+            pass
         return
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

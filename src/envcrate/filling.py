@@ -24,6 +24,15 @@ from .ids import blob_digest, normalize_id
 
 HEARTBEAT = 2.0  # seconds between a filler's holder-file touches
 STALE = 30.0  # a holder silent this long (e.g. on a dead host) is ignored
+LOCK_WAIT = 600.0  # seconds a waiter waits for a live holder at most, then fills itself
+LOCK_WAIT_VAR = "ENVCRATE_LOCK_WAIT"  # overrides LOCK_WAIT (seconds)
+
+
+def _lock_wait() -> float:
+    try:
+        return max(0.0, float(os.environ[LOCK_WAIT_VAR]))
+    except (KeyError, ValueError):
+        return LOCK_WAIT
 
 
 def writable_cache(caches: list[str]) -> str:
@@ -99,21 +108,30 @@ def _remember_tag(caches: list[str], tag: str, crate_id: str) -> None:
 
 def _write_index(path: str, crate_id: str) -> None:
     """Write a small index file (``0644``, whatever the umask) through a
-    temporary name beside it, which a failure (a full disk) removes."""
-    from .fsutil import create_file, write_all
+    temporary file of a random name beside it (made new, ``O_EXCL``: no
+    name another member could plant a symlink under), which a failure (a
+    full disk) removes. The directory is opened without following a
+    symlink, and the temporary file is renamed relative to it."""
+    from .fsutil import make_temp, open_dir, write_all
 
     d, name = os.path.split(path)
-    tmp = os.path.join(d, f".{name}.{os.getpid()}.tmp")
+    dfd = open_dir(d)
     try:
-        fd = create_file(tmp, 0o644, os.O_WRONLY | os.O_TRUNC)
+        fd, tmp = make_temp(d, f".{name}.", ".tmp", 0o644, dir_fd=dfd)
         try:
-            write_all(fd, (crate_id + "\n").encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
+            try:
+                write_all(fd, (crate_id + "\n").encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(dfd)
 
 
 # ---------------------------------------------------------------- sources of archives
@@ -212,11 +230,14 @@ class _StoreCrate(_Source):
         if root is not None:  # a directory store: read the blob in place
             ev.emit("DOWNLOADING", bytes=a.get("size"), store=self.store.url)
             return os.path.join(root, blob_key(a["blob"])), a["blob"], False
+        from .fsutil import make_temp
         from .progress import bar
 
-        tmp = os.path.join(dl, f".{a['blob'].split(':', 1)[1]}.{_me()}.part")
+        # A new file of an unguessable name (sticky dl/: nobody else may
+        # replace it): no symlink planted in advance can be written through.
+        fd, tmp = make_temp(dl, f".{a['blob'].split(':', 1)[1]}.{_me()}.", ".part", 0o600)
+        os.close(fd)
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
             ev.emit("DOWNLOADING", bytes=a.get("size"), store=self.store.url)
             with bar(a.get("size", 0), "downloading", progress) as tick:
                 self.store.download(blob_key(a["blob"]), tmp, tick, size=a["size"])
@@ -432,8 +453,9 @@ def _me() -> str:
 
 
 def _clean_dead_downloads(dl: str) -> None:
-    """Partial downloads (``.<blob>.<host>-<pid>.part``) of this host's
-    processes that are gone."""
+    """Partial downloads (``.<blob>.<host>-<pid>.<random>.part``, or without
+    ``<random>`` from an older envcrate) of this host's processes that are
+    gone. Removing a name never follows a symlink."""
     try:
         names = os.listdir(dl)
     except OSError:
@@ -441,7 +463,7 @@ def _clean_dead_downloads(dl: str) -> None:
     host = _me().rsplit("-", 1)[0]
     for name in names:
         parts = name.split(".")
-        if len(parts) != 4 or parts[3] not in ("part", "tar"):
+        if len(parts) not in (4, 5) or parts[-1] not in ("part", "tar"):
             continue
         who, _, pid = parts[2].rpartition("-")
         if who != host or not pid.isdigit():
@@ -532,6 +554,7 @@ class _CrateLock:
         self.waited = False
         self._stop = None  # a threading.Event, made by the filler only: waiters skip the import
         self._beat = None
+        self._holder_fd = None
 
     def __enter__(self) -> _CrateLock:
         # fcntl directly rather than filelock: importing filelock costs each of
@@ -542,12 +565,16 @@ class _CrateLock:
 
         try:  # group-writable in a shared cache: lockf needs O_RDWR
             self._fd = create_file(self.lock_path, shared_mode(self.cache), os.O_RDWR)
-        except PermissionError:
+        except OSError:
             # Another user's lock file that we may not open (made by an older
-            # envcrate): fill without it; the rename decides.
+            # envcrate), or a symlink, FIFO... planted under its name: fill
+            # without it; the rename decides.
             self._fd = None
         if self.ready() is not None:
             return self
+        # A member may hold the lock and keep its heartbeat fresh forever:
+        # after this long a waiter fills itself (the rename decides).
+        give_up = time.monotonic() + _lock_wait()
         while self._fd is not None:
             if _try_lock(self._fd, fcntl):
                 self.held = True
@@ -566,6 +593,8 @@ class _CrateLock:
                 # A silent holder (another host died, or fcntl locks are
                 # node-local here): fill ourselves; the rename decides.
                 break
+            if time.monotonic() >= give_up:
+                break
         if self.ready() is None:
             import threading
 
@@ -578,10 +607,16 @@ class _CrateLock:
     def _holder(self) -> dict | None:
         """{"host", "pid", "beat"} of the filler; the file is two plain lines
         (waiters do not import json for it)."""
-        try:
-            with open(self.holder_path, "rb") as f:
-                host, pid = f.read().decode("utf-8", "replace").split("\n")[:2]
-                beat = os.fstat(f.fileno()).st_mtime
+        from .fsutil import open_regular
+
+        try:  # a regular file only, and only its start: nothing planted hangs or floods us
+            fd = open_regular(self.holder_path)
+            try:
+                head = os.read(fd, 512)
+                beat = os.fstat(fd).st_mtime
+            finally:
+                os.close(fd)
+            host, pid = head.decode("utf-8", "replace").split("\n")[:2]
             return {"host": host, "pid": int(pid), "beat": beat}
         except (OSError, ValueError):
             return None
@@ -590,31 +625,38 @@ class _CrateLock:
         """Written in place, no temporary file: a sticky ``locks/`` forbids
         replacing another member's holder file by a rename, and a full disk
         would leave the temporary file behind. (Readers take a short or
-        empty file for no holder.)"""
-        from .fsutil import create_file, shared_mode, write_all
+        empty file for no holder, and read only its first two lines.) Never
+        through a symlink or onto anything but a regular file; only a file
+        of our own is truncated (another member's is overwritten from its
+        start). The descriptor stays open for the heartbeat, which touches
+        the file through it: a member who replaces the name by a symlink
+        meanwhile touches nothing of ours."""
+        from .fsutil import create_file, shared_mode, write_all_at
 
         try:
-            fd = create_file(self.holder_path, shared_mode(self.cache), os.O_WRONLY | os.O_TRUNC)
+            fd = create_file(self.holder_path, shared_mode(self.cache), os.O_WRONLY, truncate=True)
         except OSError:
             return  # waiters elsewhere then see no heartbeat, and fill too
         try:
-            write_all(fd, f"{os.uname().nodename}\n{os.getpid()}\n".encode())
+            write_all_at(fd, f"{os.uname().nodename}\n{os.getpid()}\n".encode(), 0)
         except OSError:
             pass
-        finally:
-            os.close(fd)
+        self._holder_fd = fd
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT):
             try:
-                os.utime(self.holder_path)
-            except OSError:
+                os.utime(self._holder_fd)
+            except (OSError, TypeError):
                 pass
 
     def __exit__(self, *exc) -> None:
         if self._beat is not None:
             self._stop.set()
             self._beat.join()
+            if self._holder_fd is not None:
+                os.close(self._holder_fd)
+                self._holder_fd = None
             try:
                 os.unlink(self.holder_path)
             except OSError:

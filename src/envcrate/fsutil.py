@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -137,20 +138,127 @@ def _make_dirs(path: str) -> None:
         pass
 
 
-def create_file(path: str, mode: int, flags: int = os.O_WRONLY) -> int:
-    """Open ``path`` (created if missing) and, when this process owns it,
-    give it exactly ``mode``: not through the umask, which would make a
-    group-shared lock or stamp unusable by the next member (umask 022) or
-    world-writable (umask 000). Returns the descriptor."""
-    fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, mode & 0o755)
-    try:
-        st = os.fstat(fd)
-        if st.st_mode & 0o7777 != mode and st.st_uid == os.geteuid():
-            os.fchmod(fd, mode)
-    except BaseException:
+# Opening the cache's own files (locks, holder files, stamps, leases, partial
+# downloads, index files): never through a symlink or onto a FIFO or device
+# that another member of a shared cache planted under the name.
+_SAFE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_REGULAR = 0o100000
+
+
+def _regular(fd: int, path) -> os.stat_result:
+    """The stat of ``fd``, which must be a regular file (else it is closed)."""
+    st = os.fstat(fd)
+    if st.st_mode & 0o170000 != _REGULAR:
         os.close(fd)
-        raise
+        raise OSError(errno.EINVAL, "not a regular file (another member's?)", os.fspath(path))
+    return st
+
+
+def open_regular(path, flags: int = os.O_RDONLY, dir_fd: int | None = None) -> int:
+    """Open an existing regular file: not through a symlink (``ELOOP``), not a
+    FIFO or device (``EINVAL``, without blocking on a FIFO)."""
+    fd = os.open(path, flags | _SAFE, dir_fd=dir_fd)
+    _regular(fd, path)
     return fd
+
+
+def open_dir(path, dir_fd: int | None = None) -> int:
+    """A descriptor of directory ``path`` whose last component is no symlink."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+
+
+def read_small(path, limit: int = 512, dir_fd: int | None = None) -> bytes:
+    """The content of a small regular file of the cache (an index or tag
+    record): at most ``limit`` bytes, else ``EFBIG``; through no symlink,
+    never blocking on a FIFO."""
+    fd = open_regular(path, dir_fd=dir_fd)
+    try:
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes", os.fspath(path))
+    return data
+
+
+def read_bounded(path, limit: int) -> bytes:
+    """The whole content of a regular file of at most ``limit`` bytes (else
+    ``EFBIG``), read in pieces; through no symlink, never blocking on a FIFO."""
+    fd = open_regular(path)
+    try:
+        chunks, got = [], 0
+        while chunk := os.read(fd, min(1 << 20, limit + 1 - got)):
+            chunks.append(chunk)
+            got += len(chunk)
+            if got > limit:
+                raise OSError(errno.EFBIG, f"larger than {limit} bytes", os.fspath(path))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def create_file(
+    path: str,
+    mode: int,
+    flags: int = os.O_WRONLY,
+    truncate: bool = False,
+    dir_fd: int | None = None,
+) -> int:
+    """Open the regular file ``path``, created with exactly ``mode`` if missing
+    (not through the umask, which would make a group-shared lock or stamp
+    unusable by the next member (umask 022) or world-writable (umask 000)).
+    Never through a symlink, never a FIFO or device: in a shared cache
+    another member may have planted one under the name. An existing file is
+    left as it is (its mode is its owner's); ``truncate`` empties it only if
+    it is this process's own and has no other name. Returns the descriptor."""
+    flags = (flags & ~os.O_TRUNC) | _SAFE
+    for _ in range(10):
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode & 0o755, dir_fd=dir_fd)
+        except FileExistsError:
+            try:
+                fd = os.open(path, flags, dir_fd=dir_fd)
+            except FileNotFoundError:
+                continue  # removed meanwhile: create it
+            st = _regular(fd, path)
+            try:
+                if truncate and st.st_size and st.st_uid == os.geteuid() and st.st_nlink == 1:
+                    os.ftruncate(fd, 0)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        try:  # just created, by this process: its mode is ours to set
+            if os.fstat(fd).st_mode & 0o7777 != mode:
+                os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    raise OSError(errno.EAGAIN, "created and removed again and again", os.fspath(path))
+
+
+def make_temp(
+    d: str, prefix: str, suffix: str, mode: int, dir_fd: int | None = None
+) -> tuple[int, str]:
+    """A new file ``<prefix><random>.<suffix>`` in ``d`` (or ``dir_fd``) with
+    exactly ``mode``, as :func:`tempfile.mkstemp` makes one (``O_EXCL``, 64
+    random bits, no symlink followed) without importing :mod:`tempfile` on
+    the path every waiting process runs. (descriptor, name)."""
+    for _ in range(100):
+        name = f"{prefix}{os.urandom(8).hex()}{suffix}"
+        where = name if dir_fd is not None else os.path.join(d, name)
+        try:
+            fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _SAFE, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            continue
+        try:
+            os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, where
+    raise OSError(errno.EEXIST, "no free temporary name", d)
 
 
 def shared_mode(root: str, private: int = 0o644) -> int:
@@ -211,19 +319,30 @@ def remove_tree(path: str | os.PathLike, attempts: int = 5) -> None:
 
 
 def _make_writable(path: str) -> None:
-    """``u+rwx`` on every directory of the tree that lacks it (top down, so
-    that each can then be listed)."""
-    import stat
+    """``u+rwx`` on every directory of the tree that lacks it and is this
+    process's (top down, so that each can then be listed). Each directory is
+    opened without following a symlink and changed through that descriptor:
+    a member who swaps a directory of the tree for a symlink (to a directory
+    of the remover's) between the look and the change gets nothing changed."""
+    me = os.geteuid()
 
-    def writable(p: str) -> None:
+    def writable(name: str, dir_fd: int | None = None) -> None:
         try:
-            mode = os.lstat(p).st_mode
-            if stat.S_ISDIR(mode) and mode & stat.S_IRWXU != stat.S_IRWXU:
-                os.chmod(p, stat.S_IMODE(mode) | stat.S_IRWXU)
-        except FileNotFoundError:
+            fd = os.open(
+                name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+            )
+        except OSError:
+            return  # gone, or not a directory (a symlink is removed as a name)
+        try:
+            st = os.fstat(fd)
+            if st.st_mode & 0o700 != 0o700 and me in (0, st.st_uid):
+                os.chmod(f"/proc/self/fd/{fd}", (st.st_mode & 0o7777) | 0o700)
+        except OSError:
             pass
+        finally:
+            os.close(fd)
 
     writable(path)
-    for dirpath, dirnames, _ in os.walk(path):
+    for _, dirnames, _, dir_fd in os.fwalk(path):
         for d in dirnames:
-            writable(os.path.join(dirpath, d))
+            writable(d, dir_fd)

@@ -55,21 +55,28 @@ def lease_dir(cache: str | os.PathLike, key: str) -> str:
 def add(cache: str | os.PathLike, key: str, pid: int | str) -> str:
     """Create the lease of ``pid`` (or of a name such as ``ttl-<pid>``) on the
     entry ``key``; its path. Lease directories are group-writable in a shared
-    cache (every member leases there); lease files ``0644``."""
-    from .fsutil import create_file, make_dirs_under
+    cache (every member leases there); lease files ``0644``. The lease
+    directory is opened without following a symlink (another member's, to a
+    directory of ours, would get our lease file), the file created in it
+    without following one either."""
+    from .fsutil import create_file, make_dirs_under, open_dir
 
     cache = os.fspath(cache)
     d = lease_dir(cache, key)
     if not os.path.isdir(d):
         make_dirs_under(cache, d)
-    path = os.path.join(d, lease_name(pid))
-    fd = create_file(path, 0o644, os.O_WRONLY | os.O_TRUNC)
+    name = lease_name(pid)
+    dfd = open_dir(d)
+    try:
+        fd = create_file(name, 0o644, os.O_WRONLY, dir_fd=dfd)
+    finally:
+        os.close(dfd)
     try:
         os.utime(fd)  # an existing file (a pid reused since): made now
     except OSError:
         pass
     os.close(fd)
-    return path
+    return os.path.join(d, name)
 
 
 def drop(path: str | os.PathLike) -> None:
@@ -98,8 +105,12 @@ def alive(path: str | os.PathLike, now: float | None = None) -> bool:
         made = os.stat(path).st_mtime
     except FileNotFoundError:
         return False
+    return _alive(os.path.basename(path), made, now)
+
+
+def _alive(name: str, made: float, now: float | None = None) -> bool:
     now = now or time.time()
-    host, _, rest = os.path.basename(path).partition(".")
+    host, _, rest = name.partition(".")
     boot, _, pid = rest.partition(".")
     if pid.startswith(TTL_MARK):  # activate's own, until the shell's lease exists
         return now < made + SHORT_TTL
@@ -111,20 +122,60 @@ def alive(path: str | os.PathLike, now: float | None = None) -> bool:
     return now < made + LEASE_TTL
 
 
+def is_lease_name(name: str) -> bool:
+    """Whether ``name`` has the form of a lease: ``<host>.<boot>.<pid>`` or
+    ``<host>.<boot>.ttl-<pid>`` (a host name without dots, a boot id of up
+    to 12 hex digits or ``noboot``)."""
+    parts = name.split(".")
+    if len(parts) != 3 or not parts[0]:
+        return False
+    boot, pid = parts[1], parts[2]
+    if boot != "noboot" and not (
+        0 < len(boot) <= 12 and all(c in "0123456789abcdef" for c in boot)
+    ):
+        return False
+    if pid.startswith(TTL_MARK):
+        pid = pid[len(TTL_MARK) :]
+    return pid.isdigit()
+
+
 def holders(cache: str | os.PathLike, key: str) -> list[str]:
-    """Names of the live leases on an entry (dead ones are removed)."""
-    d = lease_dir(cache, key)
+    """Names of the live leases on an entry (dead ones are removed). Only
+    regular files named as leases count, and only those are removed; the
+    lease directory is opened without following a symlink and every look
+    and removal is relative to it, so a member who makes ``leases/<key>``
+    a symlink to another's directory gets nothing removed there."""
+    from .fsutil import open_dir
+
     try:
-        names = os.listdir(d)
+        dfd = open_dir(lease_dir(cache, key))
     except OSError:
         return []
     live = []
-    for name in names:
-        p = os.path.join(d, name)
-        if alive(p):
-            live.append(name)
-        else:
-            drop(p)
+    try:
+        try:
+            names = os.listdir(dfd)
+        except OSError:
+            return []
+        now = time.time()
+        for name in names:
+            if not is_lease_name(name):
+                continue
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_mode & 0o170000 != 0o100000:
+                continue  # not a lease envcrate made: neither counted nor removed
+            if _alive(name, st.st_mtime, now):
+                live.append(name)
+            else:
+                try:
+                    os.unlink(name, dir_fd=dfd)
+                except OSError:
+                    pass  # gone already, or a shared cache we may not write
+    finally:
+        os.close(dfd)
     return sorted(live)
 
 
@@ -147,7 +198,7 @@ def lock_use(cache: str | os.PathLike, key: str, exclusive: bool) -> int | None:
     (``gc`` removes old use locks), else the lock is taken again."""
     import fcntl
 
-    from .fsutil import create_file, make_dirs_under, shared_mode
+    from .fsutil import create_file, make_dirs_under, open_regular, shared_mode
 
     cache = os.fspath(cache)
     path = use_lock_path(cache, key)
@@ -160,7 +211,7 @@ def lock_use(cache: str | os.PathLike, key: str, exclusive: bool) -> int | None:
             if exclusive:
                 raise
             try:  # a shared lock needs only read access
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = open_regular(path)
             except OSError:
                 return None
         try:

@@ -183,7 +183,11 @@ class HttpStore(Store):
     def download(
         self, key: str, dest: Path, progress: Progress | None, size: int | None = None
     ) -> None:
-        with open(dest, "wb") as out:
+        # The part file its caller made (new, a random name): opened again
+        # without following a symlink, never created here under a name
+        # another member of a shared cache could have planted one at.
+        fd = os.open(dest, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "wb") as out:
             _stream(self._url(key), out, progress, size=size)
 
     def size(self, key: str) -> int | None:
