@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from _rss import floor_note  # noqa: E402
 from bench_pack_unpack import Results, du, ensure_reference, timed, tool_env, tool_venv  # noqa: E402
 from conda_channel import PLACEHOLDER, Pkg, build, index, install, python_package  # noqa: E402
 
@@ -117,7 +118,7 @@ def main() -> None:
         for i in range(args.rounds):
             d = runs / f"r{i}"
             d.mkdir()
-            a = d / "envcrate.tar.zst"
+            a = d / "envcrate.crate.tar.zst"
             record(PACK, timed([*envcrate, "pack", ref, "-o", a], env=env), a)
             cz = d / "cp.tar.zst"
             cmd = [*conda_pack, "-p", ref, "-q", "--n-threads", "-1", "-o"]
@@ -159,6 +160,7 @@ def main() -> None:
         print(
             f"| {name} | {med[name]:.2f} | {med[name] / med[CP_UNPACK]:.2f}x | {rss[name] / 1024:.0f} |"
         )
+    print(f"\n{floor_note()}")
     print(
         "\nensured conda env imports numpy, scipy, pandas, sklearn, matplotlib "
         f"(env -i PATH=/usr/bin:/bin): {'yes' if ok else 'NO'}"

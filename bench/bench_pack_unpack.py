@@ -25,10 +25,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _rss import floor_note, measure  # noqa: E402
+
 PACK = "envcrate pack"
 VENV_PACK = "venv-pack -o x.tar.gz"
 TAR_ZSTD = "tar -I 'zstd -T0 -3' -cf"
@@ -40,16 +43,14 @@ UNTAR_GZ = "tar -xzf (venv-pack's)"
 def timed(cmd: list, **kw) -> tuple[float, int]:
     """Wall seconds and peak RSS (KiB) of one command, started once the
     previous steps' dirty pages are written back (``sync``, not timed), so
-    that no tool pays for the writeback of another's files."""
+    that no tool pays for the writeback of another's files. The command runs
+    under bench/_rss.py's launcher: waited on from here, its ``ru_maxrss``
+    would start at this process's own peak (see there)."""
     os.sync()
-    start = time.perf_counter()
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, **kw)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}")
-    return elapsed, usage.ru_maxrss
+    code, elapsed, kib = measure(cmd, stdout=subprocess.DEVNULL, **kw)
+    if code != 0:
+        raise SystemExit(f"failed ({code}): {' '.join(map(str, cmd))}")
+    return elapsed, kib
 
 
 class Results:
@@ -163,7 +164,7 @@ def main() -> None:
             d = runs / f"r{i}"
             d.mkdir()
             if not (args.unpack_only and i > 0):  # else: round 0's archives
-                a = d / "envcrate.tar.zst"
+                a = d / "envcrate.crate.tar.zst"
                 record(PACK, timed([*envcrate, "pack", ref, "-o", a], env=env), a)
                 v = d / "venv-pack.tar.gz"
                 record(VENV_PACK, timed([venv_pack, "-p", ref, "-o", v, "-q"]), v)
@@ -213,6 +214,7 @@ def main() -> None:
             f"| {name} | {med[name]:.2f} | {med[name] / med[UNTAR_ZSTD]:.2f}x "
             f"| {med[name] / med[UNTAR_GZ]:.2f}x | {rss[name] / 1024:.0f} |"
         )
+    print(f"\n{floor_note()}")
     print(
         f"\nunpacked reference env imports numpy, scipy, pandas, sklearn, matplotlib: {'yes' if unpacked_ok else 'NO'}"
     )
