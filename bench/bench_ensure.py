@@ -78,8 +78,8 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     archive = reference_archive(args.work)
+    from envcrate.node.unpack import read_manifest
     from envcrate.stores import open_store
-    from envcrate.unpacker import read_manifest
 
     manifest = read_manifest(archive)
     env = tool_env()

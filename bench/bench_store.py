@@ -46,8 +46,8 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     archive = reference_archive(args.work)
+    from envcrate.node.unpack import read_manifest
     from envcrate.stores import blob_key, file_digest
-    from envcrate.unpacker import read_manifest
 
     crate_id = read_manifest(archive).id
     blob = file_digest(archive)

@@ -3,7 +3,7 @@
 
     scripts/fuzz_readers.py [--seconds N] [--seed S] [--out DIR]
 
-The same contract as tests/test_fuzz.py (whose checks this runs), with
+The same contract as tests/crate/test_fuzz.py (whose checks this runs), with
 random mutations for N seconds (300 by default) instead of a fixed budget:
 whatever the bytes, ``unpack``, ``verify_archive``, ``read_manifest`` and
 ``Manifest.from_bytes`` fail only with an ``EnvcrateError`` whose message is
@@ -34,11 +34,11 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "crate")]
 
 import test_fuzz as tf  # noqa: E402
 
-from envcrate.manifest import Manifest, canonical_json  # noqa: E402
+from envcrate.crate.manifest import Manifest, canonical_json  # noqa: E402
 
 CASE_TIMEOUT = 60.0  # seconds a case may take in all before it counts as hung
 
@@ -327,7 +327,7 @@ def write_reproducer(out: Path, n: int, case: dict, problem: dict) -> Path:
     ]
     if case["kind"] == "from_bytes":
         note.append(
-            f'replay: PYTHONPATH=src python3 -c "from envcrate.manifest import Manifest; '
+            f'replay: PYTHONPATH=src python3 -c "from envcrate.crate.manifest import Manifest; '
             f"Manifest.from_bytes(open('{path}', 'rb').read())\""
         )
     else:

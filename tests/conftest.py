@@ -6,6 +6,7 @@ tests/wheels.txt``); every venv here installs from it with ``--no-index``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -84,6 +85,32 @@ def install(venv: Path, packages) -> None:
 
 def envcrate(*args, **kw) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "envcrate.cli", *args], **kw)
+
+
+def ok(out: subprocess.CompletedProcess) -> dict:
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def fails(out: subprocess.CompletedProcess, *words: str) -> str:
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    err = out.stderr.strip()
+    assert err.startswith("envcrate: error: ") and "\n" not in err, err
+    assert "Traceback" not in out.stderr
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def publish(crate, store, tag: str | None = None):
+    """Publish ``crate`` (a packed :class:`~envcrate.Crate`) in ``store`` (a
+    path or URL), tagged ``tag``; returns ``store``."""
+    from envcrate.stores import open_store
+
+    open_store(store).publish(
+        crate.archive, crate.manifest.data, "tar.zst", crate.blob, crate.size, tag=tag
+    )
+    return store
 
 
 @pytest.fixture(scope="session")
@@ -230,6 +257,14 @@ def user_dir() -> Path:
 
 
 # --------------------------------------------------------------------------- stores
+
+
+@pytest.fixture
+def user_shipped(small_crate, user_dir):
+    """The small crate in a directory store that the test users can read."""
+    store = user_dir / "store"
+    publish(small_crate, store, tag="small")
+    return store
 
 
 @pytest.fixture(scope="session")

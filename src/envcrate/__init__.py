@@ -3,8 +3,6 @@
 The public API; the command line (:mod:`envcrate.cli`) is a thin layer over it.
 """
 
-from __future__ import annotations
-
 __version__ = "0.1.0"
 
 from .errors import EnvcrateError  # noqa: E402
@@ -14,19 +12,23 @@ def __getattr__(name: str):
     # Lazy: importing envcrate stays cheap (the warm ensure path imports
     # almost nothing: no zstandard, boto3, tqdm, not even dataclasses).
     if name == "Manifest":
-        from .manifest import Manifest
+        from .crate.manifest import Manifest
 
         return Manifest
-    if name in ("ensure", "Ensured"):
-        from . import cache
+    if name in ("ensure", "ensure_crate"):
+        from . import fetching
 
-        return getattr(cache, name)
+        return getattr(fetching, name)
+    if name == "Ensured":
+        from .node.cache import Ensured
+
+        return Ensured
     if name in ("pack", "Crate"):
-        from . import packer
+        from . import packing as packer
 
         return getattr(packer, name)
     if name == "unpack":
-        from .unpacker import unpack
+        from .node.unpack import unpack
 
         return unpack
     if name in ("ship", "push", "Shipped"):
@@ -38,7 +40,7 @@ def __getattr__(name: str):
 
         return getattr(stores, name)
     if name == "verify_archive":
-        from .verify import verify_archive
+        from .crate.verify import verify_archive
 
         return verify_archive
     raise AttributeError(name)
@@ -52,6 +54,7 @@ __all__ = [
     "Shipped",
     "Store",
     "ensure",
+    "ensure_crate",
     "open_store",
     "pack",
     "push",

@@ -5,8 +5,6 @@ saying what failed and what to do; the command line prints it without a
 traceback.
 """
 
-from __future__ import annotations
-
 
 class EnvcrateError(Exception):
     """An expected failure with a message meant for the user."""

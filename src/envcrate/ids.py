@@ -1,12 +1,10 @@
 """Crate ids and their short forms; cheap to import (the warm ``ensure``
 path uses it)."""
 
-from __future__ import annotations
-
 _HEXDIGITS = frozenset("0123456789abcdef")
 
 
-def normalize_id(text: str) -> str | None:
+def normalize_id(text: str) -> "str | None":
     """The hex part of a full id or an id prefix (12 to 64 hex digits, with
     or without ``sha256:``), else None."""
     text = text.strip().lower()

@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .crate.container import detect_format
+from .crate.record import recorded_blob
 from .envs import load_env
 from .errors import ArchiveError, EnvcrateError
-from .packer import identify, pack_source, resolve_format
+from .packing import identify, pack_source, resolve_format
 from .progress import bar
-from .reading import detect_format
-from .record import recorded_blob
 from .stores import Store, check_tag, open_store
 
 
@@ -43,7 +43,7 @@ class Shipped:
 def _verified(path: Path, blob: str | None) -> str:
     """The blob digest of ``path``, computed while verifying it completely;
     a one-line ArchiveError saying nothing was published otherwise."""
-    from .verify import verify_archive
+    from .crate.verify import verify_archive
 
     try:
         return verify_archive(path, blob).blob
@@ -66,7 +66,7 @@ def push(
         check_tag(tag)
     path = Path(archive)
     fmt = detect_format(str(path))
-    from .unpacker import read_manifest
+    from .crate.head import read_manifest
 
     manifest = read_manifest(path)
     size = path.stat().st_size

@@ -1,4 +1,12 @@
-"""Finding and reading source environments."""
+"""Source environments: venvs, conda envs and their installed distributions,
+read into entries (what to archive) and pins (what is installed).
+
+Owns finding an env (the active one, a path, a conda env by name), walking it
+(:mod:`.base`), the venv and conda readers (:mod:`.venv`, :mod:`.conda`),
+installed distributions (:mod:`.dists`) and the rendering of pins
+(:mod:`.pins`). It may import the crate format's entry and manifest
+(:mod:`envcrate.crate`: what it produces) and the ground floor; conda-pack
+is imported inside the conda reader."""
 
 from __future__ import annotations
 

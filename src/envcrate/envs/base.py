@@ -8,9 +8,9 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..entry import Entry
+from ..crate.entry import Entry
+from ..crate.manifest import META_DIR, sort_key
 from ..errors import SourceEnvError
-from ..manifest import META_DIR, sort_key
 
 
 @dataclass

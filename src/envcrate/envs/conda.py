@@ -29,7 +29,7 @@ import re
 import stat
 from pathlib import Path
 
-from ..entry import Entry
+from ..crate.entry import Entry
 from ..errors import SourceEnvError
 from .base import SourceEnv, inside, matches_any, refuse_outside_link, walk
 from .dists import dist_pins, editable_installs, env_python

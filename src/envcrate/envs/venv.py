@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..entry import Entry
+from ..crate.entry import Entry
 from ..errors import SourceEnvError
 from .base import SourceEnv, iter_walk, refuse_outside_link
 from .dists import dist_pins, editable_installs, env_python

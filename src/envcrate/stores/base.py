@@ -23,16 +23,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ArchiveError, DigestMismatchError, EnvcrateError, NotFoundError, StoreError
-from ..fsutil import sha256_file, unlink_quietly
-from ..ids import normalize_id, short_id
-from ..record import (
+from ..crate.record import (
     archive_entry,
     check_record,
     encode_record,
     is_digest,
     with_archive,
 )
+from ..errors import ArchiveError, DigestMismatchError, EnvcrateError, NotFoundError, StoreError
+from ..fsutil import sha256_file, unlink_quietly
+from ..ids import normalize_id, short_id
 
 Progress = Callable[[int], None]
 
@@ -80,7 +80,7 @@ def preferred_archive(archives: list[dict]) -> dict:
     """The archive to fetch when any will do: the first format of
     ``archive.FORMATS`` (tar.zst, faster to unpack), whatever order the
     record lists them in."""
-    from ..archive import FORMATS
+    from ..crate.container import FORMATS
 
     def rank(a: dict) -> int:
         fmt = a.get("format")
@@ -268,7 +268,7 @@ class Store:
         progress: Progress | None = None,
     ) -> Published:
         """Blob first, then the record, then the tag. The caller has verified
-        the archive (:func:`envcrate.verify.verify_archive`).
+        the archive (:func:`envcrate.crate.verify.verify_archive`).
 
         An intact archive of the crate already listed in ``fmt`` is kept, even
         when its bytes differ from ours (another compression level): nothing
@@ -517,14 +517,6 @@ def too_big(where: str, limit: int) -> StoreError:
     return StoreError(
         f"{where} is larger than {limit} bytes, more than any record or tag; it is not one: "
         "remove it (`envcrate fsck` lists such problems)"
-    )
-
-
-def too_large(where: str, size: int) -> StoreError:
-    """The error for an object larger than its record says."""
-    return StoreError(
-        f"{where} is larger than the {size} bytes its record says; the store's copy is "
-        "damaged or not this crate's: push the crate again (`envcrate fsck` finds such blobs)"
     )
 
 

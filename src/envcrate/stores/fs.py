@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ..errors import NotFoundError, StoreError
 from ..fsutil import current_umask, group_shared, make_dirs_under, sha256_file, unlink_quietly
-from .base import Progress, Store, Stored, too_big, too_large
+from ..network import too_large
+from .base import Progress, Store, Stored, too_big
 
 
 class FsStore(Store):

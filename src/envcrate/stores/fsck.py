@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 import time
 
+from ..crate.record import digests_named, encode_record
 from ..errors import StoreError
-from ..record import digests_named, encode_record
 from .base import Store, Stored, blob_key, record_key, tag_key
 
 ORPHAN_AGE = 3600.0

@@ -25,8 +25,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import EnvcrateError, NotFoundError, StoreError
-from .base import Progress, Store, Stored, too_big, too_large
-from .network import RETRY_STATUS, Deadline, Transient, retrying, timeout
+from ..network import RETRY_STATUS, Deadline, Transient, retrying, timeout, too_large
+from .base import Progress, Store, Stored, too_big
 
 MAX_PRESIGN = 7 * 24 * 3600  # SigV4 limit
 _PART = 8 << 20  # awscli's default part size and concurrency

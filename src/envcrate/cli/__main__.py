@@ -1,0 +1,7 @@
+"""``python -m envcrate.cli``: the same as ``envcrate``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,212 @@
+"""Commands on crate archives: ``pack``, ``unpack``, ``verify``, ``info``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .common import (
+    add_cache,
+    add_json,
+    add_pack_options,
+    add_progress,
+    add_store,
+    emit,
+    human_size,
+    pack_options,
+)
+
+
+def add_pack(add) -> None:
+    p = add("pack", help="pack a venv or conda env into a crate archive")
+    p.add_argument(
+        "env", nargs="?", help="the env's prefix (default: $VIRTUAL_ENV, then $CONDA_PREFIX)"
+    )
+    p.add_argument(
+        "-o", "--output", help="archive path or directory (default: ./<name>-<id12>.<format>)"
+    )
+    add_pack_options(p)
+    add_json(p)
+    add_progress(p)
+
+
+def add_unpack(add) -> None:
+    p = add("unpack", help="extract and relocate a crate archive into a new directory")
+    p.add_argument("archive")
+    p.add_argument("dest")
+    p.add_argument(
+        "--python", help="base interpreter for a venv crate (default: a matching one on this host)"
+    )
+    p.add_argument("--sha256", help="expected blob digest of the archive")
+    add_json(p)
+    add_progress(p)
+
+
+def add_info(add) -> None:
+    p = add("info", help="show a crate's manifest (an archive, or a ref in a store)")
+    p.add_argument("ref", metavar="REF", help="archive path, crate id, 12+ hex prefix or tag")
+    add_store(p)
+    add_cache(p)
+    p.add_argument(
+        "--pins",
+        action="store_true",
+        help="print the pins: pip requirements; for conda crates an @EXPLICIT list "
+        "with the pip requirements as comments after it",
+    )
+    p.add_argument(
+        "--pins-only",
+        choices=["pip", "conda"],
+        help="print only the pip requirements or only the @EXPLICIT list (implies --pins)",
+    )
+    add_json(p)
+
+
+def add_verify(add) -> None:
+    p = add(
+        "verify",
+        help="recompute an archive's digests, or check an unpacked crate in a cache (--cache)",
+    )
+    p.add_argument("ref", metavar="ARCHIVE|REF")
+    add_cache(p)
+    p.add_argument("--sha256", help="expected blob digest (default: the one in <archive>.json)")
+    add_json(p)
+
+
+def cmd_pack(args) -> int:
+    from ..packing import pack
+    from ..progress import wanted
+
+    crate = pack(args.env, args.output, **pack_options(args))
+    obj = {
+        "id": crate.id,
+        "blob": crate.blob,
+        "size": crate.size,
+        "format": crate.format,
+        "archive": str(crate.archive),
+        "seconds": round(crate.seconds, 3),
+    }
+    if not args.json and wanted(args.progress):
+        print(f"packed {crate.archive} ({human_size(crate.size)})", file=sys.stderr)
+    return emit(args, obj, crate.id)
+
+
+def cmd_unpack(args) -> int:
+    from ..procs import BackgroundHash
+
+    hashed = None
+    if args.sha256 or os.path.isfile(args.archive + ".json"):  # a digest to check
+        # Started first: it hashes while this process imports the unpacker.
+        hashed = BackgroundHash(args.archive)
+    try:
+        from ..node.unpack import read_manifest, unpack
+        from ..progress import wanted
+
+        dest = unpack(
+            args.archive,
+            args.dest,
+            python=args.python,
+            blob=args.sha256,
+            progress=wanted(args.progress),
+            hashed=hashed,
+        )
+    finally:
+        if hashed is not None:
+            hashed.cancel()
+    manifest = read_manifest(args.archive)
+    return emit(args, {"id": manifest.id, "prefix": str(dest)}, str(dest))
+
+
+def cmd_info(args) -> int:
+    if os.path.isfile(args.ref) and not args.store and not args.cache:
+        from ..node.unpack import read_head
+
+        manifest = read_head(args.ref)  # the id checked against the table
+        size, where = os.path.getsize(args.ref), args.ref
+    elif args.cache:
+        from ..crate.manifest import Manifest
+        from ..node import admin as cache_admin
+        from ..node.cache import cache_list
+
+        entry = cache_admin.find(cache_list(args.cache), args.ref)[0]
+        with open(os.path.join(entry["prefix"], ".envcrate", "manifest.json"), "rb") as f:
+            manifest = Manifest.from_bytes(f.read())
+        size, where = entry["size"], entry["prefix"]
+    else:
+        from ..crate.record import manifest_of
+        from ..stores import open_store
+
+        store = open_store(args.store)
+        record = store.record(store.resolve(args.ref))
+        manifest = manifest_of(record)
+        archives = record.get("archives", [])
+        size = min((a.get("size", 0) for a in archives), default=0)
+        where = f"{store.url} ({', '.join(a.get('format', '?') for a in archives)})"
+    m = manifest.data
+    if args.pins or args.pins_only:
+        from ..envs.pins import pins_text
+
+        return emit(
+            args,
+            {"id": manifest.id, "pins": manifest.pins},
+            pins_text(manifest.pins, args.pins_only or "all"),
+        )
+    if args.json:
+        return emit(args, dict(m, archive_size=size), "")
+    py = m.get("python") or {}
+    plat = m["platform"]
+    libc = plat.get("libc") or {}
+    rows = [
+        ("id", m["id"]),
+        ("kind", m["kind"]),
+        ("name", m.get("name", "")),
+        (
+            "platform",
+            f"{plat['os']}-{plat['machine']}"
+            + (f", glibc >= {libc['version']}" if libc.get("version") else ""),
+        ),
+        (
+            "python",
+            f"{py.get('implementation', '?')} {py.get('version', '?')}{py.get('abiflags', '')}",
+        ),
+        ("prefix", m["prefix"]),
+        ("files", f"{m['files']['count']} ({human_size(m['files']['bytes'])})"),
+        ("archive", f"{where}, {human_size(size)}"),
+        ("relocated", f"{len(m.get('prefix_files', []))} files embed the prefix"),
+        ("pins", f"{len(manifest.pins)}"),
+    ]
+    flags = [k for k, v in (m.get("flags") or {}).items() if v]
+    if flags:
+        rows.append(("packed with", ", ".join(f"--allow-{k.replace('_', '-')}" for k in flags)))
+    width = max(len(k) for k, _ in rows)
+    text = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    from ..envs.pins import requirement
+
+    text += "\n" + "\n".join(f"  {requirement(p)}" for p in manifest.pins)
+    print(text)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    if args.cache or not os.path.isfile(args.ref):
+        # REF in the caches (the default ones without --cache), or an entry's path
+        from .caches import verify_cache
+
+        return verify_cache(args)
+    from ..crate.verify import verify_archive
+
+    v = verify_archive(args.ref, args.sha256)
+    obj = {
+        "id": v.id,
+        "blob": v.blob,
+        "blob_recorded": v.blob_recorded,
+        "entries": v.files,
+        "ok": True,
+    }
+    if not args.json:
+        note = "" if v.blob_recorded else " (no recorded blob digest to compare)"
+        print(f"ok: {v.files} entries match {v.id}; blob {v.blob}{note}", file=sys.stderr)
+    return emit(args, obj, v.id)
+
+
+PARSERS = {"pack": add_pack, "unpack": add_unpack, "info": add_info, "verify": add_verify}
+COMMANDS = {"pack": cmd_pack, "unpack": cmd_unpack, "info": cmd_info, "verify": cmd_verify}

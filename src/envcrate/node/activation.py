@@ -1,0 +1,157 @@
+"""Using an unpacked crate: the environment of a process that runs in it, as
+shell code (``activate``) or for a command (``run``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SHELLS = ("sh", "bash", "zsh", "fish")
+_UNSET = ("PYTHONHOME", "PYTHONPATH")
+
+
+@dataclass
+class Activation:
+    """What running in an env takes: variables to set and to unset, and (for
+    conda envs) the ``etc/conda/activate.d`` scripts to source, by shell."""
+
+    set: dict[str, str]
+    unset: list[str]
+    scripts: dict[str, list[str]] = field(default_factory=dict)  # "sh"/"fish" -> paths
+
+
+def environment(prefix: Path, kind: str, environ: dict[str, str]) -> Activation:
+    """How to run in ``prefix``: its bin/ first on PATH, without the bin/ of an
+    env that is active now (whether or not its ``deactivate`` exists). Conda
+    envs also get CONDA_PREFIX, the variables of ``conda-meta/state`` and
+    their activate.d scripts."""
+    drop = {str(prefix / "bin")}
+    for var in ("VIRTUAL_ENV", "CONDA_PREFIX"):
+        if environ.get(var):
+            drop.add(os.path.join(environ[var], "bin"))
+    path = [p for p in environ.get("PATH", "").split(os.pathsep) if p and p not in drop]
+    new = {"PATH": os.pathsep.join([str(prefix / "bin"), *path])}
+    unset = list(_UNSET)
+    scripts: dict[str, list[str]] = {}
+    if kind == "conda":
+        new["CONDA_PREFIX"] = str(prefix)
+        new["CONDA_DEFAULT_ENV"] = str(prefix)
+        unset.append("VIRTUAL_ENV")
+        new.update(_state_vars(prefix))
+        scripts = _activate_scripts(prefix)
+    else:
+        new["VIRTUAL_ENV"] = str(prefix)
+    return Activation(new, [k for k in unset if k not in new], scripts)
+
+
+def _state_vars(prefix: Path) -> dict[str, str]:
+    """The variables ``conda env config vars set`` recorded in
+    ``conda-meta/state``."""
+    from ..fsutil import read_bounded
+
+    try:  # a regular file of a sane size (a FIFO or /dev/zero there neither hangs nor floods)
+        state = json.loads(read_bounded(prefix / "conda-meta" / "state", 1 << 20))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    env_vars = state.get("env_vars") if isinstance(state, dict) else None
+    if not isinstance(env_vars, dict):
+        return {}
+    return {str(k): str(v) for k, v in env_vars.items() if str(k).isidentifier()}
+
+
+def _activate_scripts(prefix: Path) -> dict[str, list[str]]:
+    """``etc/conda/activate.d`` scripts, sorted as conda sources them."""
+    d = prefix / "etc" / "conda" / "activate.d"
+    try:
+        names = sorted(os.listdir(d))
+    except OSError:
+        return {}
+    out: dict[str, list[str]] = {}
+    for name in names:
+        kind = {".sh": "sh", ".fish": "fish"}.get(os.path.splitext(name)[1])
+        if kind and (d / name).is_file():
+            out.setdefault(kind, []).append(str(d / name))
+    return out
+
+
+def detect_shell(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    name = os.path.basename(os.environ.get("SHELL", "sh"))
+    return name if name in SHELLS else "sh"
+
+
+def _sq(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def _fish_q(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def shell_code(shell: str, act: Activation, lease: tuple[str, str, str | None]) -> str:
+    """Code for ``eval``; the evaluating shell registers its own lease (its
+    pid is known only there) under umask 022, then removes the short-lived
+    lease ``activate`` held for it meanwhile (``lease`` is the lease
+    directory, the name of a lease without its pid, and that short lease)."""
+    new, unset = act.set, act.unset
+    lease_dir, lease_stem, short = lease
+    mine = os.path.join(lease_dir, lease_stem)
+    if shell == "fish":
+        lines = []
+        for k, v in new.items():
+            if k == "PATH":
+                parts = " ".join(_fish_q(p) for p in v.split(os.pathsep))
+                lines.append(f"set -gx PATH {parts}")
+            else:
+                lines.append(f"set -gx {k} {_fish_q(v)}")
+        lines += [f"set -e {k}" for k in unset]
+        lines.append("functions -e deactivate 2>/dev/null")
+        # A new file (`>?` fails on an existing name, symlinks included), in a
+        # lease directory that is no symlink: see the sh version below.
+        lines.append(
+            "set -l __envcrate_umask (umask); umask 022; "
+            f"mkdir -p {_fish_q(lease_dir)} 2>/dev/null; and test ! -L {_fish_q(lease_dir)}; "
+            f"and rm -f {_fish_q(mine)}$fish_pid 2>/dev/null; "
+            f"and true >?{_fish_q(mine)}$fish_pid 2>/dev/null; umask $__envcrate_umask"
+        )
+        if short:
+            lines.append(f"rm -f {_fish_q(short)} 2>/dev/null")
+        lines += [f"source {_fish_q(script)}" for script in act.scripts.get("fish", [])]
+        return "\n".join(lines) + "\n"
+    lines = [f"{k}={_sq(v)}; export {k}" for k, v in new.items()]
+    lines.append("unset " + " ".join(unset))
+    lines.append("unset -f deactivate 2>/dev/null || true")
+    # In a subshell, for its umask and noclobber; $$ is still the evaluating
+    # shell's pid. In a shared cache the lease directory is group-writable: a
+    # member may have put a symlink there under our lease's name (or made the
+    # directory a symlink), which a plain `: >` would follow and truncate. So:
+    # no symlinked directory, the name removed, then created new (`set -C`
+    # opens with O_EXCL, which follows no symlink).
+    lines.append(
+        f"(umask 022 && mkdir -p {_sq(lease_dir)} && [ ! -h {_sq(lease_dir)} ] && "
+        f'rm -f {_sq(mine)}"$$" && set -C && : > {_sq(mine)}"$$") 2>/dev/null'
+    )
+    if short:
+        lines.append(f"rm -f {_sq(short)} 2>/dev/null")
+    lines.append("hash -r 2>/dev/null || true")
+    lines += [f". {_sq(script)}" for script in act.scripts.get("sh", [])]
+    return "\n".join(lines) + "\n"
+
+
+def exec_in(act: Activation, argv: list[str]) -> None:
+    """Replace this process with ``argv`` running in the env: its exit status
+    is the command's, and a lease on this pid lasts exactly as long. A conda
+    env's activate.d scripts are sourced by ``/bin/sh``, which then execs
+    the command (same pid)."""
+    env = dict(os.environ)
+    env.update(act.set)
+    for k in act.unset:
+        env.pop(k, None)
+    scripts = act.scripts.get("sh")
+    if scripts:
+        code = "".join(f". {_sq(s)} || exit $?\n" for s in scripts) + 'exec "$@"\n'
+        argv = ["/bin/sh", "-c", code, "sh", *argv]
+    os.execvpe(argv[0], argv, env)

@@ -1,0 +1,56 @@
+"""Bootstrap events: one JSON object per line appended to ``--events FILE``,
+the feedback channel from a compute node back to the client (design.md,
+Events). Each line is written with a single ``write`` on an ``O_APPEND``
+descriptor, so lines of concurrent processes do not interleave."""
+
+import os
+import time
+
+STATES = (
+    "RESOLVING",
+    "HIT",
+    "WAITING",
+    "DOWNLOADING",
+    "VERIFYING",
+    "EXTRACTING",
+    "RELOCATING",
+    "READY",
+    "FAILED",
+)
+
+
+# Fault injection for the tests: a process stops itself (SIGSTOP) right after
+# writing this state, so a test can kill it at a known point.
+_STOP_AT = os.environ.get("ENVCRATE_TEST_STOP_AT")
+
+
+class Events:
+    def __init__(self, path: "str | os.PathLike | None"):
+        self.path = os.fspath(path) if path is not None else None
+        self.start = time.monotonic()
+        self.crate: str | None = None
+
+    def emit(self, state: str, **fields) -> None:
+        if self.path is None:
+            return
+        record = {
+            "ts": time.time(),
+            "host": os.uname().nodename,  # as socket.gethostname(), without importing socket
+            "pid": os.getpid(),
+            "crate": self.crate,
+            "state": state,
+            "seconds": round(time.monotonic() - self.start, 6),
+        }
+        record.update({k: v for k, v in fields.items() if v is not None})
+        import json
+
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+        if state == _STOP_AT:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGSTOP)
