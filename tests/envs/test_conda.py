@@ -88,13 +88,17 @@ def pkgs_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def conda_env(channel, pkgs_dir, tmp_path_factory) -> Path:
     """The shared conda env, with six pip-installed on top, a variable in
-    conda-meta/state and an activate.d script. Tests must not modify it."""
+    conda-meta/state and activate.d and deactivate.d scripts. Tests must not
+    modify it."""
     prefix = install(channel, tmp_path_factory.mktemp("envs") / "shared", SPECS, pkgs_dir)
     pip_install(prefix, ["six"])
     (prefix / "conda-meta" / "state").write_text(json.dumps({"env_vars": {"TOOL_MODE": "fast"}}))
     activate_d = prefix / "etc" / "conda" / "activate.d"
     activate_d.mkdir(parents=True)
     (activate_d / "tool.sh").write_text('export TOOL_HOME="$CONDA_PREFIX/share"\n')
+    deactivate_d = prefix / "etc" / "conda" / "deactivate.d"
+    deactivate_d.mkdir(parents=True)
+    (deactivate_d / "tool.sh").write_text('unset TOOL_HOME; echo "left $CONDA_PREFIX"\n')
     return prefix
 
 
@@ -243,6 +247,11 @@ def test_run_and_activate_apply_state_vars_and_activate_d(conda_crate, tmp_path)
     )
     shown = check(["sh", "-c", script]).stdout.split()
     assert shown == [prefix, "fast", f"{prefix}/share", f"{prefix}/bin/python"]
+    # deactivate runs the deactivate.d scripts (the env still active), then
+    # gives back what was there before
+    script += ' && deactivate && echo "${CONDA_PREFIX-none} ${TOOL_MODE-none} ${TOOL_HOME-none}"'
+    shown = check(["env", "-u", "CONDA_PREFIX", "TOOL_MODE=slow", "sh", "-c", script]).stdout
+    assert shown.splitlines()[-2:] == [f"left {prefix}", "none slow none"]
 
 
 def _cli() -> str:

@@ -319,6 +319,56 @@ def test_activate_over_another_active_venv(shipped, small_crate, tmp_path, env):
     assert out.stderr.count("envcrate: error:") == 1
 
 
+def test_deactivate_gives_the_shell_back_and_releases_its_lease(
+    shipped, small_crate, tmp_path, env
+):
+    """After ``eval "$(envcrate activate ...)"``, ``deactivate`` (as in venv
+    and conda) restores every variable activation touched to the value the
+    shell had, drops the shell's lease (gc may then remove the entry) and
+    itself."""
+    cache = tmp_path / "cache"
+    here = os.environ.get("PYTHONPATH")
+    pp = f"env PYTHONPATH='{here}'" if here else "env -u PYTHONPATH"
+    cli = pp + " " + " ".join(f"'{c}'" for c in CLI)
+    leases = f"ls {cache}/leases/*/ 2>/dev/null | wc -l"
+    show = f"env | LC_ALL=C sort | grep -v '^_=\\|^SHLVL=\\|^PWD=\\|^OLDPWD='; {leases}"
+    script = (
+        "PYTHONPATH=/before; export PYTHONPATH; unset VIRTUAL_ENV\n"
+        f"{show}; echo '==='\n"
+        f"out=$({cli} activate small --store {shipped} --cache {cache} --shell SHELL) || exit 9\n"
+        'eval "$out"\n'
+        f'python -c "import six, sys; print(sys.prefix)"; {leases}; echo "==="\n'
+        f"deactivate\n{show}; echo '==='\n"
+        '[ "$(command -v deactivate)" = deactivate ] && echo still || echo gone\n'
+    )
+    prefix = None
+    for sh in ("sh", "bash", "dash", "zsh"):
+        kind = "sh" if sh == "dash" else sh
+        out = run([_shell(sh), "-c", script.replace("SHELL", kind)], env=env)
+        assert out.returncode == 0, (sh, out.stderr)
+        before, inside, after, rest = out.stdout.split("===\n")
+        prefix, held = inside.split()
+        assert prefix.startswith(str(cache)) and held == "1", (sh, inside)
+        assert after == before, (sh, before, after)  # the lease too: 0 before
+        assert "PYTHONPATH=/before" in after and "VIRTUAL_ENV" not in after, sh
+        assert rest.strip() == "gone", (sh, rest)
+    fish = (
+        "set -gx PYTHONPATH /before; set -e VIRTUAL_ENV; set -l path (string join : $PATH)\n"
+        f"{cli} activate small --store {shipped} --cache {cache} --shell fish | source\n"
+        "or exit 9\n"
+        'python -c "import sys; print(sys.prefix)"\n'
+        "deactivate\n"
+        "echo $PYTHONPATH; set -q VIRTUAL_ENV; or echo unset\n"
+        'functions -q deactivate; or echo gone; test "$PATH" = "$path"; and echo same\n'
+    )
+    out = run([_shell("fish"), "-c", fish], env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [prefix, "/before", "unset", "gone", "same"]
+    assert list((cache / "leases").glob("*/*")) == []
+    report = ok(envcrate("gc", "--cache", cache, "--max-size", "0", "--json", env=env))
+    assert [r["prefix"] for r in report["removed"]] == [prefix]
+
+
 def test_archive_file_and_url_refs_are_warm_the_second_time(shipped, small_crate, tmp_path, env):
     cache, ev = tmp_path / "cache", tmp_path / "ev.jsonl"
     by_file = ok(envcrate("ensure", small_crate.archive, "--cache", cache, "--json", env=env))

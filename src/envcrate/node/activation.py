@@ -10,16 +10,19 @@ from pathlib import Path
 
 SHELLS = ("sh", "bash", "zsh", "fish")
 _UNSET = ("PYTHONHOME", "PYTHONPATH")
+_SAVED = "_envcrate_before_"  # + a variable's name: its value before activate
 
 
 @dataclass
 class Activation:
     """What running in an env takes: variables to set and to unset, and (for
-    conda envs) the ``etc/conda/activate.d`` scripts to source, by shell."""
+    conda envs) the ``etc/conda/activate.d`` scripts to source, by shell,
+    and the ``deactivate.d`` scripts that undo them."""
 
     set: dict[str, str]
     unset: list[str]
     scripts: dict[str, list[str]] = field(default_factory=dict)  # "sh"/"fish" -> paths
+    undo_scripts: dict[str, list[str]] = field(default_factory=dict)
 
 
 def environment(prefix: Path, kind: str, environ: dict[str, str]) -> Activation:
@@ -35,15 +38,17 @@ def environment(prefix: Path, kind: str, environ: dict[str, str]) -> Activation:
     new = {"PATH": os.pathsep.join([str(prefix / "bin"), *path])}
     unset = list(_UNSET)
     scripts: dict[str, list[str]] = {}
+    undo: dict[str, list[str]] = {}
     if kind == "conda":
         new["CONDA_PREFIX"] = str(prefix)
         new["CONDA_DEFAULT_ENV"] = str(prefix)
         unset.append("VIRTUAL_ENV")
         new.update(_state_vars(prefix))
-        scripts = _activate_scripts(prefix)
+        scripts = _activate_scripts(prefix, "activate.d")
+        undo = _activate_scripts(prefix, "deactivate.d")
     else:
         new["VIRTUAL_ENV"] = str(prefix)
-    return Activation(new, [k for k in unset if k not in new], scripts)
+    return Activation(new, [k for k in unset if k not in new], scripts, undo)
 
 
 def _state_vars(prefix: Path) -> dict[str, str]:
@@ -61,9 +66,10 @@ def _state_vars(prefix: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in env_vars.items() if str(k).isidentifier()}
 
 
-def _activate_scripts(prefix: Path) -> dict[str, list[str]]:
-    """``etc/conda/activate.d`` scripts, sorted as conda sources them."""
-    d = prefix / "etc" / "conda" / "activate.d"
+def _activate_scripts(prefix: Path, which: str) -> dict[str, list[str]]:
+    """``etc/conda/activate.d`` (or ``deactivate.d``) scripts, sorted as conda
+    sources them."""
+    d = prefix / "etc" / "conda" / which
     try:
         names = sorted(os.listdir(d))
     except OSError:
@@ -95,12 +101,18 @@ def shell_code(shell: str, act: Activation, lease: tuple[str, str, str | None]) 
     """Code for ``eval``; the evaluating shell registers its own lease (its
     pid is known only there) under umask 022, then removes the short-lived
     lease ``activate`` held for it meanwhile (``lease`` is the lease
-    directory, the name of a lease without its pid, and that short lease)."""
+    directory, the name of a lease without its pid, and that short lease).
+    It defines ``deactivate``, which undoes it; it replaces the
+    ``deactivate`` of an env active before (deactivating then returns to
+    that env's variables, without its function)."""
     new, unset = act.set, act.unset
     lease_dir, lease_stem, short = lease
     mine = os.path.join(lease_dir, lease_stem)
     if shell == "fish":
-        lines = []
+        lines = [
+            f"if set -q {k}; set -g {_SAVED}{k} ${k}; else; set -e {_SAVED}{k}; end"
+            for k in [*new, *unset]
+        ]
         for k, v in new.items():
             if k == "PATH":
                 parts = " ".join(_fish_q(p) for p in v.split(os.pathsep))
@@ -120,8 +132,14 @@ def shell_code(shell: str, act: Activation, lease: tuple[str, str, str | None]) 
         if short:
             lines.append(f"rm -f {_fish_q(short)} 2>/dev/null")
         lines += [f"source {_fish_q(script)}" for script in act.scripts.get("fish", [])]
+        lines += _fish_deactivate(act, mine)
         return "\n".join(lines) + "\n"
-    lines = [f"{k}={_sq(v)}; export {k}" for k, v in new.items()]
+    # What ``deactivate`` gives back: each variable as this shell has it now.
+    lines = [
+        f'if [ -n "${{{k}+x}}" ]; then {_SAVED}{k}=${k}; else unset {_SAVED}{k}; fi'
+        for k in [*new, *unset]
+    ]
+    lines += [f"{k}={_sq(v)}; export {k}" for k, v in new.items()]
     lines.append("unset " + " ".join(unset))
     lines.append("unset -f deactivate 2>/dev/null || true")
     # In a subshell, for its umask and noclobber; $$ is still the evaluating
@@ -138,7 +156,35 @@ def shell_code(shell: str, act: Activation, lease: tuple[str, str, str | None]) 
         lines.append(f"rm -f {_sq(short)} 2>/dev/null")
     lines.append("hash -r 2>/dev/null || true")
     lines += [f". {_sq(script)}" for script in act.scripts.get("sh", [])]
+    lines += _sh_deactivate(act, mine)
     return "\n".join(lines) + "\n"
+
+
+def _sh_deactivate(act: Activation, mine: str) -> list[str]:
+    """A ``deactivate`` function, as venv's and conda's: it sources the
+    deactivate.d scripts, gives every variable activation touched the value
+    it had before, releases the shell's lease and removes itself."""
+    body = [f"    . {_sq(script)}" for script in act.undo_scripts.get("sh", [])]
+    for k in [*act.set, *act.unset]:
+        saved = f"{_SAVED}{k}"
+        body.append(
+            f'    if [ -n "${{{saved}+x}}" ]; then {k}=${saved}; export {k}; else unset {k}; fi; '
+            f"unset {saved}"
+        )
+    body.append(f'    rm -f {_sq(mine)}"$$" 2>/dev/null')
+    body += ["    unset -f deactivate", "    hash -r 2>/dev/null || true"]
+    return ["deactivate() {", *body, "}"]
+
+
+def _fish_deactivate(act: Activation, mine: str) -> list[str]:
+    body = [f"    source {_fish_q(script)}" for script in act.undo_scripts.get("fish", [])]
+    for k in [*act.set, *act.unset]:
+        saved = f"{_SAVED}{k}"
+        body.append(
+            f"    if set -q {saved}; set -gx {k} ${saved}; else; set -e {k}; end; set -e {saved}"
+        )
+    body += [f"    rm -f {_fish_q(mine)}$fish_pid 2>/dev/null", "    functions -e deactivate"]
+    return ["function deactivate", *body, "end"]
 
 
 def exec_in(act: Activation, argv: list[str]) -> None:
