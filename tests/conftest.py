@@ -321,6 +321,7 @@ def backend(request, tmp_path):
         url = f"s3://{seaweed.bucket()}/{tmp_path.name}"
         yield Backend("s3", url, url, env)
     elif request.param == "fs":
+        (tmp_path / "store").mkdir()  # an empty store (a missing directory is no store)
         yield Backend("fs", str(tmp_path / "store"), str(tmp_path / "store"), _without_aws())
     else:
         from servers import HttpServer

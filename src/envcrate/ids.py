@@ -23,3 +23,22 @@ def blob_digest(text: str) -> str:
     """``sha256:<hex>`` from a digest given with or without its prefix."""
     text = text.strip()
     return text if text.startswith("sha256:") else "sha256:" + text
+
+
+ARCHIVE_SUFFIXES = (".tar.zst", ".tar.gz")
+
+
+def looks_like_path(ref: str) -> bool:
+    """Whether ``ref`` can only be a path (a crate id, prefix or tag has no
+    ``/``)."""
+    return "/" in ref
+
+
+def missing_hint(ref: str) -> str:
+    """Why a ref found nothing, when its form tells: a hex prefix too short
+    to be one (else "")."""
+    text = ref.strip().lower()
+    text = text[7:] if text.startswith("sha256:") else text
+    if text and len(text) < 12 and _HEXDIGITS.issuperset(text):
+        return f" (a crate id prefix needs 12 or more hex digits; {ref} has {len(text)})"
+    return ""

@@ -41,9 +41,20 @@ ROUTES = {
 
 
 def _group(command: str):
-    import importlib
+    """The module of ``command``'s group, imported plainly (so that ``python
+    -X importtime`` shows it)."""
+    group = ROUTES[command]
+    if group == "caches":
+        from . import caches
 
-    return importlib.import_module(f"{__name__}.{ROUTES[command]}")
+        return caches
+    if group == "crates":
+        from . import crates
+
+        return crates
+    from . import stores
+
+    return stores
 
 
 class _Skip:
@@ -70,6 +81,10 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
     def add(name: str, **kwargs):
         if only is not None and name != only:
             return _Skip()
+        examples = _group(name).EXAMPLES.get(name, [])
+        kwargs.setdefault("description", kwargs.get("help"))
+        kwargs["epilog"] = "examples:\n" + "\n".join(f"  {line}" for line in examples)
+        kwargs["formatter_class"] = argparse.RawDescriptionHelpFormatter
         return sub.add_parser(name, **kwargs)
 
     for command in ROUTES:
@@ -85,6 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, command = argv[:cut], argv[cut + 1 :]
     args = _fast_ensure_args(argv)
+    if args is None and argv[:1] == ["run"] and not command:
+        ap = parser("run")
+        args, extra = ap.parse_known_args(argv)
+        if extra:
+            shown = " ".join(extra)
+            ap.error(
+                f"unrecognized arguments: {shown}; the command goes after `--` "
+                f"(options before it): envcrate run REF -- {shown}"
+            )
     if args is None:
         args = parser(argv[0] if argv and argv[0] in ROUTES else None).parse_args(argv)
     args.argv = command

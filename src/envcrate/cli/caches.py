@@ -244,5 +244,17 @@ def verify_cache(args) -> int:
     return 0
 
 
+EXAMPLES = {
+    "ensure": [
+        "prefix=$(envcrate ensure md-tools:2026-11 --cache /scratch/$USER/envcrate)",
+        "envcrate ensure https://host/md.tar.zst --sha256 DIGEST --lease $$",
+    ],
+    "activate": ['eval "$(envcrate activate md-tools:2026-11)"   # later: deactivate'],
+    "run": ["envcrate run md-tools:2026-11 -- python simulate.py --steps 1000"],
+    "gc": [
+        "envcrate gc --max-size 20G",
+        "envcrate gc --cache /scratch/$USER/envcrate --unused-for 30d --dry-run",
+    ],
+}
 PARSERS = {"ensure": add_ensure, "activate": add_activate, "run": add_run, "gc": add_gc}
 COMMANDS = {"ensure": cmd_ensure, "activate": cmd_activate, "run": cmd_run, "gc": cmd_gc}

@@ -24,11 +24,13 @@ def add_progress(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_pack_options(p: argparse.ArgumentParser) -> None:
+def add_pack_options(p: argparse.ArgumentParser, output: bool = True) -> None:
     p.add_argument(
         "--format",
         choices=["tar.zst", "tar.gz"],
-        help="archive format (default: from -o's name, else tar.zst)",
+        help="archive format (default: from -o's name, else tar.zst)"
+        if output
+        else "archive format (default: tar.zst)",
     )
     p.add_argument(
         "--level",
@@ -54,13 +56,12 @@ def add_pack_options(p: argparse.ArgumentParser) -> None:
         )
 
 
-def add_store(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--store",
-        metavar="URL",
-        help="directory, file://, s3:// or https:// store "
-        "(default: $ENVCRATE_STORE, then the local store in the user data directory)",
-    )
+def add_store(
+    p: argparse.ArgumentParser,
+    text: str = "directory, file://, s3:// or https:// store (default: $ENVCRATE_STORE, "
+    "then the local store in the user data directory)",
+) -> None:
+    p.add_argument("--store", metavar="URL", help=text)
 
 
 def add_cache(p: argparse.ArgumentParser, many: bool = True) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from ..errors import EnvcrateError
 from .common import (
     add_cache,
     add_json,
@@ -32,8 +33,8 @@ def add_pack(add) -> None:
 
 def add_unpack(add) -> None:
     p = add("unpack", help="extract and relocate a crate archive into a new directory")
-    p.add_argument("archive")
-    p.add_argument("dest")
+    p.add_argument("archive", help="a crate archive (.tar.zst or .tar.gz)")
+    p.add_argument("dest", help="the new directory to unpack into (must not exist)")
     p.add_argument(
         "--python", help="base interpreter for a venv crate (default: a matching one on this host)"
     )
@@ -66,7 +67,11 @@ def add_verify(add) -> None:
         "verify",
         help="recompute an archive's digests, or check an unpacked crate in a cache (--cache)",
     )
-    p.add_argument("ref", metavar="ARCHIVE|REF")
+    p.add_argument(
+        "ref",
+        metavar="ARCHIVE|REF",
+        help="an archive file; or a crate id, prefix, tag or prefix path in the caches",
+    )
     add_cache(p)
     p.add_argument("--sha256", help="expected blob digest (default: the one in <archive>.json)")
     add_json(p)
@@ -142,6 +147,11 @@ def cmd_info(args) -> int:
         size = min((a.get("size", 0) for a in archives), default=0)
         where = f"{store.url} ({', '.join(a.get('format', '?') for a in archives)})"
     m = manifest.data
+    if args.pins_only == "conda" and m["kind"] != "conda":
+        raise EnvcrateError(
+            f"{manifest.id} is a {m['kind']} crate: it has no conda packages; "
+            "`--pins-only pip` prints its pip requirements"
+        )
     if args.pins or args.pins_only:
         from ..envs.pins import pins_text
 
@@ -208,5 +218,17 @@ def cmd_verify(args) -> int:
     return emit(args, obj, v.id)
 
 
+EXAMPLES = {
+    "pack": [
+        "envcrate pack ~/envs/md-tools -o /tmp/",
+        "envcrate pack --name md-tools --format tar.gz -o md-tools.tar.gz",
+    ],
+    "unpack": ["envcrate unpack md-tools-1f26a1c6b65f.tar.zst /scratch/$USER/md-tools"],
+    "info": ["envcrate info md-tools:2026-11 --pins", "envcrate info md-tools.tar.zst --json"],
+    "verify": [
+        "envcrate verify md-tools-1f26a1c6b65f.tar.zst",
+        "envcrate verify md-tools --cache /scratch/$USER/envcrate",
+    ],
+}
 PARSERS = {"pack": add_pack, "unpack": add_unpack, "info": add_info, "verify": add_verify}
 COMMANDS = {"pack": cmd_pack, "unpack": cmd_unpack, "info": cmd_info, "verify": cmd_verify}

@@ -21,7 +21,7 @@ from .common import (
 
 def add_push(add) -> None:
     p = add("push", help="publish a packed archive to a store")
-    p.add_argument("archive")
+    p.add_argument("archive", help="a crate archive made by `envcrate pack`")
     add_store(p)
     p.add_argument("--tag", metavar="NAME", help="also point this tag at the crate")
     add_json(p)
@@ -35,7 +35,7 @@ def add_ship(add) -> None:
     )
     add_store(p)
     p.add_argument("--tag", metavar="NAME", help="also point this tag at the crate")
-    add_pack_options(p)
+    add_pack_options(p, output=False)
     add_json(p)
     add_progress(p)
 
@@ -49,15 +49,21 @@ def add_ls(add) -> None:
 
 def add_tag(add) -> None:
     p = add("tag", help="point a tag at a crate in a store")
-    p.add_argument("ref", metavar="REF")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("ref", metavar="REF", help="crate id, 12+ hex prefix or tag in the store")
+    p.add_argument(
+        "name", metavar="NAME", help="the tag: letters, digits and . _ : + - (moved if it exists)"
+    )
     add_store(p)
     add_json(p)
 
 
 def add_rm(add) -> None:
     p = add("rm", help="remove a crate from a store, or from caches with --cache")
-    p.add_argument("ref", metavar="REF")
+    p.add_argument(
+        "ref",
+        metavar="REF",
+        help="crate id, 12+ hex prefix or tag (with --cache: or a prefix path)",
+    )
     add_store(p)
     add_cache(p)
     p.add_argument("--force", action="store_true", help="remove it even when tagged (and the tags)")
@@ -78,8 +84,8 @@ def add_fsck(add) -> None:
 
 def add_url(add) -> None:
     p = add("url", help="print a presigned HTTPS URL and the digest of a crate's archive")
-    p.add_argument("ref", metavar="REF")
-    add_store(p)
+    p.add_argument("ref", metavar="REF", help="crate id, 12+ hex prefix or tag in the store")
+    add_store(p, "s3:// or https:// store (default: $ENVCRATE_STORE)")
     p.add_argument(
         "--expires", type=int, default=3600, metavar="SECONDS", help="validity (default 3600)"
     )
@@ -236,6 +242,23 @@ def cmd_url(args) -> int:
     return emit(args, obj, f"{url}\n{a['blob']}")
 
 
+EXAMPLES = {
+    "push": [
+        "envcrate push md-tools-1f26a1c6b65f.tar.zst --store s3://lab-envs/crates --tag md-tools"
+    ],
+    "ship": [
+        "envcrate ship ~/envs/md-tools --tag md-tools:2026-11",
+        "envcrate ship --name md-tools --store /project/envcrate/store --format tar.gz",
+    ],
+    "ls": [
+        "envcrate ls --store s3://lab-envs/crates",
+        "envcrate ls --cache /scratch/$USER/envcrate",
+    ],
+    "tag": ["envcrate tag 1f26a1c6b65f md-tools:stable --store /project/envcrate/store"],
+    "rm": ["envcrate rm md-tools:old --store s3://lab-envs/crates --force"],
+    "fsck": ["envcrate fsck --store /project/envcrate/store --repair"],
+    "url": ["envcrate url md-tools --store s3://lab-envs/crates --expires 86400"],
+}
 PARSERS = {
     "push": add_push,
     "ship": add_ship,

@@ -26,7 +26,7 @@ from ..fsutil import (
     remove_tree,
     sha256_file,
 )
-from ..ids import normalize_id
+from ..ids import looks_like_path, missing_hint, normalize_id
 from . import leases
 from .cache import read_marker
 
@@ -131,9 +131,14 @@ def find(caches: list[Path], ref: str) -> list[dict]:
         found = [e for e in all_entries if os.path.realpath(e["prefix"]) == real]
     else:
         found = [e for e in all_entries if ref in e["tags"]]
+    if not found and looks_like_path(ref) and not os.path.exists(ref):
+        raise NotFoundError(f"no such archive or cache entry: {ref}")
     if not found:
+        import shlex
+
         raise NotFoundError(
-            f"no crate {ref} in {', '.join(map(str, caches))}; `envcrate ls --cache DIR` lists them"
+            f"no crate {ref} in {', '.join(map(str, caches))}{missing_hint(ref)}; "
+            f"`envcrate ls --cache {shlex.quote(str(caches[0]))}` lists them"
         )
     ids = sorted({e["id"] for e in found})
     if len(ids) > 1:

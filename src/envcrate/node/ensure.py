@@ -14,7 +14,7 @@ import os
 import time
 
 from ..errors import EnvcrateError, NotFoundError
-from ..ids import blob_digest, normalize_id
+from ..ids import ARCHIVE_SUFFIXES, blob_digest, looks_like_path, missing_hint, normalize_id
 from .cache import Ensured, cache_list, find_ready, known_id, read_ready, stamp
 from .events import Events
 
@@ -102,9 +102,12 @@ def _source(ref: str, crate_id: "str | None", locate, sha256: "str | None", cach
                 f"{ref.split('?', 1)[0]} is an archive URL: give its digest with --sha256"
             )
         return ArchiveUrl(ref, blob_digest(sha256))
+    if looks_like_path(ref) or (locate is None and ref.endswith(ARCHIVE_SUFFIXES)):
+        raise NotFoundError(f"no such archive: {ref}")
     if locate is None:
         raise NotFoundError(
-            f"{ref} is not ready in {', '.join(caches)} and there is no store to fetch it from"
+            f"{ref} is not ready in {', '.join(caches)}{missing_hint(ref)} and there is no "
+            "store to fetch it from"
         )
     return locate(ref, crate_id)
 

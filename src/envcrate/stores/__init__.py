@@ -31,7 +31,13 @@ def open_store(url: str | os.PathLike | Store | None = None) -> Store:
     ``file:///path`` or a directory path (a Store is returned as it is)."""
     if isinstance(url, Store):
         return url
-    url = os.fspath(url) if url is not None else default_store_url()
+    if url is None and not os.environ.get("ENVCRATE_STORE"):
+        store = open_store(default_store_url())
+        store.given = False  # the local default: not there until the first ship
+        return store
+    if url is None:
+        url = default_store_url()
+    url = os.fspath(url)
     scheme = urlparse(url).scheme
     if scheme == "s3":
         from .s3 import S3Store

@@ -32,7 +32,7 @@ from ..crate.record import (
 )
 from ..errors import ArchiveError, DigestMismatchError, EnvcrateError, NotFoundError, StoreError
 from ..fsutil import sha256_file, unlink_quietly
-from ..ids import normalize_id, short_id
+from ..ids import ARCHIVE_SUFFIXES, looks_like_path, missing_hint, normalize_id, short_id
 
 Progress = Callable[[int], None]
 
@@ -117,6 +117,7 @@ class Store:
     can_list = True
     writable = True
     can_presign = False  # can hand out URLs that need no credentials
+    given = True  # named by the user (not the default store): open_store clears it
 
     # ------------------------------------------------------------- primitives
 
@@ -372,9 +373,26 @@ class Store:
         names = (k[len("crates/") : -len(".json")] for k in self.keys("crates/"))
         return sorted("sha256:" + n for n in names if is_digest("sha256:" + n))
 
+    def check_present(self) -> None:
+        """Raise NotFoundError if the store given is plainly not there (a
+        directory that does not exist); the others find out when asked."""
+
+    def ls_hint(self) -> str:
+        """The command that lists this store."""
+        if not self.given:
+            return "`envcrate ls`"
+        import shlex
+
+        return f"`envcrate ls --store {shlex.quote(self.url)}`"
+
     def resolve(self, ref: str) -> str:
         """A full crate id for ``ref``: a full id, a unique prefix of 12+ hex
         digits, or a tag."""
+        self.check_present()
+        if looks_like_path(ref):
+            raise NotFoundError(
+                f"no such archive: {ref} (no file there; a crate id, prefix or tag has no '/')"
+            )
         hexd = normalize_id(ref)
         if hexd is not None and len(hexd) == 64:
             crate_id = "sha256:" + hexd
@@ -388,15 +406,20 @@ class Store:
                 )
             found = [c for c in self.crate_ids() if c.split(":", 1)[1].startswith(hexd)]
             if not found:
-                raise NotFoundError(f"no crate {ref} in {self.url}; `envcrate ls` lists them")
+                raise NotFoundError(f"no crate {ref} in {self.url}; {self.ls_hint()} lists them")
             if len(found) > 1:
                 raise EnvcrateError(
                     f"{ref} is ambiguous in {self.url}: {', '.join(found)}; give more digits"
                 )
             return found[0]
         crate_id = self.tag_target(ref)
+        if crate_id is None and ref.endswith(ARCHIVE_SUFFIXES):
+            raise NotFoundError(f"no such archive: {ref}, nor a tag of that name in {self.url}")
         if crate_id is None:
-            raise NotFoundError(f"no crate or tag {ref!r} in {self.url}; `envcrate ls` lists them")
+            raise NotFoundError(
+                f"no crate or tag {ref!r} in {self.url}{missing_hint(ref)}; "
+                f"{self.ls_hint()} lists them"
+            )
         if self.record(crate_id) is None:
             raise NotFoundError(
                 f"tag {ref} in {self.url} points at {crate_id}, which is not there; "
@@ -415,6 +438,7 @@ class Store:
         """Every published crate: id, tags, kind, python, size, created. A
         malformed record or tag raises, or, with ``problems``, is described
         there and left out (one bad object does not hide the rest)."""
+        self.check_present()
         tags = self.tags(problems)
         out = []
         for crate_id in self.crate_ids():

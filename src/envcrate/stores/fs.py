@@ -24,6 +24,13 @@ class FsStore(Store):
         self.root = Path(root).expanduser().absolute()
         self.url = url or str(self.root)
 
+    def check_present(self) -> None:
+        if self.given and not self.root.is_dir():
+            raise NotFoundError(
+                f"no store at {self.url}: no such directory; check --store "
+                "(`envcrate push` and `ship` create one)"
+            )
+
     def _path(self, key: str) -> Path:
         # Keys are made from checked digests and tag names; this is the last
         # line of defence against one that would leave the store.

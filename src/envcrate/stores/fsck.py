@@ -38,6 +38,7 @@ def fsck(
     "recent": [blob keys too young to judge], "repaired": [lines],
     "checked": {"records", "blobs", "tags"}}``; ``ok`` is true when no
     problem is left."""
+    store.check_present()
     if not store.can_list:
         raise StoreError(
             f"{store.url} cannot be listed (HTTP), so it cannot be checked; run "
