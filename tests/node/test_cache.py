@@ -64,6 +64,14 @@ def test_cold_then_warm(shipped, small_crate, tmp_path, env):
         "RESOLVING", "DOWNLOADING", "EXTRACTING", "VERIFYING", "RELOCATING", "READY",
         "RESOLVING", "HIT",
     ]  # fmt: skip
+    # Once the id is known (from the tag here, given below), every event names the crate.
+    named = [e["crate"] for e in events_of(ev) if e["state"] != "RESOLVING"]
+    assert named == [small_crate.id] * 6, named
+    by_id = tmp_path / "by-id.jsonl"
+    again = ["--cache", tmp_path / "other", "--events", by_id, "--store", shipped]
+    ok(envcrate("ensure", small_crate.id, *again, "--json", env=env))
+    named = [e["crate"] for e in events_of(by_id) if e["state"] != "RESOLVING"]
+    assert named == [small_crate.id] * 5, (named, events_of(by_id))
     # Unpacked crates are read-only on disk.
     writable = [
         str(p)

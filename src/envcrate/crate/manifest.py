@@ -5,9 +5,10 @@ The *file table* is one canonical JSON array per entry, sorted by path:
 ``d`` (directory) or ``l`` (symlink), mode is ``"755"`` or ``"644"``, size is
 the archived size of a file (0 otherwise) and the fourth field is the sha256
 hex of a file's archived bytes, a link's target or ``""`` for a directory.
-The crate id is ``sha256:`` + the sha256 of the table's bytes, so it depends
-on the entries as archived and on nothing else (no mtimes, owners, format or
-compression settings).
+The crate id (:func:`crate_id_of`) is ``sha256:`` + the sha256 of a version
+line, the manifest's relocation spec and the table's bytes, so it depends on
+the entries as archived and on what relocation does with them, and on
+nothing else (no mtimes, owners, format or compression settings).
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ def ensure_crate(
     ev.emit("RESOLVING", ref=ref)
     try:
         crate_id = known_id(ref, caches, sha256)
+        ev.crate = crate_id  # every later event names it
         url = ref.startswith(URL_SCHEMES)
         for _ in range(5):
             found = (
