@@ -57,6 +57,17 @@ def _group(command: str):
     return stores
 
 
+def emit(args, obj: dict, text: str) -> int:
+    """Print ``obj`` as JSON with ``--json``, else ``text``."""
+    if args.json:
+        import json
+
+        print(json.dumps(obj))
+    else:
+        print(text)
+    return 0
+
+
 class _Skip:
     """Stands in for the parsers of the commands not being run: building all
     of them costs the warm ``ensure`` path about 10 ms."""

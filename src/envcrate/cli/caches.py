@@ -7,18 +7,14 @@ import os
 import sys
 
 from ..errors import EnvcrateError
-from .common import (
-    add_cache,
-    add_ensure_options,
-    add_json,
-    add_progress,
-    emit,
-    human_size,
-    print_table,
-)
+from . import emit  # not .common: a warm ``ensure`` imports no parser code
+
+# The parsers' and the other commands' helpers, imported when they run.
 
 
 def add_ensure(add) -> None:
+    from .common import add_ensure_options, add_json, add_progress
+
     p = add("ensure", help="materialise a crate into the cache once; print its prefix")
     add_ensure_options(p)
     p.add_argument("--lease", type=int, metavar="PID", help="keep it from gc while PID runs")
@@ -27,18 +23,24 @@ def add_ensure(add) -> None:
 
 
 def add_activate(add) -> None:
+    from .common import add_ensure_options
+
     p = add("activate", help="print shell code that activates a crate (for eval)")
     add_ensure_options(p)
     p.add_argument("--shell", choices=["sh", "bash", "zsh", "fish"], help="default: from $SHELL")
 
 
 def add_run(add) -> None:
+    from .common import add_ensure_options
+
     p = add("run", help="run a command in a crate")
     add_ensure_options(p)
     p.add_argument("--", dest="dashdash", metavar="COMMAND [ARG]...", help="the command to run")
 
 
 def add_gc(add) -> None:
+    from .common import add_cache, add_json
+
     p = add("gc", help="remove least-recently-used, unleased crates from caches")
     add_cache(p)
     p.add_argument("--max-size", metavar="SIZE", help="shrink each cache below SIZE (e.g. 20G)")
@@ -125,6 +127,7 @@ def cmd_run(args) -> int:
 def cmd_gc(args) -> int:
     from ..node import admin as cache_admin
     from ..node.cache import cache_list
+    from .common import human_size
 
     report = cache_admin.gc(
         cache_list(args.cache),
@@ -154,6 +157,7 @@ def ls_cache(args) -> int:
     from ..ids import short_id
     from ..node import admin as cache_admin
     from ..node.cache import cache_list
+    from .common import human_size, print_table
 
     found = cache_admin.entries(cache_list(args.cache))
     if args.json:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+from . import emit  # noqa: F401 (the groups import it from here or from the package)
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
@@ -90,16 +92,6 @@ def add_ensure_options(p: argparse.ArgumentParser) -> None:
 def fail(message: str) -> None:
     print(f"envcrate: error: {message}", file=sys.stderr)
     sys.exit(1)
-
-
-def emit(args, obj: dict, text: str) -> int:
-    if args.json:
-        import json
-
-        print(json.dumps(obj))
-    else:
-        print(text)
-    return 0
 
 
 def pack_options(args) -> dict:
