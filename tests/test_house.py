@@ -128,7 +128,6 @@ def test_a_warm_ensure_imports_only_the_warm_path(small_crate, tmp_path):
         "envcrate.ids",
         "envcrate.cli",
         "envcrate.cli.caches",
-        "envcrate.cli.common",
         "envcrate.node",
         "envcrate.node.ensure",
         "envcrate.node.cache",
