@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -275,3 +276,24 @@ def test_every_reader_path_round_trips_a_large_file(big_file_venv, tmp_path, how
         unpack(short, tmp_path / "dest2")
     assert not (tmp_path / "dest2").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_only_shell_names_of_conda_state_become_variables(tmp_path):
+    """``conda-meta/state`` comes from the crate: a name no shell accepts
+    (``str.isidentifier`` allows ``é``) would break the whole ``eval``, so
+    only ASCII shell names are kept, and the activation code still runs."""
+    from envcrate.node import activation
+
+    (tmp_path / "conda-meta").mkdir()
+    state = {"env_vars": {"é": "1", "OK_1": "y", "1X": "n", "PATH2": "it's"}}
+    (tmp_path / "conda-meta" / "state").write_text(json.dumps(state))
+    act = activation.environment(tmp_path, "conda", {"PATH": "/usr/bin:/bin"})
+    assert {k: act.set[k] for k in ("OK_1", "PATH2")} == {"OK_1": "y", "PATH2": "it's"}
+    assert "é" not in act.set and "1X" not in act.set
+    code = activation.shell_code("sh", act, (str(tmp_path / "l"), "x.", None))
+    out = subprocess.run(
+        ["sh", "-c", code + 'echo "$OK_1 $PATH2"; deactivate; echo "${OK_1-gone}"'],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and out.stdout.splitlines() == ["y it's", "gone"], out.stderr

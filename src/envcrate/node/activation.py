@@ -63,7 +63,16 @@ def _state_vars(prefix: Path) -> dict[str, str]:
     env_vars = state.get("env_vars") if isinstance(state, dict) else None
     if not isinstance(env_vars, dict):
         return {}
-    return {str(k): str(v) for k, v in env_vars.items() if str(k).isidentifier()}
+    return {str(k): str(v) for k, v in env_vars.items() if _shell_name(str(k))}
+
+
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def _shell_name(name: str) -> bool:
+    """A name every shell takes for a variable (``str.isidentifier`` also
+    allows non-ASCII letters, which would break the whole ``eval``)."""
+    return bool(name) and _NAME_CHARS.issuperset(name) and not name[0].isdigit()
 
 
 def _activate_scripts(prefix: Path, which: str) -> dict[str, list[str]]:
