@@ -260,6 +260,23 @@ def user_dir() -> Path:
 
 
 @pytest.fixture
+def shipped(small_crate, tmp_path):
+    """The small crate published, tagged ``small``, in a directory store of
+    this test's own."""
+    return publish(small_crate, tmp_path / "store", tag="small")
+
+
+@pytest.fixture
+def env(tmp_path) -> dict:
+    """The environment of envcrate subprocesses: no store or cache by default
+    (the default ones are this test's own, under tmp_path)."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("ENVCRATE_", "AWS_"))}
+    e["XDG_CACHE_HOME"] = str(tmp_path / "xdg-cache")
+    e["XDG_DATA_HOME"] = str(tmp_path / "xdg-data")
+    return e
+
+
+@pytest.fixture
 def user_shipped(small_crate, user_dir):
     """The small crate in a directory store that the test users can read."""
     store = user_dir / "store"

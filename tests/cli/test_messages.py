@@ -7,36 +7,22 @@ import os
 import re
 
 import pytest
-from conftest import envcrate, fails, ok, publish
+from conftest import envcrate, fails, ok
 
 HEADER = ["ID", "TAGS", "NAME", "KIND", "PYTHON", "SIZE", "CREATED"]
 
 
-@pytest.fixture
-def env(tmp_path) -> dict:
-    """No store or cache by default: the test's own, under tmp_path."""
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("ENVCRATE_", "AWS_"))}
-    e["XDG_CACHE_HOME"] = str(tmp_path / "xdg-cache")
-    e["XDG_DATA_HOME"] = str(tmp_path / "xdg-data")
-    return e
-
-
-@pytest.fixture
-def store(small_crate, tmp_path):
-    return publish(small_crate, tmp_path / "store", tag="small")
-
-
 @pytest.mark.parametrize("ref", ["missing/env.tar.zst", "env.tar.zst", "./env.tar.gz"])
-def test_an_archive_path_that_does_not_exist_is_no_such_archive(ref, store, tmp_path, env):
+def test_an_archive_path_that_does_not_exist_is_no_such_archive(ref, shipped, tmp_path, env):
     cache = tmp_path / "cache"
     for args in (["info", ref], ["ensure", ref, "--cache", cache], ["run", ref, "--", "true"]):
-        err = fails(envcrate(*args, "--store", store, env=env), "no such archive", ref)
+        err = fails(envcrate(*args, "--store", shipped, env=env), "no such archive", ref)
         assert "cannot be a tag" not in err
     err = fails(envcrate("ensure", ref, "--cache", cache, env=env), "no such archive", ref)
     assert not cache.exists() or not os.listdir(cache / "e")
 
 
-def test_ls_of_a_store_that_is_not_there_says_so(store, tmp_path, env):
+def test_ls_of_a_store_that_is_not_there_says_so(shipped, tmp_path, env):
     typo = tmp_path / "stroe"
     out = envcrate("ls", "--store", typo, env=env)
     fails(out, f"no store at {typo}", "--store")
@@ -48,28 +34,35 @@ def test_ls_of_a_store_that_is_not_there_says_so(store, tmp_path, env):
     assert listed.returncode == 0 and listed.stdout.split() == HEADER
 
 
-def test_the_ls_hint_keeps_the_store_given(store, env):
-    err = fails(envcrate("info", "no-such-tag", "--store", store, env=env), "no crate or tag")
-    assert f"`envcrate ls --store {store}`" in err
+def test_the_ls_hint_keeps_the_store_given(shipped, env):
+    err = fails(envcrate("info", "no-such-tag", "--store", shipped, env=env), "no crate or tag")
+    assert f"`envcrate ls --store {shipped}`" in err
     err = fails(envcrate("info", "no-such-tag", env=env), "no crate or tag")
     assert "`envcrate ls` lists them" in err
 
 
-def test_a_short_prefix_says_a_prefix_needs_12_digits(small_crate, store, tmp_path, env):
+def test_a_short_prefix_says_a_prefix_needs_12_digits(small_crate, shipped, tmp_path, env):
     short = small_crate.id.split(":")[1][:8]
-    for args in (["info", short, "--store", store], ["ensure", short, "--store", store]):
+    for args in (["info", short, "--store", shipped], ["ensure", short, "--store", shipped]):
         fails(envcrate(*args, "--cache", tmp_path / "c", env=env), "12 or more hex digits")
     ok(
         envcrate(
-            "ensure", small_crate.id, "--store", store, "--cache", tmp_path / "c", "--json", env=env
+            "ensure",
+            small_crate.id,
+            "--store",
+            shipped,
+            "--cache",
+            tmp_path / "c",
+            "--json",
+            env=env,
         )
     )
     fails(envcrate("rm", short, "--cache", tmp_path / "c", env=env), "12 or more hex digits")
     fails(envcrate("ensure", short, "--cache", tmp_path / "c", env=env), "12 or more hex digits")
 
 
-def test_run_without_the_double_dash_says_where_the_command_goes(store, env):
-    out = envcrate("run", "small", "python", "-V", "--store", store, env=env)
+def test_run_without_the_double_dash_says_where_the_command_goes(shipped, env):
+    out = envcrate("run", "small", "python", "-V", "--store", shipped, env=env)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "--" in out.stderr.splitlines()[-1] and "envcrate run REF -- " in out.stderr
 

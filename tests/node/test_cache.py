@@ -20,23 +20,6 @@ from envcrate.stores import blob_key
 CLI = [sys.executable, "-m", "envcrate.cli"]
 
 
-@pytest.fixture
-def shipped(small_crate, tmp_path):
-    """The small crate published in a directory store of this test's own."""
-    store = tmp_path / "store"
-    publish(small_crate, store, tag="small")
-    return store
-
-
-@pytest.fixture
-def env(tmp_path) -> dict:
-    """The environment of envcrate subprocesses: no store or cache by default."""
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("ENVCRATE_", "AWS_"))}
-    e["XDG_CACHE_HOME"] = str(tmp_path / "xdg-cache")
-    e["XDG_DATA_HOME"] = str(tmp_path / "xdg-data")
-    return e
-
-
 def events_of(path: Path) -> list[dict]:
     if not path.exists():
         return []
