@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import sys
+from pathlib import Path
 
 from conftest import ROOT, check
 
@@ -21,7 +22,18 @@ MAY_IMPORT = {
     "packing": {"crate", "envs"},
     "fetching": {"crate", "node", "stores"},
     "shipping": {"crate", "envs", "stores", "packing"},
-    "cli": {"crate", "envs", "stores", "node", "packing", "fetching", "shipping", "api"},
+    "bootstrap": {"crate", "node", "stores"},
+    "cli": {
+        "crate",
+        "envs",
+        "stores",
+        "node",
+        "packing",
+        "fetching",
+        "shipping",
+        "bootstrap",
+        "api",
+    },
     "api": {"crate", "envs", "stores", "node", "packing", "fetching", "shipping"},
 }
 
@@ -109,6 +121,36 @@ def test_no_module_is_over_600_lines():
         if (n := len(p.read_text().splitlines())) > 600
     }
     assert long == {}
+
+
+def test_a_bootstrap_script_carries_everything_its_modules_import():
+    """The compute side a bootstrap script embeds (envcrate.bootstrap.PAYLOAD)
+    is closed under imports, lazy ones included (the package's own lazy API
+    aside), and never reaches the client's side."""
+    from envcrate.bootstrap import PAYLOAD
+
+    graph = _imports()
+    missing = sorted(
+        f"{m} -> {t}"
+        for m in PAYLOAD
+        if m != "envcrate"
+        for t in graph[m]
+        if t not in PAYLOAD and not m.startswith(t + ".")
+    )
+    assert missing == []
+
+
+def test_a_bootstrap_script_s_modules_need_only_python_3_6():
+    """What vermin (PyPI) finds in them needs at most Python 3.6 (the real
+    runs are tests/node/test_boot.py's, under every Python here)."""
+    from envcrate.bootstrap import PAYLOAD, module_file
+
+    files = [str(module_file(m)) for m in PAYLOAD]
+    vermin = Path(sys.executable).with_name("vermin")
+    out = check([vermin, "-t=3.6-", "--no-tips", "--violations", *files])
+    assert "Minimum required versions: 3.6" in out.stdout or out.stdout.strip().endswith("3.6"), (
+        out.stdout
+    )
 
 
 def test_a_warm_ensure_imports_only_the_warm_path(small_crate, tmp_path):

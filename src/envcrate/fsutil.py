@@ -1,7 +1,5 @@
 """Small filesystem helpers shared by the packer and the unpacker."""
 
-from __future__ import annotations
-
 import errno
 import os
 
@@ -19,7 +17,7 @@ def unlink_quietly(path: str) -> None:
         pass
 
 
-def read_file(path: str, nofollow: bool = False) -> tuple[bytes, os.stat_result]:
+def read_file(path: str, nofollow: bool = False) -> "tuple[bytes, os.stat_result]":
     """The whole content of ``path`` and its stat, read until end of file
     (a single read may return short on network filesystems). A read that
     returns exactly the size fstat gave, when one byte more was asked for,
@@ -60,6 +58,20 @@ def write_all_at(fd: int, data, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Read into ``view`` at ``offset`` of file ``fd``; the byte count (less
+    at the end of the file). ``os.preadv`` where there is one (3.7+), else a
+    copy through ``os.pread``."""
+    if _preadv is not None:
+        return _preadv(fd, [view], offset)
+    chunk = os.pread(fd, len(view), offset)
+    view[: len(chunk)] = chunk
+    return len(chunk)
+
+
+_preadv = getattr(os, "preadv", None)
+
+
 def copy_range(src: int, offset: int, count: int, dst: int) -> None:
     """Append ``count`` bytes of file ``src`` from ``offset`` to file ``dst``
     (at its position): in the kernel where the filesystem can, else through
@@ -67,7 +79,9 @@ def copy_range(src: int, offset: int, count: int, dst: int) -> None:
     end = offset + count
     try:
         while offset < end:
-            n = os.copy_file_range(src, dst, end - offset, offset)
+            if not hasattr(os, "copy_file_range"):  # Python 3.6 and 3.7
+                break
+            n = os.copy_file_range(src, dst, end - offset, offset)  # novermin (checked)
             if n == 0:
                 raise OSError(f"{count} bytes to copy but the file ended")
             offset += n
@@ -83,7 +97,7 @@ def copy_range(src: int, offset: int, count: int, dst: int) -> None:
         offset += len(chunk)
 
 
-def group_shared(root: str | os.PathLike) -> bool:
+def group_shared(root: "str | os.PathLike") -> bool:
     """Whether ``root`` is group-writable: a directory a project group shares."""
     try:
         return bool(os.stat(root).st_mode & 0o020)
@@ -91,7 +105,9 @@ def group_shared(root: str | os.PathLike) -> bool:
         return False
 
 
-def make_dirs_under(root: str | os.PathLike, path: str | os.PathLike, sticky: bool = False) -> None:
+def make_dirs_under(
+    root: "str | os.PathLike", path: "str | os.PathLike", sticky: bool = False
+) -> None:
     """Create ``path`` below ``root`` (and ``root`` itself if missing). Below a
     group-shared root every new directory is ``2775`` (``3775`` with
     ``sticky``: members may add entries but remove only their own): the
@@ -145,7 +161,7 @@ _SAFE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _REGULAR = 0o100000
 
 
-def _regular(fd: int, path) -> os.stat_result:
+def _regular(fd: int, path) -> "os.stat_result":
     """The stat of ``fd``, which must be a regular file (else it is closed)."""
     st = os.fstat(fd)
     if st.st_mode & 0o170000 != _REGULAR:
@@ -154,7 +170,7 @@ def _regular(fd: int, path) -> os.stat_result:
     return st
 
 
-def open_regular(path, flags: int = os.O_RDONLY, dir_fd: int | None = None) -> int:
+def open_regular(path, flags: int = os.O_RDONLY, dir_fd: "int | None" = None) -> int:
     """Open an existing regular file: not through a symlink (``ELOOP``), not a
     FIFO or device (``EINVAL``, without blocking on a FIFO)."""
     fd = os.open(path, flags | _SAFE, dir_fd=dir_fd)
@@ -162,12 +178,12 @@ def open_regular(path, flags: int = os.O_RDONLY, dir_fd: int | None = None) -> i
     return fd
 
 
-def open_dir(path, dir_fd: int | None = None) -> int:
+def open_dir(path, dir_fd: "int | None" = None) -> int:
     """A descriptor of directory ``path`` whose last component is no symlink."""
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
 
 
-def read_small(path, limit: int = 512, dir_fd: int | None = None) -> bytes:
+def read_small(path, limit: int = 512, dir_fd: "int | None" = None) -> bytes:
     """The content of a small regular file of the cache (an index or tag
     record): at most ``limit`` bytes, else ``EFBIG``; through no symlink,
     never blocking on a FIFO."""
@@ -187,7 +203,10 @@ def read_bounded(path, limit: int) -> bytes:
     fd = open_regular(path)
     try:
         chunks, got = [], 0
-        while chunk := os.read(fd, min(1 << 20, limit + 1 - got)):
+        while True:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - got))
+            if not chunk:
+                break
             chunks.append(chunk)
             got += len(chunk)
             if got > limit:
@@ -202,7 +221,7 @@ def create_file(
     mode: int,
     flags: int = os.O_WRONLY,
     truncate: bool = False,
-    dir_fd: int | None = None,
+    dir_fd: "int | None" = None,
 ) -> int:
     """Open the regular file ``path``, created with exactly ``mode`` if missing
     (not through the umask, which would make a group-shared lock or stamp
@@ -239,8 +258,8 @@ def create_file(
 
 
 def make_temp(
-    d: str, prefix: str, suffix: str, mode: int, dir_fd: int | None = None
-) -> tuple[int, str]:
+    d: str, prefix: str, suffix: str, mode: int, dir_fd: "int | None" = None
+) -> "tuple[int, str]":
     """A new file ``<prefix><random>.<suffix>`` in ``d`` (or ``dir_fd``) with
     exactly ``mode``, as :func:`tempfile.mkstemp` makes one (``O_EXCL``, 64
     random bits, no symlink followed) without importing :mod:`tempfile` on
@@ -267,7 +286,7 @@ def shared_mode(root: str, private: int = 0o644) -> int:
     return private | 0o020 if group_shared(root) else private
 
 
-def sha256_file(path: str | os.PathLike) -> tuple[str, int]:
+def sha256_file(path: "str | os.PathLike") -> "tuple[str, int]":
     """The sha256 (hex) of a file's content and its size, read in 4 MiB pieces."""
     import hashlib
 
@@ -276,20 +295,20 @@ def sha256_file(path: str | os.PathLike) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def hash_file(path: str | os.PathLike, digest) -> int:
+def hash_file(path: "str | os.PathLike", digest) -> int:
     """Feed a file's content to ``digest`` (a hashlib object), read in 4 MiB
     pieces; its size."""
     size = 0
     with open(path, "rb") as f:
         buf = bytearray(4 << 20)
         view = memoryview(buf)
-        while n := f.readinto(buf):
+        for n in iter(lambda: f.readinto(buf), 0):
             digest.update(view[:n])
             size += n
     return size
 
 
-def remove_tree(path: str | os.PathLike, attempts: int = 5) -> None:
+def remove_tree(path: "str | os.PathLike", attempts: int = 5) -> None:
     """Remove a directory tree, read-only ones included (its directories are
     made writable first, which needs its owner); a missing path is fine. A
     tree that is still being written (a killed filler's writers may not have
@@ -326,7 +345,7 @@ def _make_writable(path: str) -> None:
     of the remover's) between the look and the change gets nothing changed."""
     me = os.geteuid()
 
-    def writable(name: str, dir_fd: int | None = None) -> None:
+    def writable(name: str, dir_fd: "int | None" = None) -> None:
         try:
             fd = os.open(
                 name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd

@@ -17,8 +17,6 @@ read, HTTP 500/502/503/504) are :class:`Transient` and retried with
 exponential backoff until the deadline; the others fail at once.
 """
 
-from __future__ import annotations
-
 import hashlib
 import http.client
 import os
@@ -86,7 +84,7 @@ class Deadline:
     def left(self) -> float:
         return self.end - time.monotonic()
 
-    def expired(self, why: str = "") -> StoreError:
+    def expired(self, why: str = "") -> "StoreError":
         why = f" ({why})" if why else ""
         return StoreError(
             f"gave up on {self.what} after {time.monotonic() - self.start:.1f} s{why}, "
@@ -111,7 +109,7 @@ class Deadline:
         return max(0.05, min(timeout(), self.left()))
 
 
-def retrying(attempt: Callable[[], T], deadline: Deadline) -> T:
+def retrying(attempt: "Callable[[], T]", deadline: "Deadline") -> "T":
     """``attempt()`` until it returns: a :class:`Transient` failure is tried
     again after a backoff (0.1 s, doubling up to 5 s, jittered) while the
     deadline allows; then the last failure is the error."""
@@ -128,7 +126,7 @@ def retrying(attempt: Callable[[], T], deadline: Deadline) -> T:
         delay = min(delay * 2, 5.0)
 
 
-def too_large(where: str, size: int) -> StoreError:
+def too_large(where: str, size: int) -> "StoreError":
     """The error for an object larger than its record says."""
     return StoreError(
         f"{where} is larger than the {size} bytes its record says; the store's copy is "
@@ -139,7 +137,7 @@ def too_large(where: str, size: int) -> StoreError:
 CHUNK = 1 << 20
 
 
-def open_url(url: str, deadline: Deadline, method: str = "GET", start: int = 0):
+def open_url(url: str, deadline: "Deadline", method: str = "GET", start: int = 0):
     headers = {"User-Agent": "envcrate"}
     if start:
         headers["Range"] = f"bytes={start}-"
@@ -151,7 +149,7 @@ def shown(url: str) -> str:
     return url.split("?", 1)[0]  # a presigned URL's query is a credential
 
 
-def request_error(url: str, e: Exception) -> Exception:
+def request_error(url: str, e: "Exception") -> "Exception":
     """A one-line error for a failed request: Transient when worth retrying."""
     if isinstance(e, urllib.error.HTTPError):
         if e.code == 404:
@@ -169,11 +167,11 @@ def request_error(url: str, e: Exception) -> Exception:
 def stream_url(
     url: str,
     out,
-    progress: Progress | None,
+    progress: "Progress | None",
     *,
-    size: int | None = None,
+    size: "int | None" = None,
     digest=None,
-) -> str | None:
+) -> "str | None":
     """Write what ``url`` serves to ``out`` (a new file opened for writing),
     resuming where a lost connection left off; at most ``size`` bytes. With
     ``digest`` (a hashlib constructor), the hex digest of what was written."""
@@ -217,7 +215,7 @@ def stream_url(
             try:
                 # read1: what has arrived, so that bytes before a lost
                 # connection are kept and the next attempt starts after them
-                while chunk := resp.read1(CHUNK):
+                for chunk in iter(lambda: resp.read1(CHUNK), b""):
                     if size is not None and got + len(chunk) > size:
                         raise too_large(shown(url), size)
                     out.write(chunk)
@@ -241,7 +239,7 @@ def stream_url(
 
 
 def download_url(
-    url: str, dest_dir: Path, name: str, sha256: str, progress: Progress | None = None
+    url: str, dest_dir: Path, name: str, sha256: str, progress: "Progress | None" = None
 ) -> Path:
     """Fetch a single archive URL into ``dest_dir/name``, checking it against
     the blob digest ``sha256``; nothing is left under the final name unless it

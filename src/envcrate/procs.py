@@ -9,8 +9,6 @@ blocked on sending it the next request would otherwise wait forever).
 Shared memory for bulk data must be mapped before the fork.
 """
 
-from __future__ import annotations
-
 import os
 import pickle
 import signal
@@ -31,7 +29,7 @@ class Children:
     called on a thread of this process for each answer of child ``i``, and
     with None once the child is gone."""
 
-    def __init__(self, n: int, serve: Callable[[int, int], None], answered: Callable):
+    def __init__(self, n: int, serve: "Callable[[int, int], None]", answered: "Callable"):
         self.children: list[tuple[int, int, int]] = []  # (pid, requests, answers)
         self._readers: list[threading.Thread] = []
         try:
@@ -53,7 +51,7 @@ class Children:
     def __len__(self) -> int:
         return len(self.children)
 
-    def _fork(self, serve: Callable[[int, int], None]) -> None:
+    def _fork(self, serve: "Callable[[int, int], None]") -> None:
         req_r, req_w = os.pipe()
         ans_r, ans_w = os.pipe()
 
@@ -107,7 +105,7 @@ class Children:
         self.children, self._readers = [], []
 
 
-def fork(record: Callable[[int], None]) -> int:
+def fork(record: "Callable[[int], None]") -> int:
     """``os.fork()``; 0 in the child. In the parent, ``record(pid)`` keeps the
     child before a Ctrl-C can unwind this call: an interrupt raised as the
     fork returns would lose the child, never to be waited for. (Interrupts
@@ -138,7 +136,7 @@ def fork(record: Callable[[int], None]) -> int:
         if main:
             signal.signal(signal.SIGINT, previous)
             if held and pid != 0:  # the child must not unwind its parent's calls
-                signal.raise_signal(signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)  # signal.raise_signal is 3.8
     return pid
 
 
@@ -166,7 +164,7 @@ class BackgroundHash:
     of the head leave idle, instead of beside the file writers, which keep
     both cores busy."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: "str | os.PathLike"):
         import hashlib
 
         self._pid: int | None = None
@@ -195,13 +193,13 @@ class BackgroundHash:
             finally:
                 os._exit(status)
 
-    def result(self) -> str | None:
+    def result(self) -> "str | None":
         """The hex digest, once the child is done; None if it could not hash
         the file (the caller then hashes it, and meets the error itself)."""
         if self._fd is None:
             return None
         data = b""
-        while chunk := os.read(self._fd, 128):
+        for chunk in iter(lambda: os.read(self._fd, 128), b""):
             data += chunk
         self._end()
         return data.decode() if len(data) == 64 else None
@@ -221,7 +219,7 @@ class BackgroundHash:
         self._pid = self._fd = None
 
 
-def _take_answers(i: int, answers: int, answered: Callable) -> None:
+def _take_answers(i: int, answers: int, answered: "Callable") -> None:
     while True:
         try:
             message = receive(answers)

@@ -1,14 +1,12 @@
 """Progress bars on stderr for long work (only on a terminal or when asked).
 
 Cheap to import: the warm ``ensure`` path imports it (no contextlib, no
-typing, tqdm only when a bar is shown)."""
-
-from __future__ import annotations
+typing, tqdm only when a bar is shown, and no bar where it is missing)."""
 
 import sys
 
 
-def wanted(flag: bool | None) -> bool:
+def wanted(flag: "bool | None") -> bool:
     """``--progress`` forces bars; otherwise only when stderr is a terminal."""
     return bool(flag) or (flag is None and sys.stderr.isatty())
 
@@ -17,7 +15,7 @@ class bar:
     """``with bar(total, desc, enabled) as tick:`` gives ``tick(n)`` to report
     progress, or None when no bar is shown."""
 
-    def __init__(self, total: int | None, desc: str, enabled: bool):
+    def __init__(self, total: "int | None", desc: str, enabled: bool):
         self.total = total
         self.desc = desc
         self.enabled = enabled
@@ -26,7 +24,10 @@ class bar:
     def __enter__(self):
         if not self.enabled:
             return None
-        from tqdm import tqdm
+        try:
+            from tqdm import tqdm
+        except ImportError:  # a bare node (a bootstrap script): no bar
+            return None
 
         self._bar = tqdm(
             total=self.total,

@@ -145,14 +145,14 @@ def test_frames_that_do_not_join_are_refused(tmp_path, monkeypatch, lie):
     def lying(path):
         plan = read_plan(path)
         if lie == "header":
-            plan.frames[3].at += 512
+            plan.frames[3] = plan.frames[3]._replace(at=plan.frames[3].at + 512)
         else:  # 100 bytes inside d/a.txt's data (1500 bytes), said to be inside z's (700)
             k = next(
                 k
                 for k, f in enumerate(plan.frames)
                 if f.member == ordinal["d/a.txt"] and 512 <= f.at <= 1100
             )
-            plan.frames[k].member = ordinal["z"]
+            plan.frames[k] = plan.frames[k]._replace(member=ordinal["z"])
         return plan
 
     import envcrate.node.unpack as unpacker

@@ -386,3 +386,32 @@ def test_conda_crates_ship_and_ensure_from_a_store(conda_crate, conda_env, tmp_p
         envcrate("ensure", short_id(conda_crate.id), "--store", store, "--cache", tmp_path / "c")
     ).stdout.strip()
     assert check([Path(prefix) / "bin" / "python", "-c", "import purepy"]).returncode == 0
+
+
+def test_a_bootstrap_script_activates_a_conda_crate_under_python_3_6(conda_crate, tmp_path):
+    """No envcrate, Python 3.6 without zstandard (a conda crate brings its own
+    interpreter): the cold fill, then sourcing the script applies the state
+    variables and activate.d scripts, and deactivate runs deactivate.d."""
+    py36 = shutil.which("python3.6", path=str(Path.home() / ".pyenv/versions/3.6.15/bin"))
+    if py36 is None:
+        pytest.skip("no Python 3.6 from pyenv")
+    from envcrate.stores import open_store
+
+    c = conda_crate
+    store = tmp_path / "store"
+    open_store(str(store)).publish(c.archive, c.manifest.data, "tar.zst", c.blob, c.size)
+    boot = tmp_path / "boot.sh"
+    made = envcrate("bootstrap", c.id, "--store", store, "--cache", tmp_path / "c", "-o", boot)
+    assert made.returncode == 0, made.stderr
+    node = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "ENVCRATE_BOOT_PYTHON": py36}
+    code = (
+        f". {boot} || exit 9; "
+        'echo "$CONDA_PREFIX $TOOL_MODE $TOOL_HOME"; command -v python; '
+        'deactivate; echo "${CONDA_PREFIX-none} ${TOOL_MODE-none} ${TOOL_HOME-none}"'
+    )
+    for _ in ("cold", "warm"):
+        shown = check(["sh", "-c", code], env=dict(node, TOOL_MODE="slow")).stdout.splitlines()
+        prefix = shown[0].split()[0]
+        assert shown[0].split() == [prefix, "fast", f"{prefix}/share"], shown
+        assert shown[1] == f"{prefix}/bin/python"
+        assert shown[-2:] == [f"left {prefix}", "none slow none"], shown

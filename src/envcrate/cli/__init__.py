@@ -4,7 +4,7 @@ over the API.
 One module per group of commands, each with its parsers and its ``cmd_*``
 functions: :mod:`.crates` (pack, unpack, info, verify), :mod:`.stores`
 (push, ship, ls, tag, rm, fsck, url), :mod:`.caches` (ensure, activate, run,
-gc); :mod:`.common` holds their shared options and printing. This module
+gc), :mod:`.boot` (bootstrap), :mod:`.report` (report); :mod:`.common` holds their shared options and printing. This module
 builds only the parser of the command being run, and parses the plain forms
 of ``ensure`` without argparse: a warm ``envcrate ensure`` imports this
 module, :mod:`.caches` and the warm path of :mod:`envcrate.node` only.
@@ -37,6 +37,8 @@ ROUTES = {
     "activate": "caches",
     "run": "caches",
     "gc": "caches",
+    "bootstrap": "boot",
+    "report": "report",
 }
 
 
@@ -52,6 +54,14 @@ def _group(command: str):
         from . import crates
 
         return crates
+    if group == "boot":
+        from . import boot
+
+        return boot
+    if group == "report":
+        from . import report
+
+        return report
     from . import stores
 
     return stores
@@ -143,7 +153,7 @@ class _Args:
         self.__dict__.update(values)
 
 
-_ENSURE_VALUES = {"--store", "--cache", "--python", "--sha256", "--events", "--lease"}
+_ENSURE_VALUES = {"--store", "--cache", "--python", "--sha256", "--events", "--lease", "--report"}
 
 
 def _fast_ensure_args(argv: list[str]):
@@ -153,6 +163,7 @@ def _fast_ensure_args(argv: list[str]):
     if argv[:1] != ["ensure"]:
         return None
     values: dict = {"store": None, "cache": [], "python": None, "sha256": None, "events": None}
+    values["report"] = None
     values.update(lease=None, json=False, progress=None, command="ensure", ref=None)
     rest = argv[1:]
     i = 0

@@ -61,6 +61,7 @@ def _ensure(args, lease: int | str | None = None):
         python=args.python,
         sha256=args.sha256,
         events=args.events,
+        report=getattr(args, "report", None),
         lease=lease,
         progress=getattr(args, "progress", False),
     )

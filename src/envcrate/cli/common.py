@@ -87,6 +87,12 @@ def add_ensure_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--python", help="base interpreter for a venv crate")
     p.add_argument("--sha256", metavar="DIGEST", help="blob digest of an archive URL or file")
     p.add_argument("--events", metavar="FILE", help="append bootstrap events (JSON lines) to FILE")
+    p.add_argument(
+        "--report",
+        metavar="URL",
+        help="also send each event to a report location (a directory or s3:// prefix) "
+        "that `envcrate report URL` reads",
+    )
 
 
 def fail(message: str) -> None:

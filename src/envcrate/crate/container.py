@@ -32,15 +32,12 @@ behind it. Either way each source file is read once and the result depends
 only on the content and settings.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import struct
 import threading
 import zlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 from ..errors import ArchiveError, EnvcrateError
 from . import tar
@@ -74,7 +71,7 @@ INDEX_MAGIC = 0x184D2A5B
 SEEKABLE_FOOTER_MAGIC = 0x8F92EAB1
 
 
-def format_of_name(name: str) -> str | None:
+def format_of_name(name: str) -> "str | None":
     for fmt in FORMATS:
         if name.endswith("." + fmt):
             return fmt
@@ -84,7 +81,7 @@ def format_of_name(name: str) -> str | None:
 class Codec:
     """Compresses frames; usable from several threads."""
 
-    def __init__(self, fmt: str, level: int | None):
+    def __init__(self, fmt: str, level: "int | None"):
         self.fmt = fmt
         self.level = level
         self._local = threading.local()
@@ -146,19 +143,18 @@ def skippable(magic: int, payload: bytes) -> bytes:
 PADDING_MAGIC = 0x184D2A50
 
 
-@dataclass
-class Head:
+class Head(NamedTuple):
     """What goes in front of the body: the manifest frame and the file-table
     frames, compressed, then perhaps padding."""
 
     data: bytes
-    frames: list[tuple[int, int]]  # (compressed, decompressed) per frame
-    index: list[list[int]]  # (member, offset) per frame
+    frames: "list[tuple[int, int]]"  # (compressed, decompressed) per frame
+    index: "list[list[int]]"  # (member, offset) per frame
 
 
 def head_frames(
-    manifest: bytes, table: bytes, fmt: str, level: int | None, compressed: list[bytes] = ()
-) -> Head:
+    manifest: bytes, table: bytes, fmt: str, level: "int | None", compressed: "list[bytes]" = ()
+) -> "Head":
     """The compressed manifest frame and file-table frames: the table's tar
     header, then its content cut every TABLE_CHUNK bytes (the last piece
     with the tar padding). ``compressed``: the first whole pieces,
@@ -181,7 +177,7 @@ def head_frames(
     return Head(b"".join(out), frames, [at for _, at in pieces])
 
 
-def padded(head: Head, offset: int, first: tuple[int, int], fmt: str) -> Head | None:
+def padded(head: "Head", offset: int, first: "tuple[int, int]", fmt: str) -> "Head | None":
     """``head`` padded by a skippable frame to fill the ``offset`` bytes in
     front of a tar.zst body whose first frame starts at ``first`` (member,
     offset); None if it does not fit."""
@@ -195,7 +191,7 @@ def padded(head: Head, offset: int, first: tuple[int, int], fmt: str) -> Head | 
     return Head(head.data + padding, head.frames + [(gap, 0)], head.index + [list(first)])
 
 
-def trailer(fmt: str, head: Head, body_frames: list, body_index: list) -> bytes:
+def trailer(fmt: str, head: "Head", body_frames: list, body_index: list) -> bytes:
     """The index and seek-table frames that end a tar.zst (nothing for
     tar.gz)."""
     if fmt != "tar.zst":
@@ -226,7 +222,7 @@ def detect_format(path: str) -> str:
     raise ArchiveError(f"{path} is neither a .tar.zst nor a .tar.gz crate")
 
 
-def seek_table(f: BinaryIO) -> list[tuple[int, int]] | None:
+def seek_table(f: "BinaryIO") -> "list[tuple[int, int]] | None":
     f.seek(0, os.SEEK_END)
     end = f.tell()
     if end < 17:
@@ -247,11 +243,15 @@ def seek_table(f: BinaryIO) -> list[tuple[int, int]] | None:
     return [struct.unpack_from("<II", head, 8 + i * width) for i in range(count)]
 
 
-def first_unit(f: BinaryIO, fmt: str, limit: int) -> bytes:
+def first_unit(f: "BinaryIO", fmt: str, limit: int) -> bytes:
     """Decompress only the first zstd frame (or gzip member) of ``f``, at
     most ``limit`` bytes of it (an archive is refused before a larger one
     is read: a small archive can inflate to gigabytes)."""
     if fmt == "tar.zst":
+        from .zstdio import backend
+
+        if backend() != "zstandard":
+            return _first_member(f, limit)
         import zstandard
 
         # One read stops at the end of the frame (read_across_frames=False).
@@ -275,6 +275,34 @@ def first_unit(f: BinaryIO, fmt: str, limit: int) -> bytes:
         if got > limit:
             raise ArchiveError("the archive's first frame is larger than a crate manifest can be")
     return b"".join(out)
+
+
+def _first_member(f: "BinaryIO", limit: int) -> bytes:
+    """The first tar member of a zstd stream, header and data, at most
+    ``limit`` bytes, without the zstandard module (:mod:`.zstdio`): the
+    stream is stopped once they are read."""
+    from .zstdio import stream
+
+    reader = stream(f)
+    try:
+        out = bytearray()
+        want = tar.BLOCK
+        while len(out) < want:
+            buf = bytearray(min(want - len(out), 1 << 20))
+            n = reader.readinto(buf)
+            if n == 0:
+                break
+            out += buf[:n]
+            if len(out) >= tar.BLOCK and want == tar.BLOCK:
+                size = tar.parse_header(bytes(out[: tar.BLOCK]))[3]
+                want = tar.BLOCK + size
+                if want > limit:
+                    raise ArchiveError(
+                        "the archive's first frame is larger than a crate manifest can be"
+                    )
+        return bytes(out)
+    finally:
+        reader.close()
 
 
 def read_manifest_bytes(path: str) -> bytes:

@@ -17,8 +17,6 @@ symlinks only after every regular file, each in a directory opened without
 following links (:func:`make_links`), so no write can go through a link.
 """
 
-from __future__ import annotations
-
 import hashlib
 import os
 import stat
@@ -68,14 +66,16 @@ def make_dir(path: bytes) -> None:
             ) from None
 
 
-def content_mismatch(path: str) -> DigestMismatchError:
+def content_mismatch(path: str) -> "DigestMismatchError":
     return DigestMismatchError(
         f"{path} in the archive does not match the crate's file table (content differs); "
         "the archive is corrupt or was tampered with: fetch it again"
     )
 
 
-def _write_batch(batch: list[tuple[bytes, int, list[memoryview] | None, str]], held: list) -> None:
+def _write_batch(
+    batch: "list[tuple[bytes, int, list[memoryview] | None, str]]", held: "list"
+) -> None:
     try:
         for path, mode, pieces, digest in batch:
             if pieces is None:
@@ -132,7 +132,7 @@ class _Writers:
             t.start()
 
     def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
+        for job in iter(self._queue.get, None):
             batch, held = job
             if self._error is not None:  # failed or cancelled: only let go
                 for piece in held:
@@ -148,7 +148,9 @@ class _Writers:
         if len(self._batch) >= self.BATCH_FILES:
             self._submit()
 
-    def add(self, path: bytes, mode: int, pieces: list[memoryview], size: int, digest: str) -> None:
+    def add(
+        self, path: bytes, mode: int, pieces: "list[memoryview]", size: int, digest: str
+    ) -> None:
         self._batch.append((path, mode, pieces, digest))
         self._bytes += size
         if len(self._batch) >= self.BATCH_FILES or self._bytes >= self.BATCH_BYTES:
@@ -185,7 +187,7 @@ class _Writers:
 _TYPES = {tar.REGULAR: "f", b"\0": "f", tar.DIRECTORY: "d", tar.SYMLINK: "l"}
 
 
-def check_member(member: tar.Member, row: FileRow | None) -> str:
+def check_member(member: "tar.Member", row: "FileRow | None") -> str:
     """Refuse ``member`` unless it is ``row`` (the file table's next row) as
     envcrate archives it: same path, type, mode, size and link target. Its
     path as text."""
@@ -219,10 +221,10 @@ def check_member(member: tar.Member, row: FileRow | None) -> str:
 
 
 def extract(
-    opened: OpenedArchive,
-    rows: Iterable[FileRow],
+    opened: "OpenedArchive",
+    rows: "Iterable[FileRow]",
     dest: str,
-    progress: Callable[[int], None] | None = None,
+    progress: "Callable[[int], None] | None" = None,
     read_only: bool = False,
 ) -> None:
     """Extract the entries of ``opened`` into the existing empty ``dest``;
@@ -296,7 +298,7 @@ def write_head_files(
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def make_links(root: bytes, links: list[tuple[bytes, bytes]]) -> None:
+def make_links(root: bytes, links: "list[tuple[bytes, bytes]]") -> None:
     """Make the symlinks (name, target) under ``root`` once every file is
     written, in table order. The table was checked (no link leaves ``root``,
     nothing lies below one), and each link is still made in its directory
@@ -323,7 +325,7 @@ def make_links(root: bytes, links: list[tuple[bytes, bytes]]) -> None:
             os.close(fd)
 
 
-def _open_dir(dirs: dict[bytes, int], rel: bytes) -> int:
+def _open_dir(dirs: "dict[bytes, int]", rel: bytes) -> int:
     """A descriptor of directory ``rel`` below the root (``dirs[b""]``),
     opened and made if missing one component at a time, never through a
     link; kept in ``dirs``."""

@@ -27,14 +27,12 @@ Archives without a seek table and index (``tar.gz``, or written by other
 tools) go through :func:`envcrate.crate.extract.extract` instead.
 """
 
-from __future__ import annotations
-
 import hashlib
 import os
 from typing import Callable
 
 from ..errors import ArchiveError, EnvcrateError, UnsafeArchiveError
-from ..fsutil import current_umask, hash_file, write_all, write_all_at
+from ..fsutil import current_umask, hash_file, pread_into, write_all, write_all_at
 from ..procs import ChildGone, Children
 from . import tar
 from .extract import content_mismatch, create_file, make_dir, make_links, write_head_files
@@ -51,13 +49,13 @@ MAX_FRAME = 64 << 20  # a larger frame is refused rather than allocated
 
 def extract_frames(
     path: str,
-    plan: Plan,
+    plan: "Plan",
     dest: str,
     digest,
-    links: list[tuple[str, str]],
-    progress: Callable[[int], None] | None = None,
+    links: "list[tuple[str, str]]",
+    progress: "Callable[[int], None] | None" = None,
     read_only: bool = False,
-    processes: int | None = None,
+    processes: "int | None" = None,
 ) -> bool:
     """Extract the body of the crate at ``path`` into the existing empty
     ``dest``, per ``plan``, whose file table the caller checked (``links``:
@@ -110,7 +108,7 @@ def extract_frames(
     return True
 
 
-def _check_spanning(root: bytes, rows: list[FileRow]) -> None:
+def _check_spanning(root: bytes, rows: "list[FileRow]") -> None:
     """Hash the files written in parts, now whole, against their rows: on
     two threads (hashlib lets go of the interpreter lock), the largest
     first; a quarter of a typical env's bytes lies in such files."""
@@ -150,7 +148,7 @@ def _file_digest(path: bytes) -> str:
     view = memoryview(buf)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        while n := os.readv(fd, [buf]):
+        for n in iter(lambda: os.readv(fd, [buf]), 0):
             h.update(view[:n])
     finally:
         os.close(fd)
@@ -162,7 +160,7 @@ class _Dispatch:
     gathers where each frame ended, the files written in parts and the bytes
     written."""
 
-    def __init__(self, frames: list[Frame]):
+    def __init__(self, frames: "list[Frame]"):
         import threading
 
         self.frames = frames
@@ -214,7 +212,7 @@ class _Dispatch:
                     self._assign(i)
             self._changed.notify_all()
 
-    def wait(self, progress: Callable[[int], None]) -> None:
+    def wait(self, progress: "Callable[[int], None]") -> None:
         """Until every frame is written (raising a writer's error), reporting
         the bytes written as they grow."""
         reported = 0
@@ -227,7 +225,7 @@ class _Dispatch:
                 raise self._error
 
 
-def _died() -> EnvcrateError:
+def _died() -> "EnvcrateError":
     return EnvcrateError("a file writer process died (out of memory?); unpack again")
 
 
@@ -237,12 +235,12 @@ class _Rows:
 
     BLOCK = 256
 
-    def __init__(self, lines: list[bytes]):
+    def __init__(self, lines: "list[bytes]"):
         self.lines = lines
         self.end = HEAD_MEMBERS + len(lines)  # the end-of-archive blocks' ordinal
         self._blocks: dict[int, list[FileRow]] = {}
 
-    def __getitem__(self, member: int) -> FileRow:
+    def __getitem__(self, member: int) -> "FileRow":
         """The row of the entry that is ``member``."""
         b, k = divmod(member - HEAD_MEMBERS, self.BLOCK)
         block = self._blocks.get(b)
@@ -277,7 +275,7 @@ _PART = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 class _Work:
     """What a writer process does with the frames it is sent."""
 
-    def __init__(self, path: str, root: bytes, rows: _Rows, read_only: bool):
+    def __init__(self, path: str, root: bytes, rows: "_Rows", read_only: bool):
         self.path, self.root, self.rows, self.read_only = path, root, rows, read_only
 
     def serve(self, requests: int, answers: int) -> None:
@@ -310,14 +308,17 @@ class _Work:
                 cview = memoryview(cbuf)[:csize]
                 got = 0
                 while got < csize:  # a network filesystem may return less
-                    step = os.preadv(fd, [cview[got:]], offset + got)
+                    step = pread_into(fd, cview[got:], offset + got)
                     if step == 0:
                         raise ArchiveError(f"{self.path} is truncated")
                     got += step
                 data = memoryview(dbuf)[:dsize]
                 reader = dctx.stream_reader(cview)
                 n = 0
-                while n < dsize and (r := reader.readinto(data[n:])):
+                while n < dsize:
+                    r = reader.readinto(data[n:])
+                    if not r:
+                        break
                     n += r
                 if n != dsize or reader.read(1):
                     raise ArchiveError(
@@ -333,7 +334,7 @@ class _Work:
                 answer = (k, e, None, None, 0)
             send(answers, answer)
 
-    def entry(self, m: int) -> tuple[FileRow, bytes, int, bytes | None]:
+    def entry(self, m: int) -> "tuple[FileRow, bytes, int, bytes | None]":
         """Member ``m``'s row, its path, its size in the stream, and its
         whole header when that is not one plain ustar block (else None)."""
         row = self.rows[m]  # checked by the parent before the writers started
@@ -356,7 +357,7 @@ class _Work:
             f"the crate's file table lists {p} with type {t!r}; the crate is corrupt"
         )
 
-    def frame(self, data: memoryview, m: int, at: int) -> tuple[tuple[int, int], list[int], int]:
+    def frame(self, data: memoryview, m: int, at: int) -> "tuple[tuple[int, int], list[int], int]":
         """Check and write what ``data`` (a frame starting ``at`` bytes into
         member ``m``) holds; its end (member, offset), the members it wrote
         in part, and the file bytes it wrote."""
@@ -448,7 +449,7 @@ class _Work:
         return (m, 0), span, nbytes
 
 
-def _mismatch(path: str, part, at: int, row: FileRow) -> ArchiveError:
+def _mismatch(path: str, part, at: int, row: "FileRow") -> "ArchiveError":
     """The error for a header that is not the row's (``part``: its bytes in
     this frame, from ``at``): the most telling one its fields here give."""
     part = bytes(part)
@@ -475,7 +476,7 @@ def _mismatch(path: str, part, at: int, row: FileRow) -> ArchiveError:
 _TYPEFLAGS = {"f": ord(tar.REGULAR), "d": ord(tar.DIRECTORY), "l": ord(tar.SYMLINK)}
 
 
-def _plain_header_matches(block: memoryview, row: FileRow, name: bytes) -> bool:
+def _plain_header_matches(block: memoryview, row: "FileRow", name: bytes) -> bool:
     """Whether a one-block ustar header has the fields the row gives: name,
     type, mode, size and link target (the rest does not change what is
     written, and tar's own checksum guards nothing the archive's digest
@@ -495,7 +496,7 @@ def _plain_header_matches(block: memoryview, row: FileRow, name: bytes) -> bool:
     return True
 
 
-def _header_of(row: FileRow, name: bytes) -> bytes:
+def _header_of(row: "FileRow", name: bytes) -> bytes:
     t, _, mode, size, digest = row
     if t == "f":
         return tar.header(name, tar.REGULAR, int(mode, 8), size)

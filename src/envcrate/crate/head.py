@@ -2,8 +2,6 @@
 or the manifest with the file table, which must hash to the crate id the
 manifest names (:func:`envcrate.crate.manifest.crate_id_of`)."""
 
-from __future__ import annotations
-
 import os
 
 from ..errors import DigestMismatchError
@@ -13,13 +11,13 @@ from .plan import read_plan
 from .reading import open_stream
 
 
-def read_manifest(archive: str | os.PathLike) -> Manifest:
+def read_manifest(archive: "str | os.PathLike") -> "Manifest":
     """The manifest of ``archive`` (its first frame only), its fields
     checked; not yet checked against the file table (see :func:`read_head`)."""
     return Manifest.from_bytes(read_manifest_bytes(os.fspath(archive)))
 
 
-def read_head(archive: str | os.PathLike) -> Manifest:
+def read_head(archive: "str | os.PathLike") -> "Manifest":
     """The manifest of ``archive``, checked against its file table: the crate
     id it names is what the table and the manifest hash to. Reads only the
     head of a seekable crate."""
@@ -38,7 +36,7 @@ def read_head(archive: str | os.PathLike) -> Manifest:
     return manifest
 
 
-def check_id(archive: str, manifest: Manifest, table: bytes, crate_id: str | None) -> None:
+def check_id(archive: str, manifest: "Manifest", table: bytes, crate_id: "str | None") -> None:
     got = crate_id_of(table, manifest.data)
     if got != manifest.id:
         raise DigestMismatchError(

@@ -11,13 +11,10 @@ the entries as archived and on what relocation does with them, and on
 nothing else (no mtimes, owners, format or compression settings).
 """
 
-from __future__ import annotations
-
 import hashlib
 import json
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Any, NamedTuple
 
@@ -45,18 +42,18 @@ class FileRow(NamedTuple):
         return canonical_json([self.type, self.mode, self.size, self.digest, self.path])
 
     @classmethod
-    def decode(cls, line: bytes) -> FileRow:
+    def decode(cls, line: bytes) -> "FileRow":
         t, mode, size, digest, path = json.loads(line)
         return cls(type=t, path=path, mode=mode, size=size, digest=digest)
 
 
-def canonical_json(obj: Any) -> bytes:
+def canonical_json(obj: "Any") -> bytes:
     """Deterministic compact JSON: sorted keys, ASCII only (lone surrogates
     from non-UTF-8 file names survive the round trip)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def encode_table(rows: Iterable[FileRow]) -> bytes:
+def encode_table(rows: "Iterable[FileRow]") -> bytes:
     # The same bytes as FileRow.encode() per row (tested), without json.dumps's
     # per-call cost: 13,000 rows take 10 ms instead of 90.
     q = encode_basestring_ascii
@@ -65,11 +62,11 @@ def encode_table(rows: Iterable[FileRow]) -> bytes:
     ).encode()
 
 
-def decode_table(data: bytes) -> list[FileRow]:
+def decode_table(data: bytes) -> "list[FileRow]":
     return list(iter_table(data))
 
 
-def iter_table(data: bytes, block: int = 1024) -> Iterator[FileRow]:
+def iter_table(data: bytes, block: int = 1024) -> "Iterator[FileRow]":
     """The rows of a file table, decoded ``block`` lines at a time: one
     json.loads per block (per-line calls cost ~20 µs each), and extraction
     starts after the first block instead of after the whole table (50 ms
@@ -79,7 +76,7 @@ def iter_table(data: bytes, block: int = 1024) -> Iterator[FileRow]:
         yield from decode_rows(lines[i : i + block], i)
 
 
-def table_lines(data: bytes) -> list[bytes]:
+def table_lines(data: bytes) -> "list[bytes]":
     """A file table's lines, one per row."""
     lines = data.split(b"\n")
     if lines and not lines[-1]:
@@ -87,7 +84,7 @@ def table_lines(data: bytes) -> list[bytes]:
     return lines
 
 
-def decode_rows(lines: list[bytes], first: int = 0) -> list[FileRow]:
+def decode_rows(lines: "list[bytes]", first: int = 0) -> "list[FileRow]":
     """The rows of these lines of a file table (``first``: the number of
     lines before them, for the error)."""
     new = tuple.__new__
@@ -148,7 +145,6 @@ def sort_key(path: str) -> bytes:
     return path.encode("utf-8", "surrogateescape")
 
 
-@dataclass(frozen=True)
 class Manifest:
     """The content description of a crate; serialised as canonical JSON.
 
@@ -158,7 +154,18 @@ class Manifest:
     without further type checks.
     """
 
-    data: dict
+    __slots__ = ("data",)
+
+    def __init__(self, data: dict) -> None:
+        self.data = data
+
+    def __eq__(self, other) -> bool:
+        return type(other) is Manifest and other.data == self.data
+
+    __hash__ = None  # as a dict's
+
+    def __repr__(self) -> str:
+        return f"Manifest({self.data!r})"
 
     @property
     def id(self) -> str:
@@ -181,7 +188,7 @@ class Manifest:
         return self.data["platform"]
 
     @property
-    def prefix_files(self) -> list[dict]:
+    def prefix_files(self) -> "list[dict]":
         return self.data.get("prefix_files", [])
 
     @property
@@ -189,7 +196,7 @@ class Manifest:
         return self.data.get("venv") or {}
 
     @property
-    def pins(self) -> list[dict]:
+    def pins(self) -> "list[dict]":
         return self.data.get("pins", [])
 
     @property
@@ -204,7 +211,7 @@ class Manifest:
         return canonical_json(self.data)
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> Manifest:
+    def from_bytes(cls, raw: bytes) -> "Manifest":
         from ..errors import ArchiveError
 
         try:
@@ -221,13 +228,13 @@ class Manifest:
         return manifest
 
     @classmethod
-    def from_data(cls, data) -> Manifest:
+    def from_data(cls, data) -> "Manifest":
         """A manifest from its decoded JSON, checked (:func:`check_manifest`)."""
         check_manifest(data)
         return cls(data)
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: "BaseException") -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
@@ -248,7 +255,7 @@ def check_manifest(data) -> None:
     against the file table later (:func:`check_against_table`)."""
     from ..errors import ArchiveError
 
-    def bad(field: str, what: str) -> ArchiveError:
+    def bad(field: str, what: str) -> "ArchiveError":
         return ArchiveError(
             f"the crate manifest's {field} {what}; the archive is corrupt or was not made by envcrate"
         )
@@ -362,7 +369,7 @@ def check_manifest(data) -> None:
             raise bad(key, "is not an object")
 
 
-def _odd_string(obj, depth: int = 0) -> str | None:
+def _odd_string(obj, depth: int = 0) -> "str | None":
     """A string in ``obj`` (JSON) that does not stand for one sequence of
     bytes: a lone surrogate, or escapes of bytes that are valid UTF-8 (names
     and prefixes are bytes on disk; two spellings of one would compare

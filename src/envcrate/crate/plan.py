@@ -2,11 +2,9 @@
 and envcrate's index at its end, and its head (manifest and file table),
 which lets :mod:`.frames` extract the body frame by frame in parallel."""
 
-from __future__ import annotations
-
 import json
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import ArchiveError
 from . import tar
@@ -17,8 +15,7 @@ HEAD_MEMBERS = 2  # the manifest and the file table come before the entries
 MAX_FRAME = 64 << 20  # a larger frame is refused rather than allocated
 
 
-@dataclass
-class Frame:
+class Frame(NamedTuple):
     offset: int  # in the archive
     csize: int
     dsize: int
@@ -26,18 +23,22 @@ class Frame:
     at: int  # and how far into its header and data
 
 
-@dataclass
-class Plan:
+class Plan(NamedTuple):
     """The frames of a seekable crate, read from its end, and its head."""
 
-    frames: list[Frame]  # the body's, in order
+    frames: "list[Frame]"  # the body's, in order
     manifest_bytes: bytes
     table_bytes: bytes
 
 
-def read_plan(path: str) -> Plan | None:
+def read_plan(path: str) -> "Plan | None":
     """The plan of the ``tar.zst`` at ``path``, or None when it has no seek
-    table or no index (it is then read as a plain stream)."""
+    table or no index (it is then read as a plain stream), and on a node
+    without the zstandard module (the fallbacks read one stream)."""
+    from .zstdio import backend
+
+    if backend() != "zstandard":
+        return None
     with open(path, "rb") as f:
         table = seek_table(f)
         if not table:
@@ -62,7 +63,7 @@ def read_plan(path: str) -> Plan | None:
     return Plan(body, manifest_bytes, table_bytes)
 
 
-def _read_index(f, table) -> list | None:
+def _read_index(f, table) -> "list | None":
     """The envcrate index: the skippable frame in front of the seek table."""
     end = sum(c for c, _ in table)
     f.seek(end)
@@ -89,7 +90,7 @@ def _count(value) -> int:
     return value
 
 
-def _read_head(f, head: list[Frame], path: str) -> tuple[bytes, bytes]:
+def _read_head(f, head: "list[Frame]", path: str) -> "tuple[bytes, bytes]":
     """The manifest and the file table, from the head's frames, which must
     hold exactly those two members."""
     import zstandard

@@ -2,8 +2,6 @@
 and glibc (the manifest's ``platform``; :mod:`envcrate.node.compat` checks a
 host against it)."""
 
-from __future__ import annotations
-
 import os
 import sys
 
@@ -15,7 +13,7 @@ def host_platform() -> dict:
     return {"os": u.sysname.lower(), "machine": u.machine}
 
 
-def host_glibc() -> tuple[int, ...] | None:
+def host_glibc() -> "tuple[int, ...] | None":
     try:
         text = os.confstr("CS_GNU_LIBC_VERSION") or ""
     except (ValueError, OSError, AttributeError):
@@ -26,7 +24,7 @@ def host_glibc() -> tuple[int, ...] | None:
     return tuple(int(x) for x in version.split(".") if x.isdigit())
 
 
-def libc_record(needs: set[tuple[int, ...]]) -> dict:
+def libc_record(needs: "set[tuple[int, ...]]") -> dict:
     """The manifest's libc field for the versions an env's binaries need."""
     if not needs:
         return {"family": "glibc" if host_glibc() else "unknown", "version": None}

@@ -7,8 +7,6 @@ gets file contents as views of reused 1 MiB buffers, released when written.
 Only the first frame is read for the manifest (:func:`read_manifest_bytes`).
 """
 
-from __future__ import annotations
-
 import hashlib
 import mmap
 import queue
@@ -16,7 +14,6 @@ import threading
 import zlib
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
 from ..errors import ArchiveError, EnvcrateError
@@ -61,7 +58,7 @@ class Piece:
 
     __slots__ = ("buf", "view", "pool", "refs")
 
-    def __init__(self, buf, n: int, pool: _Buffers | None = None):
+    def __init__(self, buf, n: int, pool: "_Buffers | None" = None):
         self.buf, self.view, self.pool, self.refs = buf, memoryview(buf)[:n], pool, 1
 
     def hold(self) -> None:
@@ -90,7 +87,7 @@ class _Reader:
     LANE_DEPTH = 8
     LANES = 2  # one decompressing thread is slower here, even with the CPU it saves
 
-    def __init__(self, path: str, fmt: str, digest: hashlib._Hash | None):
+    def __init__(self, path: str, fmt: str, digest: "hashlib._Hash | None"):
         self.path, self.fmt, self.digest = path, fmt, digest
         self.stop = threading.Event()
         self.error: BaseException | None = None
@@ -99,7 +96,11 @@ class _Reader:
 
     def start(self) -> None:
         f = open(self.path, "rb", buffering=0)
-        table = seek_table(f) if self.fmt == "tar.zst" else None
+        from .zstdio import backend
+
+        # Frames in parallel need the zstandard module; the fallbacks read one stream.
+        parallel = self.fmt == "tar.zst" and backend() == "zstandard"
+        table = seek_table(f) if parallel else None
         f.seek(0)
         if table:
             self.lanes = [queue.Queue(self.LANE_DEPTH) for _ in range(self.LANES)]
@@ -118,7 +119,7 @@ class _Reader:
 
     # -- blocking steps that give up once the consumer has stopped
 
-    def _put(self, q: queue.Queue, item) -> bool:
+    def _put(self, q: "queue.Queue", item) -> bool:
         while not self.stop.is_set():
             try:
                 q.put(item, timeout=0.1)
@@ -127,7 +128,7 @@ class _Reader:
                 continue
         return False
 
-    def _get(self, q: queue.Queue):
+    def _get(self, q: "queue.Queue"):
         while not self.stop.is_set():
             try:
                 return q.get(timeout=0.1)
@@ -135,17 +136,17 @@ class _Reader:
                 continue
         return _END
 
-    def _hash_rest(self, f: BinaryIO) -> None:
+    def _hash_rest(self, f: "BinaryIO") -> None:
         """Read what follows the last frame (the index frames): hashed, not
         decompressed."""
         buf = bytearray(PIECE)
-        while n := f.readinto(buf):
+        for n in iter(lambda: f.readinto(buf), 0):
             if self.digest is not None:
                 self.digest.update(memoryview(buf)[:n])
 
     # -- seekable tar.zst
 
-    def _read_frames(self, f: BinaryIO, table, inputs: list[queue.Queue]) -> None:
+    def _read_frames(self, f: "BinaryIO", table, inputs: "list[queue.Queue]") -> None:
         """Independent frames: read and hash in order, in pieces, each frame
         decompressed by the lanes' threads in turn."""
         chunks = _Buffers(PIECE, keep=16)
@@ -175,7 +176,7 @@ class _Reader:
             self.error = e
             self._put(inputs[lane], e)
 
-    def _decompress(self, inputs: queue.Queue, lane: queue.Queue) -> None:
+    def _decompress(self, inputs: "queue.Queue", lane: "queue.Queue") -> None:
         import zstandard
 
         d = zstandard.ZstdDecompressor()
@@ -209,7 +210,7 @@ class _Reader:
 
     # -- tar.gz, or tar.zst without a seek table
 
-    def _read_stream(self, f: BinaryIO) -> None:
+    def _read_stream(self, f: "BinaryIO") -> None:
         lane = self.lanes[0]
         try:
             with f:
@@ -223,20 +224,21 @@ class _Reader:
             self.error = e
             self._put(lane, e)
 
-    def _stream_zstd(self, f: BinaryIO, lane: queue.Queue) -> None:
-        import zstandard
+    def _stream_zstd(self, f: "BinaryIO", lane: "queue.Queue") -> None:
+        from .zstdio import stream
 
         pieces = _Buffers(PIECE, keep=24)
-        reader = zstandard.ZstdDecompressor().stream_reader(
-            _Hashing(f, self.digest), read_across_frames=True
-        )
-        while True:
-            out = pieces.take()
-            n = reader.readinto(out)
-            if n == 0 or not self._put(lane, Piece(out, n, pieces)):
-                return
+        reader = stream(_Hashing(f, self.digest))
+        try:
+            while True:
+                out = pieces.take()
+                n = reader.readinto(out)
+                if n == 0 or not self._put(lane, Piece(out, n, pieces)):
+                    return
+        finally:
+            reader.close()
 
-    def _stream_gzip(self, f: BinaryIO, lane: queue.Queue) -> None:
+    def _stream_gzip(self, f: "BinaryIO", lane: "queue.Queue") -> None:
         d = zlib.decompressobj(31)
         while True:
             data = f.read(4 << 20)
@@ -261,7 +263,7 @@ class _Reader:
 
     # -- the consumer's side
 
-    def pieces(self) -> Iterator[Piece]:
+    def pieces(self) -> "Iterator[Piece]":
         """The decompressed stream, in order."""
         k = 0
         while True:
@@ -275,7 +277,7 @@ class _Reader:
                 raise self._user_error(item)
             yield item
 
-    def _user_error(self, e: BaseException) -> BaseException:
+    def _user_error(self, e: "BaseException") -> "BaseException":
         if isinstance(e, EnvcrateError):
             return e
         if isinstance(e, OSError):
@@ -299,7 +301,7 @@ class _FrameSource:
     """The compressed pieces of one frame, as a file for zstandard's reader;
     a piece is given back once the reader asks for the next one."""
 
-    def __init__(self, reader: _Reader, inputs: queue.Queue):
+    def __init__(self, reader: "_Reader", inputs: "queue.Queue"):
         self.reader, self.inputs = reader, inputs
         self.last: Piece | None = None
         self.ended = False
@@ -338,7 +340,7 @@ class TarStream:
     pieces of a file's content are views of the reader's buffers, held until
     released (see :meth:`take`)."""
 
-    def __init__(self, pieces: Iterator[Piece], check_sums: bool = True):
+    def __init__(self, pieces: "Iterator[Piece]", check_sums: bool = True):
         self._pieces = pieces
         self._piece: Piece | None = None
         self._buf = memoryview(b"")
@@ -376,7 +378,7 @@ class TarStream:
             n -= k
         return b"".join(parts)
 
-    def pipe(self, n: int, sink: Callable[[memoryview], object]) -> None:
+    def pipe(self, n: int, sink: "Callable[[memoryview], object]") -> None:
         """Hand the next ``n`` bytes to ``sink`` as views valid during the call."""
         while n > 0:
             if len(self._buf) - self._pos == 0 and not self._fill():
@@ -386,7 +388,7 @@ class TarStream:
             self._pos += k
             n -= k
 
-    def take(self, n: int, views: list[memoryview], held: list[Piece]) -> None:
+    def take(self, n: int, views: "list[memoryview]", held: "list[Piece]") -> None:
         """Append views of the next ``n`` bytes to ``views``, and the pieces
         they lie in, each held once more, to ``held``: the caller releases
         them when done with the views."""
@@ -418,7 +420,7 @@ class TarStream:
             if not self._fill():
                 return
 
-    def next_member(self) -> tar.Member | None:
+    def next_member(self) -> "tar.Member | None":
         pax: dict[bytes, bytes] = {}
         pax_bytes = 0  # of all the pax headers in front of this member
         while True:
@@ -455,16 +457,16 @@ class TarStream:
             return tar.Member(tar.safe_name(name), typeflag, mode, size, link)
 
 
-@dataclass
 class OpenedArchive:
     """An archive being read from start to end, manifest and table first."""
 
-    path: str
-    fmt: str
-    stream: TarStream
-    reader: _Reader
-    manifest_bytes: bytes
-    table_bytes: bytes
+    def __init__(self, path: str, fmt: str, stream: "TarStream", reader: "_Reader") -> None:
+        self.path = path
+        self.fmt = fmt
+        self.stream = stream
+        self.reader = reader
+        self.manifest_bytes = b""
+        self.table_bytes = b""
 
     def finish(self) -> None:
         """After the last member: read the rest, so the digest covers every
@@ -476,7 +478,7 @@ class OpenedArchive:
         self.reader.close()
 
 
-def open_stream(path: str, digest: hashlib._Hash | None = None) -> OpenedArchive:
+def open_stream(path: str, digest: "hashlib._Hash | None" = None) -> "OpenedArchive":
     """Start reading ``path``; with ``digest``, every byte read is hashed into
     it (complete once :meth:`OpenedArchive.finish` returns)."""
     fmt = detect_format(path)
@@ -486,7 +488,7 @@ def open_stream(path: str, digest: hashlib._Hash | None = None) -> OpenedArchive
     except OSError as e:
         raise EnvcrateError(f"cannot read {path}: {e.strerror or e}") from None
     stream = TarStream(reader.pieces(), check_sums=digest is None)
-    opened = OpenedArchive(path, fmt, stream, reader, b"", b"")
+    opened = OpenedArchive(path, fmt, stream, reader)
     try:
         opened.manifest_bytes = _expect(stream, MANIFEST_MEMBER, path)
         opened.table_bytes = _expect(stream, FILES_MEMBER, path)
@@ -496,7 +498,7 @@ def open_stream(path: str, digest: hashlib._Hash | None = None) -> OpenedArchive
     return opened
 
 
-def _expect(stream: TarStream, name: str, path: str) -> bytes:
+def _expect(stream: "TarStream", name: str, path: str) -> bytes:
     m = stream.next_member()
     if m is None or m.name != name.encode() or m.type != tar.REGULAR:
         raise ArchiveError(f"{path} lacks its {name} member; it is not an envcrate archive")

@@ -5,8 +5,6 @@ in a store, as ``crates/<id>.json``: the manifest's keys plus ``archives``, a
 list of ``{format, blob, size, created}``.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import re
@@ -25,7 +23,7 @@ def is_digest(value: object) -> bool:
     return isinstance(value, str) and _DIGEST.match(value) is not None
 
 
-def digests_named(data: bytes | None) -> set[str]:
+def digests_named(data: "bytes | None") -> "set[str]":
     """The blob digests a record that may be malformed seems to list (to keep
     them from being taken for orphans, or to remove them with it)."""
     try:
@@ -93,7 +91,7 @@ def archive_entry(fmt: str, blob: str, size: int) -> dict:
     }
 
 
-def with_archive(record: dict | None, manifest: dict, entry: dict) -> dict:
+def with_archive(record: "dict | None", manifest: dict, entry: dict) -> dict:
     """``record`` (or a new one from ``manifest``) listing ``entry``; an archive
     of the same format and blob keeps its first creation time."""
     out = dict(manifest)
@@ -109,13 +107,13 @@ def encode_record(record: dict) -> bytes:
     return (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
 
 
-def write_record(path: Path, manifest: Manifest, fmt: str, blob: str, size: int) -> dict:
+def write_record(path: Path, manifest: "Manifest", fmt: str, blob: str, size: int) -> dict:
     record = with_archive(None, manifest.data, archive_entry(fmt, blob, size))
     atomic_write(path, encode_record(record))
     return record
 
 
-def read_record(path: Path) -> dict | None:
+def read_record(path: Path) -> "dict | None":
     """The record at ``path``, or None when there is none or it is not a
     JSON object (a record beside an archive is untrusted too)."""
     try:
@@ -126,7 +124,7 @@ def read_record(path: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def recorded_blob(archive: str | os.PathLike, fmt: str | None = None) -> str | None:
+def recorded_blob(archive: "str | os.PathLike", fmt: "str | None" = None) -> "str | None":
     """The blob digest recorded beside a packed archive (``<archive>.json``),
     if there is one; ``fmt`` defaults to the archive's own format."""
     archive = os.fspath(archive)
@@ -137,13 +135,13 @@ def recorded_blob(archive: str | os.PathLike, fmt: str | None = None) -> str | N
     return blob_of(read_record(Path(archive + ".json")), fmt)
 
 
-def manifest_of(record: dict) -> Manifest:
+def manifest_of(record: dict) -> "Manifest":
     """The manifest a crate record (``crates/<id>.json``) carries, its
     fields checked (:func:`envcrate.crate.manifest.check_manifest`)."""
     return Manifest.from_data({k: v for k, v in record.items() if k != "archives"})
 
 
-def blob_of(record: dict | None, fmt: str) -> str | None:
+def blob_of(record: "dict | None", fmt: str) -> "str | None":
     archives = (record or {}).get("archives")
     for a in archives if isinstance(archives, list) else []:
         if isinstance(a, dict) and a.get("format") == fmt:
@@ -152,12 +150,12 @@ def blob_of(record: dict | None, fmt: str) -> str | None:
     return None
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:

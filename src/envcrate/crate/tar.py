@@ -6,10 +6,8 @@ Headers are deterministic: mtime 0, uid/gid 0, empty owner names. Names or link
 targets longer than the ustar fields go into a pax ``x`` header.
 """
 
-from __future__ import annotations
-
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import ArchiveError, UnsafeArchiveError
 
@@ -83,8 +81,7 @@ def header(name: bytes, typeflag: bytes, mode: int, size: int = 0, linkname: byt
     return pax + records + b"\0" * padding(len(records)) + head
 
 
-@dataclass
-class Member:
+class Member(NamedTuple):
     """A parsed member; ``name`` is the normalised relative path in bytes."""
 
     name: bytes
@@ -109,7 +106,7 @@ def number(field: bytes) -> int:
     return int(field, 8)
 
 
-def parse_pax(data: bytes) -> dict[bytes, bytes]:
+def parse_pax(data: bytes) -> "dict[bytes, bytes]":
     """The records of a pax header (``<length> <key>=<value>\\n`` each)."""
     out = {}
     pos = 0
@@ -133,7 +130,7 @@ def parse_pax(data: bytes) -> dict[bytes, bytes]:
     return out
 
 
-def parse_header(block: bytes, check_sum: bool = True) -> tuple[bytes, bytes, int, int, bytes]:
+def parse_header(block: bytes, check_sum: bool = True) -> "tuple[bytes, bytes, int, int, bytes]":
     """(name, typeflag, mode, size, linkname) of a raw header block."""
     if check_sum:
         chk = block[148:156]

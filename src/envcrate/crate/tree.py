@@ -18,8 +18,6 @@ base-interpreter links are plain names under ``bin/`` that the table does
 not list, in a ``bin/`` that is a directory.
 """
 
-from __future__ import annotations
-
 import re
 
 from ..errors import ArchiveError, UnsafeArchiveError
@@ -61,7 +59,7 @@ def safe_path(path: str) -> bytes:
     return name
 
 
-def encoded(text: str) -> bytes | None:
+def encoded(text: str) -> "bytes | None":
     """The bytes a table string stands for, or None when it is not the one
     spelling of them (a lone surrogate, or escapes of bytes that are valid
     UTF-8): two spellings of one name would be two paths to the checks and
@@ -82,7 +80,7 @@ def _shown(text: str) -> str:
     )
 
 
-def check_row(row: FileRow) -> None:
+def check_row(row: "FileRow") -> None:
     """One row's fields are what envcrate writes (types, mode, size,
     digest or link target)."""
     t, path, mode, size, digest = row
@@ -114,7 +112,9 @@ class Tree:
     """What a checked table lists: its rows, the type of every path, the
     links, and what extracting it takes on disk."""
 
-    def __init__(self, rows: list[FileRow], kinds: dict[str, str], links: list[tuple[str, str]]):
+    def __init__(
+        self, rows: "list[FileRow]", kinds: "dict[str, str]", links: "list[tuple[str, str]]"
+    ):
         self.rows = rows
         self.kinds = kinds
         self.links = links  # (path, target), in table order
@@ -134,7 +134,7 @@ _BAD_PATHS += [b"\0/", b"/\0", b"\0\0", b"\0" + _META + b"/", b"\0" + _META + b"
 _ROW_KINDS = {(t, m) for t, modes in _MODES.items() for m in modes}
 
 
-def check_table(rows: list[FileRow]) -> Tree:
+def check_table(rows: "list[FileRow]") -> "Tree":
     """Refuse a table that lists anything envcrate would not extract (see the
     module docstring); the tree it describes. The rows are checked in bulk
     first (about 15 ms for 15,000 rows, against 70 one at a time); only a
@@ -169,7 +169,7 @@ def check_table(rows: list[FileRow]) -> Tree:
     return Tree(rows, kinds, links)
 
 
-def _fine_in_bulk(rows: list[FileRow]) -> bool:
+def _fine_in_bulk(rows: "list[FileRow]") -> bool:
     """Whether every row is well formed, every path plain, and the paths
     strictly sorted, checked with a few passes in C."""
     if not rows:
@@ -214,7 +214,7 @@ def _link_target_ok(target: str) -> bool:
     )
 
 
-def _refuse_row_by_row(rows: list[FileRow]) -> None:
+def _refuse_row_by_row(rows: "list[FileRow]") -> None:
     """Raise the error for the first row that is not fine."""
     prev = None
     for row in rows:
@@ -230,8 +230,8 @@ def _refuse_row_by_row(rows: list[FileRow]) -> None:
 
 
 def _resolve_link(
-    path: str, targets: dict[str, str], kinds: dict[str, str], resolved: dict, depth: int
-) -> list[str]:
+    path: str, targets: "dict[str, str]", kinds: "dict[str, str]", resolved: dict, depth: int
+) -> "list[str]":
     """Where the link at ``path`` leads, as components below the
     destination, following the table's links as the kernel would; refused
     if any step leaves the destination."""
@@ -264,7 +264,7 @@ def _resolve_link(
     return parts
 
 
-def check_against_table(manifest: Manifest, tree: Tree) -> None:
+def check_against_table(manifest: "Manifest", tree: "Tree") -> None:
     """The manifest's relocation records name what the table holds: files to
     rewrite are files of the table, base-interpreter links are new names in
     a real ``bin/`` directory."""

@@ -14,25 +14,17 @@ the ground floor (errors, ids, fsutil, procs, progress, network). It never
 imports :mod:`envcrate.envs`, :mod:`envcrate.stores`, the writer, or
 anything heavy at module level: a store is the caller's business
 (:mod:`envcrate.fetching` hands :func:`.ensure.ensure_crate` a ``locate``
-that returns a :class:`.sources.Source`). This is the part that a bootstrap
-script will carry to nodes without envcrate, to run under the node's own
-Python.
+that returns a :class:`.sources.Source`). It also owns the cold path of a
+bootstrap script (:mod:`.boot`, with the script's sh in ``boot.sh``) and
+reports (:mod:`.report`).
 
-What it and the modules it imports still use that Python 3.6's standard
-library lacks, to be replaced before it can travel:
-
-- ``from __future__ import annotations`` (3.7) in every module, and
-  :mod:`dataclasses` (3.7) in crate.manifest, crate.tar, crate.container,
-  crate.plan, crate.reading, node.cache, node.compat, node.activation;
-- assignment expressions ``:=`` (3.8) in crate.extract, crate.frames,
-  crate.reading, fsutil, network, procs;
-- ``subprocess.run(capture_output=..., text=...)`` (3.7) in node.compat;
-  ``os.preadv`` (3.7) in crate.frames; ``os.copy_file_range`` (3.8, with a
-  fallback) in fsutil; ``signal.raise_signal`` (3.8) in procs;
-- third-party: ``zstandard`` for ``tar.zst`` archives (the design's
-  fallbacks, the ``zstd`` command and Python 3.14's ``compression.zstd``,
-  are not written yet; ``tar.gz`` crates need only zlib), ``platformdirs``
-  for the default directories (node.cache falls back to the XDG path
-  without it; node.compat's probe memo does not yet), ``tqdm`` for progress
-  bars (only when shown).
+A bootstrap script carries it, with the readers it imports
+(:data:`envcrate.bootstrap.PAYLOAD`), to nodes without envcrate, to run under
+the node's own Python: so these modules keep to Python 3.6 and its standard
+library (no ``from __future__ import annotations``, dataclasses, ``:=``,
+``capture_output``; annotations quoted). What is third-party is optional:
+``zstandard`` (else :mod:`envcrate.crate.zstdio`'s fallbacks, or tar.gz),
+``platformdirs`` (else the XDG paths), ``tqdm`` (else no bar). The tests
+check all of it (test_house with vermin; tests/node/test_boot.py under
+every Python from 3.6 to 3.13).
 """

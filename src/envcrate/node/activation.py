@@ -1,11 +1,8 @@
 """Using an unpacked crate: the environment of a process that runs in it, as
 shell code (``activate``) or for a command (``run``)."""
 
-from __future__ import annotations
-
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 SHELLS = ("sh", "bash", "zsh", "fish")
@@ -13,19 +10,25 @@ _UNSET = ("PYTHONHOME", "PYTHONPATH")
 _SAVED = "_envcrate_before_"  # + a variable's name: its value before activate
 
 
-@dataclass
 class Activation:
     """What running in an env takes: variables to set and to unset, and (for
     conda envs) the ``etc/conda/activate.d`` scripts to source, by shell,
     and the ``deactivate.d`` scripts that undo them."""
 
-    set: dict[str, str]
-    unset: list[str]
-    scripts: dict[str, list[str]] = field(default_factory=dict)  # "sh"/"fish" -> paths
-    undo_scripts: dict[str, list[str]] = field(default_factory=dict)
+    def __init__(
+        self,
+        set: "dict[str, str]",
+        unset: "list[str]",
+        scripts: "dict[str, list[str]] | None" = None,
+        undo_scripts: "dict[str, list[str]] | None" = None,
+    ) -> None:
+        self.set = set
+        self.unset = unset
+        self.scripts = scripts or {}  # "sh"/"fish" -> paths
+        self.undo_scripts = undo_scripts or {}
 
 
-def environment(prefix: Path, kind: str, environ: dict[str, str]) -> Activation:
+def environment(prefix: Path, kind: str, environ: "dict[str, str]") -> "Activation":
     """How to run in ``prefix``: its bin/ first on PATH, without the bin/ of an
     env that is active now (whether or not its ``deactivate`` exists). Conda
     envs also get CONDA_PREFIX, the variables of ``conda-meta/state`` and
@@ -51,7 +54,7 @@ def environment(prefix: Path, kind: str, environ: dict[str, str]) -> Activation:
     return Activation(new, [k for k in unset if k not in new], scripts, undo)
 
 
-def _state_vars(prefix: Path) -> dict[str, str]:
+def _state_vars(prefix: Path) -> "dict[str, str]":
     """The variables ``conda env config vars set`` recorded in
     ``conda-meta/state``."""
     from ..fsutil import read_bounded
@@ -75,7 +78,7 @@ def _shell_name(name: str) -> bool:
     return bool(name) and _NAME_CHARS.issuperset(name) and not name[0].isdigit()
 
 
-def _activate_scripts(prefix: Path, which: str) -> dict[str, list[str]]:
+def _activate_scripts(prefix: Path, which: str) -> "dict[str, list[str]]":
     """``etc/conda/activate.d`` (or ``deactivate.d``) scripts, sorted as conda
     sources them."""
     d = prefix / "etc" / "conda" / which
@@ -91,7 +94,7 @@ def _activate_scripts(prefix: Path, which: str) -> dict[str, list[str]]:
     return out
 
 
-def detect_shell(explicit: str | None) -> str:
+def detect_shell(explicit: "str | None") -> str:
     if explicit:
         return explicit
     name = os.path.basename(os.environ.get("SHELL", "sh"))
@@ -106,7 +109,7 @@ def _fish_q(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def shell_code(shell: str, act: Activation, lease: tuple[str, str, str | None]) -> str:
+def shell_code(shell: str, act: "Activation", lease: "tuple[str, str, str | None]") -> str:
     """Code for ``eval``; the evaluating shell registers its own lease (its
     pid is known only there) under umask 022, then removes the short-lived
     lease ``activate`` held for it meanwhile (``lease`` is the lease
@@ -169,7 +172,52 @@ def shell_code(shell: str, act: Activation, lease: tuple[str, str, str | None]) 
     return "\n".join(lines) + "\n"
 
 
-def _sh_deactivate(act: Activation, mine: str) -> list[str]:
+PROFILE = ".envcrate/activate.sh"  # in an entry, for bootstrap scripts (node.fill writes it)
+
+
+def profile_sh(prefix: str, kind: str, root: "str | None" = None) -> str:
+    """What a bootstrap script's warm path sources from a ready entry
+    (:data:`PROFILE`): :func:`shell_code` for sh, with two differences. The
+    shell computes PATH itself (``prefix``/bin first, without the bin/ of
+    the env active then), as :func:`environment` does in Python; and the
+    lease is the script's (``deactivate`` removes the file named by
+    ``$_envcrate_lease``, which the script sets after sourcing this).
+    ``root``: where the env is now, if not yet at ``prefix`` (a fill)."""
+    act = environment(Path(root or prefix), kind, {})
+    if root and root != prefix:
+
+        def moved(value: str) -> str:
+            return prefix + value[len(root) :] if value.startswith(root) else value
+
+        act.set = {k: moved(v) for k, v in act.set.items()}
+        act.scripts = {k: [moved(p) for p in v] for k, v in act.scripts.items()}
+        act.undo_scripts = {k: [moved(p) for p in v] for k, v in act.undo_scripts.items()}
+    bin_dir = _sq(os.path.join(prefix, "bin"))
+    del act.set["PATH"]
+    # Split by hand, not by IFS: zsh does not split an unquoted $PATH.
+    path_code = [
+        '_envcrate_p=; _envcrate_r="${PATH:-}:"; while [ -n "$_envcrate_r" ]; do '
+        '_envcrate_d=${_envcrate_r%%:*}; _envcrate_r=${_envcrate_r#*:}; case "$_envcrate_d" in '
+        f'""|{bin_dir}|"${{VIRTUAL_ENV:-/-}}/bin"|"${{CONDA_PREFIX:-/-}}/bin") ;; '
+        '*) _envcrate_p="$_envcrate_p:$_envcrate_d";; esac; done',
+        f"PATH={bin_dir}$_envcrate_p; export PATH; unset _envcrate_p _envcrate_d _envcrate_r",
+    ]
+    lines = [
+        f'if [ -n "${{{k}+x}}" ]; then {_SAVED}{k}=${k}; else unset {_SAVED}{k}; fi'
+        for k in ["PATH", *act.set, *act.unset]
+    ]
+    lines += path_code
+    lines += [f"{k}={_sq(v)}; export {k}" for k, v in act.set.items()]
+    lines.append("unset " + " ".join(act.unset))
+    lines.append("unset -f deactivate 2>/dev/null || true")
+    lines.append("hash -r 2>/dev/null || true")
+    lines += [f". {_sq(script)}" for script in act.scripts.get("sh", [])]
+    act.set = {"PATH": "", **act.set}
+    lines += _sh_deactivate(act, None)
+    return "\n".join(lines) + "\n"
+
+
+def _sh_deactivate(act: "Activation", mine: "str | None") -> "list[str]":
     """A ``deactivate`` function, as venv's and conda's: it sources the
     deactivate.d scripts, gives every variable activation touched the value
     it had before, releases the shell's lease and removes itself."""
@@ -180,12 +228,16 @@ def _sh_deactivate(act: Activation, mine: str) -> list[str]:
             f'    if [ -n "${{{saved}+x}}" ]; then {k}=${saved}; export {k}; else unset {k}; fi; '
             f"unset {saved}"
         )
-    body.append(f'    rm -f {_sq(mine)}"$$" 2>/dev/null')
+    if mine is None:  # a bootstrap script's lease
+        body.append('    [ -z "${_envcrate_lease:-}" ] || rm -f "$_envcrate_lease" 2>/dev/null')
+        body.append("    unset _envcrate_lease")
+    else:
+        body.append(f'    rm -f {_sq(mine)}"$$" 2>/dev/null')
     body += ["    unset -f deactivate", "    hash -r 2>/dev/null || true"]
     return ["deactivate() {", *body, "}"]
 
 
-def _fish_deactivate(act: Activation, mine: str) -> list[str]:
+def _fish_deactivate(act: "Activation", mine: str) -> "list[str]":
     body = [f"    source {_fish_q(script)}" for script in act.undo_scripts.get("fish", [])]
     for k in [*act.set, *act.unset]:
         saved = f"{_SAVED}{k}"
@@ -196,7 +248,7 @@ def _fish_deactivate(act: Activation, mine: str) -> list[str]:
     return ["function deactivate", *body, "end"]
 
 
-def exec_in(act: Activation, argv: list[str]) -> None:
+def exec_in(act: "Activation", argv: "list[str]") -> None:
     """Replace this process with ``argv`` running in the env: its exit status
     is the command's, and a lease on this pid lasts exactly as long. A conda
     env's activate.d scripts are sourced by ``/bin/sh``, which then execs

@@ -28,6 +28,7 @@ from ..fsutil import (
 )
 from ..ids import looks_like_path, missing_hint, normalize_id
 from . import leases
+from .activation import PROFILE
 from .cache import read_marker
 
 ABANDONED = 3600.0  # temporary directories and downloads older than this are abandoned
@@ -179,6 +180,8 @@ def verify(prefix: Path) -> dict:
         }
     rows = decode_table(table)
     modified, missing = [], []
+    if _profile_differs(prefix, manifest.kind):
+        modified.append(PROFILE)  # bootstrap scripts source it: it must be what fill wrote
     expected = set(local)
     for row in rows:
         expected.add(row.path)
@@ -223,6 +226,20 @@ def verify(prefix: Path) -> dict:
         "extra": sorted(extra),
         "ok": not (modified or missing or extra),
     }
+
+
+def _profile_differs(prefix: Path, kind: str) -> bool:
+    """Whether the entry's activation profile is not the one its files give
+    (an entry filled before there were profiles has none: not a difference)."""
+    from .activation import PROFILE, profile_sh
+
+    try:
+        have = read_bounded(prefix / PROFILE, ENTRY_FILE_BYTES)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return have != profile_sh(str(prefix), kind).encode("utf-8", "surrogateescape")
 
 
 def _digest_or_target(p: Path, want_type: str | None = None):
@@ -276,6 +293,7 @@ def remove(cache: Path, key: str, *, dry_run: bool = False) -> bool:
     except leases.Busy:
         raise Kept("in use (a process is leasing it right now)") from None
     try:
+        leases.mark_removing(cache, key)
         live = leases.holders(cache, key)
         if live:
             raise Kept(f"in use by {', '.join(live)}")
@@ -289,6 +307,7 @@ def remove(cache: Path, key: str, *, dry_run: bool = False) -> bool:
         except OSError:
             pass  # another member's (sticky locks/): gc removes it once old
     finally:
+        leases.unmark_removing(cache, key)
         leases.unlock(lock)
     remove_tree(trash)
     try:

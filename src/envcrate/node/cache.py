@@ -44,12 +44,17 @@ def default_caches() -> "list[str]":
     env = os.environ.get("ENVCRATE_CACHE")
     if env:
         return [p for p in env.split(os.pathsep) if p]
+    return [user_cache()]
+
+
+def user_cache() -> str:
+    """This user's cache directory (platformdirs'), ``~/.cache/envcrate``."""
     try:
         from platformdirs import user_cache_dir
     except ImportError:  # a node without it: what platformdirs says on Linux
         base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-        return [os.path.join(base, "envcrate")]
-    return [user_cache_dir("envcrate", appauthor=False)]
+        return os.path.join(base, "envcrate")
+    return user_cache_dir("envcrate", appauthor=False)
 
 
 def cache_list(caches) -> "list[str]":

@@ -5,15 +5,12 @@ Python implementation, major.minor and ABI flags, and glibc (the host's must
 be at least the highest ``GLIBC_x.y`` the env's ELF files reference).
 """
 
-from __future__ import annotations
-
-import dataclasses
 import json
 import os
 import re
 import shutil
 import stat
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..crate.platform import host_glibc, host_platform, require_supported_os
 from ..errors import IncompatibleError
@@ -47,8 +44,7 @@ def check_host(manifest_platform: dict) -> None:
             )
 
 
-@dataclass(frozen=True)
-class Interpreter:
+class Interpreter(NamedTuple):
     executable: str  # the base interpreter (never another venv's python)
     implementation: str
     version: str  # major.minor.micro
@@ -81,12 +77,12 @@ def probe_memo() -> str:
     """Where interpreter probes are remembered: the user's cache directory,
     shared by unpack and all of this user's caches (an entry is keyed by the
     interpreter's path, device, inode, size and mtime)."""
-    from platformdirs import user_cache_dir
+    from .cache import user_cache
 
-    return os.path.join(user_cache_dir("envcrate", appauthor=False), "pythons")
+    return os.path.join(user_cache(), "pythons")
 
 
-def probe(path: str, memo: str | None = None) -> Interpreter | None:
+def probe(path: str, memo: "str | None" = None) -> "Interpreter | None":
     """What the interpreter at ``path`` is (by running it isolated, without
     ``site``: no ``.pth`` file near it runs), or None if it does not run.
     With ``memo`` (a directory), the answer is kept there and reused while
@@ -97,8 +93,12 @@ def probe(path: str, memo: str | None = None) -> Interpreter | None:
     import subprocess
 
     try:
-        out = subprocess.run(
-            [path, "-I", "-S", "-c", _PROBE], capture_output=True, text=True, timeout=60
+        out = subprocess.run(  # noqa: UP022 (capture_output and text are 3.7)
+            [path, "-I", "-S", "-c", _PROBE],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            universal_newlines=True,  # noqa: UP021
+            timeout=60,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -111,7 +111,7 @@ def probe(path: str, memo: str | None = None) -> Interpreter | None:
     return Interpreter(exe, impl, version, abiflags, base, base_exec)
 
 
-def _memo_probe(path: str, memo: str) -> Interpreter | None:
+def _memo_probe(path: str, memo: str) -> "Interpreter | None":
     """:func:`probe`, its answer kept in ``memo``: a directory of this user's
     own, made 0700; a memo is only believed when it and its directory are
     this user's and no one else may write them (else anyone who could
@@ -135,15 +135,15 @@ def _memo_probe(path: str, memo: str) -> Interpreter | None:
             pass
     it = probe(path)
     if it is not None:
-        _write_memo(memo, spot, {"sig": sig, "it": list(dataclasses.astuple(it))})
+        _write_memo(memo, spot, {"sig": sig, "it": list(it)})
     return it
 
 
-def _own_private(st: os.stat_result) -> bool:
+def _own_private(st: "os.stat_result") -> bool:
     return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
-def _read_memo(memo: str, spot: str) -> dict | None:
+def _read_memo(memo: str, spot: str) -> "dict | None":
     try:
         if not _own_private(os.stat(memo)):
             return None
@@ -197,8 +197,8 @@ def _write_memo(memo: str, spot: str, kept: dict) -> None:
 
 
 def find_interpreter(
-    python: dict, explicit: str | None, hints: list[str], memo: str | None = None
-) -> Interpreter:
+    python: dict, explicit: "str | None", hints: "list[str]", memo: "str | None" = None
+) -> "Interpreter":
     """A base interpreter matching the crate's ``python`` record: ``explicit``
     (``--python``) if given, else the original paths in ``hints``, then
     ``python3.X``, ``python3`` and ``python`` on PATH."""
@@ -207,7 +207,7 @@ def find_interpreter(
     abiflags = python.get("abiflags", "")
     needed = describe(impl, want, abiflags)
 
-    def fits(it: Interpreter | None) -> bool:
+    def fits(it: "Interpreter | None") -> bool:
         return (
             it is not None
             and it.implementation == impl
@@ -260,7 +260,7 @@ def find_interpreter(
 _INTERPRETER = re.compile(r"(python|pypy|\U0001d70bthon)(\d+(\.\d+)*)?[a-z]?")
 
 
-def untrusted_interpreter(path: str) -> str | None:
+def untrusted_interpreter(path: str) -> "str | None":
     """Why the interpreter a crate names (where it was built) is not run
     here, or None. A manifest is untrusted input, so only what looks like an
     installed interpreter is started (by its real path): an absolute path

@@ -31,6 +31,7 @@ def ensure_crate(
     events: "str | os.PathLike | None" = None,
     lease: "int | str | None" = None,
     progress: "bool | None" = False,
+    report: "str | None" = None,
 ) -> "Ensured":
     """Materialise ``ref`` (an archive path, an archive URL with ``sha256``, a
     crate id or 12+ hex prefix, or a tag) into the first writable of
@@ -41,9 +42,10 @@ def ensure_crate(
     known yet), for instance from a store; without it such a ref must be
     ready in a cache. With ``lease`` (a pid), the entry is leased for that
     process before it is returned. ``progress`` None: shown when stderr is
-    a terminal."""
+    a terminal. ``report``: a report location that also gets the events
+    (:mod:`envcrate.node.report`)."""
     start = time.monotonic()
-    ev = Events(events)
+    ev = Events(events, report)
     caches = cache_list(cache)
     ev.emit("RESOLVING", ref=ref)
     try:

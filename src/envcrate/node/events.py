@@ -25,13 +25,21 @@ _STOP_AT = os.environ.get("ENVCRATE_TEST_STOP_AT")
 
 
 class Events:
-    def __init__(self, path: "str | os.PathLike | None"):
+    """``path``: the events file; ``report``: a report location (a directory
+    or ``s3://`` prefix, :mod:`.report`) that gets the same lines."""
+
+    def __init__(self, path: "str | os.PathLike | None", report: "str | None" = None):
         self.path = os.fspath(path) if path is not None else None
         self.start = time.monotonic()
         self.crate: str | None = None
+        self.report = None
+        if report:
+            from .report import ReportSink
+
+            self.report = ReportSink(report)
 
     def emit(self, state: str, **fields) -> None:
-        if self.path is None:
+        if self.path is None and self.report is None:
             return
         record = {
             "ts": time.time(),
@@ -45,11 +53,14 @@ class Events:
         import json
 
         line = (json.dumps(record, sort_keys=True) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+        if self.report is not None:
+            self.report.send(line)  # never raises: a report must not fail the work
+        if self.path is not None:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
         if state == _STOP_AT:
             import signal
 

@@ -10,8 +10,6 @@ Up to the lock, paths are plain strings (no pathlib, no json): every process
 that only waits runs this much, hundreds of them at once.
 """
 
-from __future__ import annotations
-
 import os
 import time
 
@@ -23,7 +21,7 @@ from .lock import CrateLock
 from .sources import Source, ref_of, this_process
 
 
-def writable_cache(caches: list[str]) -> str:
+def writable_cache(caches: "list[str]") -> str:
     for cache in caches:
         probe = cache
         while not os.path.exists(probe) and probe != os.path.dirname(probe):
@@ -39,7 +37,7 @@ def writable_cache(caches: list[str]) -> str:
     )
 
 
-def remember_tag(caches: list[str], tag: str, crate_id: str) -> None:
+def remember_tag(caches: "list[str]", tag: str, crate_id: str) -> None:
     for c in caches:
         try:
             make_dirs_under(c, os.path.join(c, "tags"))
@@ -78,13 +76,13 @@ def _write_index(path: str, crate_id: str) -> None:
 
 
 def fill_cache(
-    source: Source,
-    crate_id: str | None,
-    caches: list[str],
-    python: str | None,
-    ev: Events,
+    source: "Source",
+    crate_id: "str | None",
+    caches: "list[str]",
+    python: "str | None",
+    ev: "Events",
     progress: bool,
-) -> Ensured:
+) -> "Ensured":
     cache = writable_cache(caches)
     dl = os.path.join(cache, "dl")
     for d in ("dl", "e", "locks"):  # sticky when shared: see cache_layout.md
@@ -157,7 +155,7 @@ def fill_cache(
                 crate_id=crate_id,
                 progress=progress,
                 phase=ev.emit,
-                seal=lambda tmp: _seal(tmp, manifest, blob, interp_path),
+                seal=lambda tmp: _seal(tmp, manifest, blob, interp_path, str(entry)),
                 read_only=True,
                 group=group_shared(cache),
             )
@@ -176,7 +174,7 @@ def fill_cache(
         return Ensured(crate_id, str(entry), "READY" if placed else "WAITED", cache, key, 0)
 
 
-def _not_the_crate(source: Source, got: str, crate_id: str):
+def _not_the_crate(source: "Source", got: str, crate_id: str):
     from ..errors import DigestMismatchError
 
     return DigestMismatchError(
@@ -194,9 +192,14 @@ def _index_blob(cache: str, blob: str, crate_id: str) -> None:
         pass  # a full disk, or (sticky blobs/) another member's file is there
 
 
-def _seal(tmp: str, manifest, blob: str | None, interpreter: str | None) -> None:
-    """Write the ready marker (with the digests of what relocation changed,
-    for ``verify``), then make the tree read-only."""
+def _seal(tmp: str, manifest, blob: "str | None", interpreter: "str | None", entry: str) -> None:
+    """Write the activation profile for bootstrap scripts and the ready
+    marker (with the digests of what relocation changed, for ``verify``),
+    then make the tree read-only."""
+    from .activation import PROFILE, profile_sh
+
+    with open(os.path.join(tmp, PROFILE), "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write(profile_sh(entry, manifest.kind, tmp))
     import socket
 
     from ..fsutil import sha256_file
@@ -231,10 +234,10 @@ def _seal(tmp: str, manifest, blob: str | None, interpreter: str | None) -> None
         # Plain lines read by the warm path (cache.read_ready), then JSON.
         f.write(f"{manifest.id}\n{interpreter or ''}\n{blob or ''}\n")
         json.dump(marker, f, sort_keys=True)
-    make_read_only(tmp, [READY, *copies])
+    make_read_only(tmp, [READY, PROFILE, *copies])
 
 
-def make_read_only(root: str, files: list[str] = ()) -> None:
+def make_read_only(root: str, files: "list[str]" = ()) -> None:
     """Directories ``0555`` (found by ``d_type``, no stat per file); of the
     files only ``files`` are changed: the extracted ones have no write bits
     already, and relocation keeps the mode of what it rewrites."""

@@ -21,8 +21,6 @@ Plain strings (no pathlib): ``run`` and ``ensure --lease`` import this on
 their warm path.
 """
 
-from __future__ import annotations
-
 import errno
 import os
 import time
@@ -44,15 +42,15 @@ def this_host() -> str:
     return os.uname().nodename.split(".")[0].replace("/", "_") or "host"
 
 
-def lease_name(pid: int | str) -> str:
+def lease_name(pid: "int | str") -> str:
     return f"{this_host()}.{boot_id()}.{pid}"
 
 
-def lease_dir(cache: str | os.PathLike, key: str) -> str:
+def lease_dir(cache: "str | os.PathLike", key: str) -> str:
     return os.path.join(os.fspath(cache), "leases", key)
 
 
-def add(cache: str | os.PathLike, key: str, pid: int | str) -> str:
+def add(cache: "str | os.PathLike", key: str, pid: "int | str") -> str:
     """Create the lease of ``pid`` (or of a name such as ``ttl-<pid>``) on the
     entry ``key``; its path. Lease directories are group-writable in a shared
     cache (every member leases there); lease files ``0644``. The lease
@@ -79,14 +77,14 @@ def add(cache: str | os.PathLike, key: str, pid: int | str) -> str:
     return os.path.join(d, name)
 
 
-def drop(path: str | os.PathLike) -> None:
+def drop(path: "str | os.PathLike") -> None:
     try:
         os.unlink(path)
     except OSError:
         pass  # gone already, or a shared cache we may not write
 
 
-def _started(pid: int) -> float | None:
+def _started(pid: int) -> "float | None":
     """The process's start time (Unix seconds), or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -99,7 +97,7 @@ def _started(pid: int) -> float | None:
         return None
 
 
-def alive(path: str | os.PathLike, now: float | None = None) -> bool:
+def alive(path: "str | os.PathLike", now: "float | None" = None) -> bool:
     path = os.fspath(path)
     try:
         made = os.stat(path).st_mtime
@@ -108,7 +106,7 @@ def alive(path: str | os.PathLike, now: float | None = None) -> bool:
     return _alive(os.path.basename(path), made, now)
 
 
-def _alive(name: str, made: float, now: float | None = None) -> bool:
+def _alive(name: str, made: float, now: "float | None" = None) -> bool:
     now = now or time.time()
     host, _, rest = name.partition(".")
     boot, _, pid = rest.partition(".")
@@ -139,7 +137,42 @@ def is_lease_name(name: str) -> bool:
     return pid.isdigit()
 
 
-def holders(cache: str | os.PathLike, key: str) -> list[str]:
+REMOVING = ".removing"  # in leases/<key>/ while gc or rm decides on the entry
+
+
+def mark_removing(cache: "str | os.PathLike", key: str) -> None:
+    """Say, in the lease directory, that the entry may be removed now (under
+    its exclusive use lock, before the leases are looked at). A bootstrap
+    script's warm path, which cannot take the use lock from sh, creates its
+    lease and then looks for this name: there, it leaves the entry to the
+    Python path, which takes the lock; not there, and the entry still ready,
+    and its lease was seen (or the entry was gone before it looked)."""
+    from ..fsutil import create_file, make_dirs_under, open_dir, shared_mode
+
+    cache = os.fspath(cache)
+    d = lease_dir(cache, key)
+    try:
+        if not os.path.isdir(d):
+            make_dirs_under(cache, d)
+        dfd = open_dir(d)
+    except OSError:
+        return  # no lease directory: no lease either (holders() is empty)
+    try:
+        os.close(create_file(REMOVING, shared_mode(cache), dir_fd=dfd))
+    except OSError:
+        pass  # a planted non-file under the name: it exists, which is all it says
+    finally:
+        os.close(dfd)
+
+
+def unmark_removing(cache: "str | os.PathLike", key: str) -> None:
+    try:
+        os.unlink(os.path.join(lease_dir(cache, key), REMOVING))
+    except OSError:
+        pass
+
+
+def holders(cache: "str | os.PathLike", key: str) -> "list[str]":
     """Names of the live leases on an entry (dead ones are removed). Only
     regular files named as leases count, and only those are removed; the
     lease directory is opened without following a symlink and every look
@@ -182,7 +215,7 @@ def holders(cache: str | os.PathLike, key: str) -> list[str]:
 # ------------------------------------------------------------------- the use lock
 
 
-def use_lock_path(cache: str | os.PathLike, key: str) -> str:
+def use_lock_path(cache: "str | os.PathLike", key: str) -> str:
     return os.path.join(os.fspath(cache), "locks", f"{key}.use")
 
 
@@ -190,7 +223,7 @@ class Busy(Exception):
     """The use lock is held by a process about to lease the entry."""
 
 
-def lock_use(cache: str | os.PathLike, key: str, exclusive: bool) -> int | None:
+def lock_use(cache: "str | os.PathLike", key: str, exclusive: bool) -> "int | None":
     """Take the entry's use lock; its descriptor (give it to :func:`unlock`),
     or None where this process cannot have one (a cache it may not write:
     it cannot lease there either). Exclusive: without waiting, :class:`Busy`
@@ -235,6 +268,6 @@ def lock_use(cache: str | os.PathLike, key: str, exclusive: bool) -> int | None:
     return None
 
 
-def unlock(fd: int | None) -> None:
+def unlock(fd: "int | None") -> None:
     if fd is not None:
         os.close(fd)  # closing releases the record lock

@@ -7,8 +7,6 @@ in the kernel (or poll, where SIGALRM is taken) and give up on a silent
 holder. Layout: ``cache_layout.md``.
 """
 
-from __future__ import annotations
-
 import errno
 import os
 import time
@@ -92,7 +90,7 @@ class CrateLock:
     heartbeat, for waiters on other hosts or where fcntl locks are node-local.
     ``ready()`` tells the waiters that they may stop waiting."""
 
-    def __init__(self, cache: str, key: str, ev: Events, ready):
+    def __init__(self, cache: str, key: str, ev: "Events", ready):
         self.cache = cache
         self.key = key
         self.ev = ev
@@ -105,7 +103,7 @@ class CrateLock:
         self._beat = None
         self._holder_fd = None
 
-    def __enter__(self) -> CrateLock:
+    def __enter__(self) -> "CrateLock":
         # fcntl directly rather than filelock: importing filelock costs each of
         # the hundreds of processes that may start at once about 50 ms.
         import fcntl
@@ -153,7 +151,7 @@ class CrateLock:
             self._beat.start()
         return self
 
-    def _holder(self) -> dict | None:
+    def _holder(self) -> "dict | None":
         """{"host", "pid", "beat"} of the filler; the file is two plain lines
         (waiters do not import json for it)."""
         from ..fsutil import open_regular

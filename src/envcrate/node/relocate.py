@@ -12,8 +12,6 @@ interpreter lines of ``pyvenv.cfg`` are recreated for the chosen interpreter.
 where they will be used from once renamed into place.
 """
 
-from __future__ import annotations
-
 import os
 import re
 import shutil
@@ -26,7 +24,9 @@ from .compat import Interpreter
 MAX_SHEBANG = 127
 
 
-def relocate(root: str, prefix: str, manifest: Manifest, interpreter: Interpreter | None) -> None:
+def relocate(
+    root: str, prefix: str, manifest: "Manifest", interpreter: "Interpreter | None"
+) -> None:
     new = prefix.encode("utf-8", "surrogateescape")
     # Longest placeholder first, so a longer spelling is not half-replaced by
     # a shorter one; then in the spec's order, whatever the list's.
@@ -94,7 +94,7 @@ def binary_replace(data: bytes, old: bytes, new: bytes, name: str = "") -> bytes
         )
     pat = re.compile(re.escape(old) + b"([^\0]*?)\0")
 
-    def sub(m: re.Match) -> bytes:
+    def sub(m: "re.Match") -> bytes:
         count = m.group().count(old)
         return m.group().replace(old, new) + b"\0" * ((len(old) - len(new)) * count)
 
@@ -129,7 +129,7 @@ def fix_shebang(data: bytes) -> bytes:
     return trampoline + (b"" if end < 0 else data[end:])
 
 
-def _repoint_venv(root: str, prefix: str, manifest: Manifest, it: Interpreter) -> None:
+def _repoint_venv(root: str, prefix: str, manifest: "Manifest", it: "Interpreter") -> None:
     venv = manifest.venv
     for link in venv.get("base_links", []):
         path = os.path.join(root, link["path"])

@@ -5,8 +5,6 @@ with its blob digest. A store is not among them: the client's side
 of its own that fetches from one.
 """
 
-from __future__ import annotations
-
 import os
 
 from ..ids import blob_digest
@@ -14,16 +12,16 @@ from .events import Events
 
 
 class Source:
-    def manifest(self, dl: str, ev: Events):
+    def manifest(self, dl: str, ev: "Events"):
         raise NotImplementedError
 
-    def archive(self, dl: str, ev: Events, progress: bool) -> tuple[str, str | None, bool]:
+    def archive(self, dl: str, ev: "Events", progress: bool) -> "tuple[str, str | None, bool]":
         """(archive path, expected blob digest, whether the path is a download)."""
         raise NotImplementedError
 
 
 class ArchiveFile(Source):
-    def __init__(self, path: str, sha256: str | None):
+    def __init__(self, path: str, sha256: "str | None"):
         self.path = os.path.abspath(path)
         self.blob = blob_digest(sha256) if sha256 else None
 
@@ -46,7 +44,7 @@ class ArchiveUrl(Source):
         self.blob = blob
         self.path: str | None = None
 
-    def _download(self, dl: str, ev: Events, progress: bool) -> str:
+    def _download(self, dl: str, ev: "Events", progress: bool) -> str:
         if self.path is None:
             if self.url.startswith("file://"):
                 from urllib.parse import unquote, urlparse
@@ -79,7 +77,7 @@ def this_process() -> str:
     return f"{this_host().replace('.', '_')}-{os.getpid()}"
 
 
-def ref_of(source: Source) -> str:
+def ref_of(source: "Source") -> str:
     """What ``source`` is, for a message."""
     for attr in ("url", "path"):
         value = getattr(source, attr, None)

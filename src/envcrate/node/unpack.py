@@ -11,8 +11,6 @@ rename into place. On any failure the temporary directory is removed, so
 the destination either holds a complete env or nothing.
 """
 
-from __future__ import annotations
-
 import errno
 import hashlib
 import os
@@ -38,8 +36,8 @@ from .relocate import relocate
 
 
 def interpreter_for(
-    manifest: Manifest, python: str | None, memo: str | None = None
-) -> Interpreter | None:
+    manifest: "Manifest", python: "str | None", memo: "str | None" = None
+) -> "Interpreter | None":
     """The base interpreter a venv crate will use (None for conda crates);
     ``memo``: see :func:`compat.probe`."""
     if manifest.kind != "venv":
@@ -55,13 +53,13 @@ def interpreter_for(
 
 
 def unpack(
-    archive: str | os.PathLike,
-    dest: str | os.PathLike,
+    archive: "str | os.PathLike",
+    dest: "str | os.PathLike",
     *,
-    python: str | None = None,
-    blob: str | None = None,
+    python: "str | None" = None,
+    blob: "str | None" = None,
     progress: bool = False,
-    hashed: BackgroundHash | None = None,
+    hashed: "BackgroundHash | None" = None,
 ) -> Path:
     """Extract and relocate ``archive`` into ``dest`` (which must not exist or
     be empty). ``blob`` is the expected archive digest; by default the one
@@ -88,7 +86,7 @@ def unpack(
     return final
 
 
-def _check_blob(archive: str, blob: str, got: str | None = None) -> None:
+def _check_blob(archive: str, blob: str, got: "str | None" = None) -> None:
     """Refuse ``archive`` unless its digest (``got``, else hashed now) is ``blob``."""
     if got is None:
         from ..fsutil import sha256_file
@@ -102,8 +100,8 @@ def _check_blob(archive: str, blob: str, got: str | None = None) -> None:
 
 
 def check_head(
-    archive: str, manifest: Manifest, manifest_bytes: bytes, table: bytes, crate_id: str | None
-) -> Tree:
+    archive: str, manifest: "Manifest", manifest_bytes: bytes, table: bytes, crate_id: "str | None"
+) -> "Tree":
     """The tree of the crate whose head (manifest and table) was read from
     ``archive``, checked: the manifest is ``manifest`` (the one the host and
     interpreter were checked with), manifest and table hash to its id (and
@@ -121,7 +119,7 @@ def check_head(
     return tree
 
 
-def check_space(where: str, tree: Tree) -> None:
+def check_space(where: str, tree: "Tree") -> None:
     """Refuse to start when the filesystem of ``where`` lacks the space or
     the inodes that the crate's table says extracting it takes."""
     st = os.statvfs(where)
@@ -141,7 +139,7 @@ def check_space(where: str, tree: Tree) -> None:
 
 
 def _extract(
-    archive: str, tmp: str, manifest: Manifest, crate_id, digest, tick, read_only: bool
+    archive: str, tmp: str, manifest: "Manifest", crate_id, digest, tick, read_only: bool
 ) -> None:
     """Extract ``archive`` into ``tmp``, hashing it into ``digest``: frame by
     frame where it has a seek table and an index, else as one stream."""
@@ -164,16 +162,16 @@ def _extract(
 def fill(
     archive: str,
     final: Path,
-    manifest: Manifest,
-    interpreter: Interpreter | None,
+    manifest: "Manifest",
+    interpreter: "Interpreter | None",
     *,
-    blob: str | None,
-    crate_id: str | None = None,
+    blob: "str | None",
+    crate_id: "str | None" = None,
     progress: bool = False,
-    phase: Callable[[str], None] | None = None,
-    seal: Callable[[str], None] | None = None,
+    phase: "Callable[[str], None] | None" = None,
+    seal: "Callable[[str], None] | None" = None,
     read_only: bool = False,
-    hashed: BackgroundHash | None = None,
+    hashed: "BackgroundHash | None" = None,
     group: bool = False,
 ) -> bool:
     """Extract ``archive`` into a temporary directory beside ``final`` while

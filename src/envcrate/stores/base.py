@@ -515,10 +515,7 @@ class Store:
         and return its path; nothing is left under the final name unless it
         matches."""
         rec, a = self.listed_archive(crate_id, fmt)
-        name = rec.get("name")
-        name = name if isinstance(name, str) and _TAG.match(name) else "env"
-        fmt_name = a["format"] if a["format"] in ("tar.zst", "tar.gz") else "archive"
-        final = Path(dest_dir) / f"{name}-{short_id(crate_id)}.{fmt_name}"
+        final = Path(dest_dir) / archive_name(rec, crate_id, a["format"])
         fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{final.name}.", suffix=".part")
         os.close(fd)
         try:
@@ -534,6 +531,14 @@ class Store:
             unlink_quietly(tmp)
             raise
         return final
+
+
+def archive_name(rec: dict, crate_id: str, fmt: str) -> str:
+    """``<name>-<id12>.<format>``: what a fetched (or staged) archive is called."""
+    name = rec.get("name")
+    name = name if isinstance(name, str) and _TAG.match(name) else "env"
+    fmt_name = fmt if fmt in ("tar.zst", "tar.gz") else "archive"
+    return f"{name}-{short_id(crate_id)}.{fmt_name}"
 
 
 def too_big(where: str, limit: int) -> StoreError:

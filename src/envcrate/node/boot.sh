@@ -1,0 +1,261 @@
+#!/bin/sh
+# envcrate bootstrap script for @NAME@, crate @ID@
+# made by envcrate @VERSION@ (envcrate bootstrap); needs no envcrate on the node.
+#
+#   . ./THIS_SCRIPT                activate the env in this shell (deactivate undoes it)
+#   sh THIS_SCRIPT prefix          print the env's prefix
+#   sh THIS_SCRIPT run -- CMD ...  run CMD in the env, with its exit status
+#
+# Caches: $ENVCRATE_CACHE (':'-separated, searched in order), else @CACHES_SHOWN@.
+# A crate ready in a cache is used by plain sh (no Python starts). Otherwise
+# envcrate's compute side, embedded below, fills the cache under the node's
+# Python 3.6 or later (standard library only) with the same layout, locks and
+# leases as `envcrate ensure`; the archive's digest is checked before anything
+# becomes visible. ENVCRATE_BOOT_DIR: where staged archives are (default: this
+# script's directory when known, and the current directory). ENVCRATE_BOOT_PYTHON:
+# the Python to run that with (default: the first of the crate's own version,
+# python3 and /usr/libexec/platform-python that is 3.6 or later).
+
+_envcrate_boot() {
+    if [ -n "${ZSH_VERSION:-}" ]; then
+        setopt local_options no_nomatch sh_word_split 2>/dev/null
+    fi
+    _envcrate_id='@ID@'
+    _envcrate_nl='
+'
+    _envcrate_python=@PYTHON@
+    _envcrate_report=@REPORT@
+    _envcrate_mode=
+    if _envcrate_sourced "$@"; then
+        _envcrate_mode=activate
+    else
+        _envcrate_mode=${1:-}
+        [ $# -eq 0 ] || shift
+        case $_envcrate_mode in
+            prefix) ;;
+            run)
+                [ "${1:-}" != "--" ] || shift
+                if [ $# -eq 0 ]; then
+                    echo "envcrate: usage: sh $0 run -- COMMAND [ARG]..." >&2
+                    return 2
+                fi
+                ;;
+            -h | --help | help)
+                sed -n '2,/^$/s/^# \{0,1\}//p' "$0" | sed 's/THIS_SCRIPT/'"${0##*/}"'/'
+                return 0
+                ;;
+            "" | activate)
+                echo "envcrate: to activate the env, source this script: . $0 (or: sh $0 prefix | run -- COMMAND)" >&2
+                return 2
+                ;;
+            *)
+                echo "envcrate: unknown mode '$_envcrate_mode': use . $0 (activate), sh $0 prefix, or sh $0 run -- COMMAND" >&2
+                return 2
+                ;;
+        esac
+    fi
+    _envcrate_caches=${ENVCRATE_CACHE:-@CACHES@}
+    [ -n "$_envcrate_caches" ] || _envcrate_caches=${XDG_CACHE_HOME:-${HOME:-/}/.cache}/envcrate
+    _envcrate_entry=
+    _envcrate_ttl=
+    _envcrate_lease=
+    if _envcrate_warm && { [ "$_envcrate_mode" = prefix ] || _envcrate_take_lease $$; }; then
+        _envcrate_event HIT
+    else
+        _envcrate_cold "$$" || return 1
+        if [ "$_envcrate_mode" = activate ]; then
+            _envcrate_take_lease $$ || true # the ttl lease covers it until then
+            [ -z "$_envcrate_ttl" ] || rm -f "$_envcrate_ttl" 2>/dev/null
+        fi
+    fi
+    case $_envcrate_mode in
+        prefix)
+            printf '%s\n' "$_envcrate_entry"
+            ;;
+        run)
+            . "$_envcrate_entry/.envcrate/activate.sh" || return 1
+            exec "$@"
+            ;;
+        activate)
+            # the lease survives this function for deactivate (saved below)
+            _envcrate_keep=$_envcrate_lease
+            . "$_envcrate_entry/.envcrate/activate.sh" || return 1
+            _envcrate_lease=$_envcrate_keep
+            ;;
+    esac
+    return 0
+}
+
+# Sourced (activate) or run as a script? bash and zsh say; other shells name
+# themselves in $0 when sourcing from a terminal; a script that sources this
+# one has its own name there, which is not a file naming this crate.
+_envcrate_sourced() {
+    if [ -n "${BASH_VERSION:-}" ]; then
+        [ "${BASH_SOURCE:-$0}" != "$0" ]
+        return
+    fi
+    if [ -n "${ZSH_VERSION:-}" ]; then
+        case ${ZSH_EVAL_CONTEXT:-} in *:file*) return 0 ;; esac
+        return 1
+    fi
+    case ${0##*/} in
+        sh | -sh | dash | -dash | ash | -ash | ksh | -ksh | mksh | -mksh | busybox) return 0 ;;
+    esac
+    case ${1:-} in
+        prefix | run | -h | --help | help | activate) return 1 ;;
+    esac
+    ! { [ -f "$0" ] && grep -q "^# made by envcrate .*bootstrap" "$0" 2>/dev/null; }
+}
+
+# The warm path: a ready entry of the crate in one of the caches (the first
+# lines of its ready marker: the crate id, then the base interpreter, which
+# must exist, or be --python).
+_envcrate_warm() {
+    _envcrate_r="$_envcrate_caches:"
+    while [ -n "$_envcrate_r" ]; do
+        _envcrate_c=${_envcrate_r%%:*}
+        _envcrate_r=${_envcrate_r#*:}
+        case $_envcrate_c in
+            "") continue ;;
+            /*) ;;
+            *) _envcrate_c=$PWD/$_envcrate_c ;;
+        esac
+        [ -d "$_envcrate_c/e" ] || continue
+        for _envcrate_e in "$_envcrate_c"/e/@ID16@*; do
+            _envcrate_m=$_envcrate_e/.envcrate/ready
+            [ -f "$_envcrate_m" ] && [ ! -h "$_envcrate_m" ] || continue
+            [ -f "$_envcrate_e/.envcrate/activate.sh" ] || continue # filled by an older envcrate
+            _envcrate_l1=
+            _envcrate_l2=
+            { IFS= read -r _envcrate_l1 && IFS= read -r _envcrate_l2; } <"$_envcrate_m" 2>/dev/null || continue
+            [ "$_envcrate_l1" = "$_envcrate_id" ] || continue
+            if [ -n "$_envcrate_l2" ]; then
+                if [ -n "$_envcrate_python" ]; then
+                    [ "$_envcrate_l2" = "$_envcrate_python" ] || continue
+                else
+                    [ -x "$_envcrate_l2" ] || continue
+                fi
+            fi
+            _envcrate_entry=$_envcrate_e
+            if [ -f "$_envcrate_c/used/${_envcrate_e##*/}" ]; then
+                touch -c -h "$_envcrate_c/used/${_envcrate_e##*/}" 2>/dev/null
+            fi
+            return 0
+        done
+    done
+    return 1
+}
+
+# This shell's lease on the entry ($1: the pid it lasts for), as `envcrate
+# activate` makes it: a new file, in a lease directory that is no symlink.
+# gc and rm mark the lease directory (.removing) while they decide under the
+# entry's use lock, which sh cannot take: marked, or the entry gone, and the
+# lease is dropped (1: the Python path then leases under the lock).
+_envcrate_take_lease() {
+    _envcrate_c=${_envcrate_entry%/e/*}
+    _envcrate_ld=$_envcrate_c/leases/${_envcrate_entry##*/}
+    _envcrate_host=
+    { IFS= read -r _envcrate_host </proc/sys/kernel/hostname; } 2>/dev/null || _envcrate_host=$(uname -n)
+    _envcrate_host=${_envcrate_host%%.*}
+    _envcrate_b=
+    { IFS= read -r _envcrate_b </proc/sys/kernel/random/boot_id; } 2>/dev/null || _envcrate_b=noboot-noboot
+    _envcrate_b=${_envcrate_b%%-*}${_envcrate_b#*-}
+    _envcrate_b=${_envcrate_b%%-*}
+    _envcrate_lease=$_envcrate_ld/${_envcrate_host:-host}.$_envcrate_b.$1
+    if ! (umask 022 && { [ -d "$_envcrate_ld" ] || mkdir -p "$_envcrate_ld"; } && [ ! -h "$_envcrate_ld" ] &&
+        { ! [ -e "$_envcrate_lease" -o -h "$_envcrate_lease" ] || rm -f "$_envcrate_lease"; } &&
+        set -C && : >"$_envcrate_lease") 2>/dev/null; then
+        echo "envcrate: warning: cannot lease $_envcrate_entry: the cache's owner may remove it while it is in use" >&2
+        _envcrate_lease=
+        return 0
+    fi
+    if [ -e "$_envcrate_ld/.removing" ] || [ ! -f "$_envcrate_entry/.envcrate/ready" ]; then
+        rm -f "$_envcrate_lease" 2>/dev/null
+        _envcrate_lease=
+        return 1
+    fi
+    return 0
+}
+
+# A HIT event for --report (a directory: one line appended to this process's
+# file; an s3:// report goes through Python, which signs the upload).
+_envcrate_event() {
+    [ -n "$_envcrate_report" ] || return 0
+    case $_envcrate_report in
+        s3://*)
+            _ENVCRATE_ENTRY=$_envcrate_entry _envcrate_run_python event "$1" >/dev/null 2>&1 || true
+            return 0
+            ;;
+        file://*) _envcrate_rd=${_envcrate_report#file://} ;;
+        *) _envcrate_rd=$_envcrate_report ;;
+    esac
+    _envcrate_t=$(date +%s%N 2>/dev/null) || return 0
+    case $_envcrate_t in *[!0-9]* | "") return 0 ;; esac
+    _envcrate_s=${_envcrate_t%?????????}
+    _envcrate_h=
+    { IFS= read -r _envcrate_h </proc/sys/kernel/hostname; } 2>/dev/null || _envcrate_h=$(uname -n)
+    _envcrate_p=
+    case $_envcrate_entry in
+        *[\"\\]* | *[![:print:]]*) ;; # not written as JSON by sh: left out
+        *) _envcrate_p=",\"prefix\":\"$_envcrate_entry\"" ;;
+    esac
+    case $_envcrate_h in *[\"\\/]* | *[![:print:]]*) _envcrate_h=host ;; esac
+    (umask 022 && { [ -d "$_envcrate_rd" ] || mkdir -p "$_envcrate_rd"; } &&
+        printf '{"crate":"%s","host":"%s","pid":%s,"seconds":0.0,"state":"%s","ts":%s.%s%s%s}\n' \
+            "$_envcrate_id" "$_envcrate_h" "$$" "$1" "$_envcrate_s" "${_envcrate_t#"$_envcrate_s"}" \
+            "$_envcrate_p" "${2:-}" \
+            >>"$_envcrate_rd/$_envcrate_h.$$.$_envcrate_t.jsonl") 2>/dev/null || true
+}
+
+# The cold path: envcrate's compute side under the first Python 3.6+ found
+# (3: that interpreter is older; try the next). It prints the prefix and,
+# for activate, the short lease that covers the entry until this shell's.
+_envcrate_cold() {
+    _envcrate_out=
+    _envcrate_out=$(_envcrate_run_python "$_envcrate_mode" "$1") || return 1
+    _envcrate_entry=${_envcrate_out%%"$_envcrate_nl"*}
+    _envcrate_ttl=${_envcrate_out#*"$_envcrate_nl"}
+    [ "$_envcrate_ttl" != "$_envcrate_out" ] || _envcrate_ttl=
+    [ -n "$_envcrate_entry" ]
+}
+
+_envcrate_run_python() {
+    _envcrate_dir=${ENVCRATE_BOOT_DIR:-}
+    if [ -z "$_envcrate_dir" ] && [ -n "${BASH_VERSION:-}" ]; then
+        case ${BASH_SOURCE:-} in */*) _envcrate_dir=${BASH_SOURCE%/*} ;; esac
+    elif [ -z "$_envcrate_dir" ] && ! _envcrate_sourced; then
+        case $0 in */*) _envcrate_dir=${0%/*} ;; esac
+    fi
+    _envcrate_tried=
+    for _envcrate_py in ${ENVCRATE_BOOT_PYTHON:-} $_envcrate_python @PYTHONS@ python3 /usr/libexec/platform-python; do
+        case $_envcrate_py in
+            /*) [ -x "$_envcrate_py" ] || continue ;;
+            *) command -v "$_envcrate_py" >/dev/null 2>&1 || continue ;;
+        esac
+        _envcrate_tried="$_envcrate_tried $_envcrate_py"
+        "$_envcrate_py" -E - "$@" "$_envcrate_caches" "$_envcrate_dir" <<'ENVCRATE_PYTHON_END'
+@LOADER@
+ENVCRATE_PYTHON_END
+        _envcrate_rc=$?
+        [ "$_envcrate_rc" -eq 3 ] || return "$_envcrate_rc"
+    done
+    _envcrate_why="no Python 3.6 or later on this node (tried:${_envcrate_tried:- none found} of $_envcrate_python @PYTHONS@ python3 /usr/libexec/platform-python); install one, or make the script with --python PATH"
+    echo "envcrate: error: $_envcrate_why" >&2
+    _envcrate_event FAILED ',"error":"no Python 3.6 or later on this node"'
+    return 1
+}
+
+_envcrate_done() {
+    unset -f _envcrate_boot _envcrate_sourced _envcrate_warm _envcrate_take_lease _envcrate_event \
+        _envcrate_cold _envcrate_run_python _envcrate_done
+    unset _envcrate_id _envcrate_nl _envcrate_python _envcrate_report _envcrate_mode \
+        _envcrate_caches _envcrate_entry _envcrate_ttl _envcrate_keep _envcrate_r _envcrate_c \
+        _envcrate_e _envcrate_m _envcrate_l1 _envcrate_l2 _envcrate_ld _envcrate_host _envcrate_b \
+        _envcrate_rd _envcrate_t _envcrate_s _envcrate_h _envcrate_p _envcrate_out _envcrate_dir \
+        _envcrate_tried _envcrate_py _envcrate_rc _envcrate_why
+    [ -n "${_envcrate_lease:-}" ] || unset _envcrate_lease
+    return "$1"
+}
+
+_envcrate_boot "$@"
+_envcrate_done $?
