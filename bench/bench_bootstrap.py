@@ -15,6 +15,8 @@ interleaved rounds of
           the zstandard module (ENVCRATE_BOOT_PYTHON=this Python)
           the zstd command     (the same, and ENVCRATE_ZSTD=command)
           tar.gz               (the same, the script of the tar.gz-only store)
+  in an order that rotates by one step each round (the first round starts
+  with ensure, the second with the zstandard bootstrap, ...)
 - 32 concurrent cold `sh boot.sh prefix` into one new cache (all started at
   once, timed until the last exits)  |  the single cold one (zstandard) above
 - warm: sh boot.sh prefix  |  python -c pass, alternating, --warm-reps of each
@@ -214,11 +216,18 @@ def main() -> None:
 
         n = 0
         for i in range(args.rounds):
-            n += 1
-            cold(ENSURE, [*ensure, "--cache", tmp / f"c{n}"], env)
-            for name, (script, extra) in variants.items():
+            # the four cold steps, each round starting one further along
+            # (ensure first in round 1, the zstandard bootstrap in round 2, ...):
+            # no side always runs first after the warm runs, or always after
+            # another fill
+            steps = [ENSURE, *variants]
+            for name in steps[i % len(steps) :] + steps[: i % len(steps)]:
                 n += 1
-                cold(name, ["sh", script, "prefix"], boot_env(tmp / f"c{n}", **extra))
+                if name == ENSURE:
+                    cold(ENSURE, [*ensure, "--cache", tmp / f"c{n}"], env)
+                else:
+                    script, extra = variants[name]
+                    cold(name, ["sh", script, "prefix"], boot_env(tmp / f"c{n}", **extra))
             n += 1
             many_cache = tmp / f"c{n}"
             took, outs = timed_many(["sh", boot, "prefix"], args.concurrent, boot_env(many_cache))

@@ -23,6 +23,7 @@ MAY_IMPORT = {
     "fetching": {"crate", "node", "stores"},
     "shipping": {"crate", "envs", "stores", "packing"},
     "bootstrap": {"crate", "node", "stores"},
+    "integrations": set(),  # plain values for the systems they serve, importable alone
     "cli": {
         "crate",
         "envs",

@@ -230,6 +230,22 @@ def run(spec: dict, result: dict) -> None:
             staged.extend(str(t) for t in pilot.stage_in([sd]))
         presult["staged"] = staged
         presult["staging_skipped"] = skipped
+        # "stage_once": {"module": path of a standalone module with a
+        # stage_once(pilot, script, archives) function (envcrate's RP
+        # integration, loaded from its file: envcrate itself stays out of
+        # this venv and so out of the tasks), "script", "archives",
+        # "times"}: called that many times, the targets of each call kept.
+        once = spec.get("stage_once")
+        if once:
+            import importlib.util
+
+            loaded = importlib.util.spec_from_file_location("_stage_once", once["module"])
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+            presult["stage_once"] = [
+                module.stage_once(pilot, once["script"], once.get("archives", []))
+                for _ in range(int(once.get("times", 1)))
+            ]
         timings["pilot_staging"] = time.time() - t_stage
 
         pilot.wait(state=[rp.PMGR_ACTIVE] + list(rp.FINAL), timeout=left("waiting for the pilot"))

@@ -501,3 +501,35 @@ def test_verify_finds_an_altered_activation_profile(script, small_crate, tmp_pat
     [report] = json.loads(verified.stdout)["entries"]
     assert report["ok"] is False and report["modified"] == [".envcrate/activate.sh"], report
     assert verified.returncode == 1 and "activate.sh" in verified.stderr
+
+
+def test_an_s3_report_from_the_cold_and_the_warm_path(
+    script, store, seaweed, s3_env, tmp_path, env
+):
+    """With credentials on the node, events go to an s3:// report; the warm
+    path, which sh cannot sign for, hands its HIT to Python."""
+    report = f"s3://{seaweed.bucket()}/report-{tmp_path.name}"
+    boot = make_script("small", tmp_path / "s3.sh", env, "--store", store,
+                       "--cache", tmp_path / "cache", "--report", report)  # fmt: skip
+    node = bare_env({**env, **s3_env}, tmp_path)
+    for _ in ("cold", "warm"):
+        done = sh(boot, "prefix", env=node)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+    shown = envcrate("report", report, "--json", env={**env, **s3_env})
+    assert shown.returncode == 0, shown.stderr
+    totals = json.loads(shown.stdout)["totals"]
+    assert (totals["READY"], totals["HIT"], totals["FAILED"]) == (1, 1, 0), totals
+
+
+def test_a_store_with_only_the_tar_gz_archive(gz_crate, tmp_path, env):
+    c = gz_crate
+    only_gz = tmp_path / "gz-store"
+    open_store(str(only_gz)).publish(c.archive, c.manifest.data, "tar.gz", c.blob, c.size)
+    boot = make_script(c.id, tmp_path / "gz.sh", env, "--store", only_gz,
+                       "--cache", tmp_path / "cache")  # fmt: skip
+    assert [a["format"] for a in _config(boot)["archives"]] == ["tar.gz"]
+    for python in [sys.executable, *([PY36] if PY36 else [])]:
+        node = bare_env(env, tmp_path, ENVCRATE_BOOT_PYTHON=str(python))
+        node["ENVCRATE_CACHE"] = str(tmp_path / f"c-{Path(python).parent.parent.name}")
+        done = sh(boot, "run", "--", "python", "-c", "import six", env=node)
+        assert done.returncode == 0, (python, done.stderr)
