@@ -84,6 +84,8 @@ def payload() -> bytes:
 # must be able to parse it (they exit 3, and the script tries the next
 # Python): no f-strings or annotations here; the modules are compiled later.
 _LOADER = '''import sys
+# `python -` put the current directory first: a json.py there must not run
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]
 if sys.version_info < (3, 6):
     sys.exit(3)
 import base64, importlib.abc, importlib.util, json, zlib
@@ -118,7 +120,7 @@ from envcrate.node.boot import main
 sys.exit(main(_CONFIG, sys.argv[1:]))
 '''
 
-_SAFE_CACHE = re.compile(r"[A-Za-z0-9_./${}@+,=: ~-]*")
+_SAFE_CACHE = re.compile(r"[A-Za-z0-9_./${}@+,=: -]*")
 _SAFE_WORD = re.compile(r"[A-Za-z0-9_./+-]+")
 
 
@@ -129,8 +131,8 @@ def render(config: dict, caches: "list[str]") -> str:
     for c in caches:
         if not _SAFE_CACHE.fullmatch(c) or "$(" in c:
             raise EnvcrateError(
-                f"--cache {c!r}: a bootstrap cache may hold letters, digits, '/._-+@,=~:', "
-                "spaces and $VARIABLES (expanded on the node), nothing else"
+                f"--cache {c!r}: a bootstrap cache may hold letters, digits, '/._-+@,=:', "
+                "spaces and $VARIABLES (expanded on the node; write $HOME, not ~), nothing else"
             )
     pythons = []
     if config["kind"] == "venv":
@@ -154,9 +156,9 @@ def render(config: dict, caches: "list[str]") -> str:
         "@REPORT@": _sq(config.get("report") or ""),
         "@PYTHONS@": " ".join(p for p in pythons if _SAFE_WORD.fullmatch(p)),
     }
-    for key, value in values.items():
-        template = template.replace(key, value)
-    return template.replace("@LOADER@", loader.rstrip("\n"))
+    values["@LOADER@"] = loader.rstrip("\n")
+    # One pass: a value (a record's name, say) is never read for placeholders.
+    return re.sub("|".join(map(re.escape, values)), lambda m: values[m.group()], template)
 
 
 def _sq(text: str) -> str:

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -533,3 +534,128 @@ def test_a_store_with_only_the_tar_gz_archive(gz_crate, tmp_path, env):
         node["ENVCRATE_CACHE"] = str(tmp_path / f"c-{Path(python).parent.parent.name}")
         done = sh(boot, "run", "--", "python", "-c", "import six", env=node)
         assert done.returncode == 0, (python, done.stderr)
+
+
+# ------------------------------------------------------- found by a review
+
+
+def test_the_cold_path_imports_nothing_from_the_current_directory(script, tmp_path, env):
+    """`python -` puts the current directory first on sys.path: a json.py
+    left in a job's directory must not run."""
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "json.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w').close()\n")
+    (job / "zlib.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w').close()\n")
+    done = sh(script, "prefix", env=bare_env(env, tmp_path), cwd=job)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_stale_removing_mark_still_leaves_the_shell_a_lease(script, tmp_path, env):
+    """A gc killed while it decided leaves leases/<key>/.removing: the
+    script then takes the Python path, which must lease the shell."""
+    node = bare_env(env, tmp_path)
+    assert sh(script, "prefix", env=node).returncode == 0
+    [key] = entries(tmp_path / "cache")
+    leases = tmp_path / "cache" / "leases" / key
+    leases.mkdir(parents=True, exist_ok=True)
+    (leases / ".removing").touch()
+    done = subprocess.run(
+        ["sh", "-c", f". {script} && ls -a {leases} && echo pid=$$"],
+        env=node, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    pid = done.stdout.split("pid=")[1].strip()
+    assert any(n.endswith(f".{pid}") for n in done.stdout.split()), done.stdout
+
+
+def test_lease_directories_made_by_the_script_are_group_writable_in_a_shared_cache(
+    store, tmp_path, env
+):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    boot = make_script("small", tmp_path / "b.sh", env, "--store", store, "--cache", shared)
+    node = bare_env(env, tmp_path)
+    assert sh(boot, "prefix", env=node).returncode == 0
+    [key] = entries(shared)
+    shutil.rmtree(shared / "leases", ignore_errors=True)
+    done = sh(boot, "run", "--", "true", env=node)
+    assert done.returncode == 0, done.stderr
+    for d in (shared / "leases", shared / "leases" / key):
+        assert d.stat().st_mode & 0o7777 == 0o2775, (d, oct(d.stat().st_mode))
+
+
+def test_a_tilde_cache_is_refused(store, tmp_path, env):
+    out = envcrate("bootstrap", "small", "--store", store, "--cache", "~/c", "-o", tmp_path / "b.sh", env=env)  # fmt: skip
+    assert out.returncode == 1 and "$HOME" in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+@pytest.mark.skipif(not shutil.which("dash"), reason="no dash")
+def test_a_dash_job_script_s_arguments_do_not_pick_a_mode(script, tmp_path, env):
+    job = tmp_path / "job.sh"
+    job.write_text(f'. {script} || exit 9\necho "active $VIRTUAL_ENV"\n')
+    for args in (["run", "--", "echo", "X"], ["prefix"], ["help"]):
+        done = subprocess.run(["dash", str(job), *args], env=bare_env(env, tmp_path),
+                              capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 0, (args, done.stderr)
+        assert done.stdout.startswith(f"active {tmp_path / 'cache' / 'e'}"), (args, done.stdout)
+
+
+def test_a_staged_file_of_the_wrong_size_is_passed_over(script, tmp_path, env):
+    """Junk under the staged name (in the current directory, say) is not
+    read for minutes: the store's copy is used."""
+    job = tmp_path / "job"
+    job.mkdir()
+    for a in _config(script)["archives"]:
+        with open(job / a["staged"], "wb") as f:
+            f.truncate(50 << 30)  # sparse
+    done = sh(script, "prefix", env=bare_env(env, tmp_path), cwd=job, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_record_name_cannot_inject_into_the_script(small_crate, tmp_path, env):
+    c = small_crate
+    data = dict(c.manifest.data, name="x@LOADER@y")
+    s = tmp_path / "store"
+    open_store(str(s)).publish(c.archive, data, "tar.zst", c.blob, c.size)
+    boot = make_script(c.id, tmp_path / "b.sh", env, "--store", s, "--cache", tmp_path / "c")
+    done = sh(boot, "prefix", env=bare_env(env, tmp_path))
+    assert done.returncode == 0, done.stderr
+
+
+def test_gc_removes_what_a_killed_shell_or_gc_left_in_a_lease_directory(script, tmp_path, env):
+    node = bare_env(env, tmp_path)
+    assert sh(script, "run", "--", "true", env=node).returncode == 0
+    [key] = entries(tmp_path / "cache")
+    d = tmp_path / "cache" / "leases" / key
+    old = time.time() - 7200
+    for name in (".lease.abcdefgh", ".removing", ".lease.fresh123"):
+        (d / name).touch()
+    for name in (".lease.abcdefgh", ".removing"):
+        os.utime(d / name, (old, old))
+    gc = envcrate("gc", "--cache", tmp_path / "cache", "--json", env=env)
+    assert gc.returncode == 0, gc.stderr
+    assert sorted(n for n in os.listdir(d) if n.startswith(".")) == [".lease.fresh123"]
+
+
+def test_an_entry_planted_beside_the_real_one_does_not_shadow_it(
+    script, small_crate, tmp_path, env
+):
+    """A cache member may add `e/<id16>` (a conda-style name sorting first)
+    with a ready marker naming the crate: neither the script nor `ensure`
+    takes it over the real entry, whose files hash to the crate id."""
+    node = bare_env(env, tmp_path)
+    real = sh(script, "prefix", env=node).stdout.strip()
+    cache = tmp_path / "cache"
+    planted = cache / "e" / small_crate.id[7:23]
+    (planted / ".envcrate").mkdir(parents=True)
+    (planted / ".envcrate" / "ready").write_text(f'{small_crate.id}\n\n\n{{"id": "x"}}')
+    (planted / ".envcrate" / "activate.sh").write_text("echo planted\n")
+    hit = sh(script, "prefix", env=node)
+    assert hit.returncode == 0 and hit.stdout.strip() == real, hit.stdout
+    ensured = ok(envcrate("ensure", small_crate.id, "--cache", cache, "--json", env=env))
+    assert ensured["prefix"] == real
+    # verify reports the planted one instead of failing on its marker
+    verified = envcrate("verify", small_crate.id, "--cache", cache, "--json", env=env)
+    assert "Traceback" not in verified.stderr, verified.stderr

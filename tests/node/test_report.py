@@ -620,3 +620,13 @@ def test_python36_sink_into_a_directory(py36, tmp_path):
         assert out.returncode == 0, out.stderr
         new = json.loads(out.stdout)
         assert all(m.startswith("envcrate") or m == "time" for m in new), new
+
+
+def test_a_lone_surrogate_in_an_event_prints_without_a_traceback(tmp_path, env):
+    """JSON may carry "\\ud800", which no terminal encoding takes."""
+    (tmp_path / "r").mkdir()
+    line = '{"state":"FAILED","ts":1,"host":"h","pid":1,"crate":null,"error":"\\ud800 boom"}\n'
+    (tmp_path / "r" / "h.1.1.jsonl").write_text(line)
+    out = envcrate("report", tmp_path / "r", env=env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "? boom" in out.stdout

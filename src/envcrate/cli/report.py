@@ -209,8 +209,11 @@ def _seconds(value: float | None) -> str:
 
 def _clean(text: str) -> str:
     """``text`` safe to print on a terminal: what a node wrote may hold
-    escape sequences; no control characters, one line."""
-    return "".join("?" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in text)
+    escape sequences; no control characters (nor lone surrogates, which no
+    encoding takes), one line."""
+    return "".join(
+        "?" if ord(c) < 32 or 127 <= ord(c) < 160 or 0xD800 <= ord(c) < 0xE000 else c for c in text
+    )
 
 
 EXAMPLES = {

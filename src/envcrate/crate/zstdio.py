@@ -1,8 +1,9 @@
 """Reading zstd with whatever decompressor the node has.
 
-In order: the ``zstandard`` module (what envcrate installs: frames in
-parallel, from a seekable crate's plan), Python 3.14's ``compression.zstd``
-(or its backport ``backports.zstd``), the ``zstd`` command. The last two
+In order (design.md, Node side): the ``zstandard`` module (what envcrate
+installs: frames in parallel, from a seekable crate's plan), the ``zstd``
+command, Python 3.14's ``compression.zstd`` (or its backport
+``backports.zstd``). The last two
 read a crate as one stream (:func:`stream`), the way ``tar -I zstd -xf``
 does: every member is still checked against the file table as it is
 written, and every byte of the archive is hashed.
@@ -17,7 +18,7 @@ _found = None  # memo of backend()
 
 
 def backend() -> "str | None":
-    """``zstandard``, ``compression.zstd``, ``command`` or None.
+    """``zstandard``, ``command``, ``compression.zstd`` or None.
     ``ENVCRATE_ZSTD`` (one of those names) skips the ones before it: the
     tests and a user with a broken module use it."""
     global _found
@@ -26,7 +27,7 @@ def backend() -> "str | None":
     return _found or None
 
 
-_ORDER = ("zstandard", "compression.zstd", "command")
+_ORDER = ("zstandard", "command", "compression.zstd")
 
 
 def _find(wanted: str) -> "str | None":

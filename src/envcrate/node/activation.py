@@ -154,15 +154,17 @@ def shell_code(shell: str, act: "Activation", lease: "tuple[str, str, str | None
     lines += [f"{k}={_sq(v)}; export {k}" for k, v in new.items()]
     lines.append("unset " + " ".join(unset))
     lines.append("unset -f deactivate 2>/dev/null || true")
-    # In a subshell, for its umask and noclobber; $$ is still the evaluating
+    # In a subshell, for its umask and variable; $$ is still the evaluating
     # shell's pid. In a shared cache the lease directory is group-writable: a
-    # member may have put a symlink there under our lease's name (or made the
-    # directory a symlink), which a plain `: >` would follow and truncate. So:
-    # no symlinked directory, the name removed, then created new (`set -C`
-    # opens with O_EXCL, which follows no symlink).
+    # member may have put a symlink or FIFO there under our lease's name (or
+    # made the directory a symlink), which `: >` would follow or block on,
+    # even with `set -C` (noclobber opens an existing non-regular file). So:
+    # no symlinked directory, and the lease made under a new name (mktemp)
+    # and renamed onto its own (a rename opens nothing).
     lines.append(
         f"(umask 022 && mkdir -p {_sq(lease_dir)} && [ ! -h {_sq(lease_dir)} ] && "
-        f'rm -f {_sq(mine)}"$$" && set -C && : > {_sq(mine)}"$$") 2>/dev/null'
+        f't=$(mktemp {_sq(lease_dir)}/.lease.XXXXXXXX) && chmod 644 "$t" && '
+        f'{{ mv -f "$t" {_sq(mine)}"$$" || {{ rm -f "$t"; false; }}; }}) 2>/dev/null'
     )
     if short:
         lines.append(f"rm -f {_sq(short)} 2>/dev/null")

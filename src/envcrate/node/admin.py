@@ -126,7 +126,7 @@ def find(caches: list[Path], ref: str) -> list[dict]:
 
         hexd = read_manifest(ref).id.split(":", 1)[1]
     if hexd is not None:
-        found = [e for e in all_entries if e["id"].split(":", 1)[1].startswith(hexd)]
+        found = [e for e in all_entries if e["id"].split(":", 1)[-1].startswith(hexd)]
     elif os.path.isdir(ref):
         real = os.path.realpath(ref)
         found = [e for e in all_entries if os.path.realpath(e["prefix"]) == real]
@@ -475,12 +475,41 @@ def _clean(cache: Path, now: float, dry_run: bool) -> list[str]:
         keys = []
     for key in keys:
         leases.holders(cache, key)  # drops dead leases
+        out += _clean_lease_dir(cache, key, now, dry_run)
         if not (cache / "e" / key).exists() and not dry_run:
             try:
                 os.rmdir(cache / "leases" / key)
             except OSError:
                 pass
     return out + _clean_probe_memo(now, dry_run)
+
+
+def _clean_lease_dir(cache: Path, key: str, now: float, dry_run: bool) -> list[str]:
+    """A killed shell's lease in the making (``.lease.*``) and a killed gc's
+    mark (``.removing``), older than an hour; through a descriptor of the
+    lease directory that follows no symlink, as the leases themselves."""
+    from ..fsutil import open_dir
+
+    try:
+        dfd = open_dir(leases.lease_dir(cache, key))
+    except OSError:
+        return []
+    out = []
+    try:
+        for name in os.listdir(dfd):
+            if not (name.startswith(".lease.") or name == leases.REMOVING):
+                continue
+            try:
+                if now - os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mtime <= ABANDONED:
+                    continue
+                if not dry_run:
+                    os.unlink(name, dir_fd=dfd)
+                out.append(str(cache / "leases" / key / name))
+            except OSError:
+                pass
+    finally:
+        os.close(dfd)
+    return out
 
 
 def _clean_probe_memo(now: float, dry_run: bool) -> list[str]:

@@ -24,18 +24,18 @@ def main(config: dict, argv: "list[str]") -> int:
     """``argv``: mode (``prefix``, ``run``, ``activate``, or ``event``), the
     pid of the script's shell (for ``event``: the state), the caches
     (``:``-separated) and the script's directory (or empty). Prints the
-    prefix, and for ``activate`` also the short lease that covers the entry
-    until the shell has its own."""
+    prefix, and for ``activate`` also the shell's lease (taken here, under
+    the entry's use lock)."""
     mode, arg, caches, here = (argv + ["", "", "", ""])[:4]
     if mode == "event":
         return _event(config, arg)
     cache_dirs = [c for c in caches.split(":") if c]
-    if mode == "run":
-        lease = int(arg)  # the shell execs the command: same pid
-    elif mode == "activate":
-        lease = "ttl-%d" % os.getpid()
-    else:
-        lease = None
+    if any("\n" in c for c in cache_dirs):
+        print("envcrate: error: a cache path holds a newline; use another", file=sys.stderr)
+        return 1
+    # run: the shell execs the command (same pid); activate: it is the shell
+    # that sourced the script, whose lease deactivate removes
+    lease = int(arg) if mode in ("run", "activate") else None
     from .ensure import ensure_crate
 
     try:
@@ -56,7 +56,7 @@ def main(config: dict, argv: "list[str]") -> int:
         return 1
     out = done.path + "\n"
     if mode == "activate" and done.lease:
-        out += done.lease + "\n"
+        out += done.lease + "\n"  # the shell's own: deactivate removes it
     sys.stdout.write(out)
     return 0
 
@@ -85,7 +85,7 @@ def locate(config: dict, here: str):
         names = [os.path.join(d, a["staged"]) for d in dirs] if a.get("staged") else []
         for path in names + list(a.get("paths", ())):
             looked.append(path)
-            if os.path.isfile(path):
+            if _has_size(path, a.get("size")):  # junk under the name is passed over
                 return ArchiveFile(path, a["blob"])
     for a in usable:
         for url in a.get("urls", ()):
@@ -94,6 +94,14 @@ def locate(config: dict, here: str):
         "no archive of %s here: none of %s exists (stage one beside the script, or mount "
         "the store)" % (config["id"], ", ".join(looked) or "the script's paths")
     )
+
+
+def _has_size(path: str, size) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_mode & 0o170000 == 0o100000 and (size is None or st.st_size == size)
 
 
 def _event(config: dict, state: str) -> int:

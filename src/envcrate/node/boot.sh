@@ -57,16 +57,14 @@ _envcrate_boot() {
     _envcrate_caches=${ENVCRATE_CACHE:-@CACHES@}
     [ -n "$_envcrate_caches" ] || _envcrate_caches=${XDG_CACHE_HOME:-${HOME:-/}/.cache}/envcrate
     _envcrate_entry=
-    _envcrate_ttl=
+    _envcrate_made=
     _envcrate_lease=
-    if _envcrate_warm && { [ "$_envcrate_mode" = prefix ] || _envcrate_take_lease $$; }; then
+    if _envcrate_warm && { [ "$_envcrate_mode" = prefix ] || _envcrate_take_lease "$$"; }; then
         _envcrate_event HIT
     else
+        # Python leases this shell's pid itself (run, activate), under the use lock
         _envcrate_cold "$$" || return 1
-        if [ "$_envcrate_mode" = activate ]; then
-            _envcrate_take_lease $$ || true # the ttl lease covers it until then
-            [ -z "$_envcrate_ttl" ] || rm -f "$_envcrate_ttl" 2>/dev/null
-        fi
+        _envcrate_lease=$_envcrate_made
     fi
     case $_envcrate_mode in
         prefix)
@@ -86,9 +84,9 @@ _envcrate_boot() {
     return 0
 }
 
-# Sourced (activate) or run as a script? bash and zsh say; other shells name
-# themselves in $0 when sourcing from a terminal; a script that sources this
-# one has its own name there, which is not a file naming this crate.
+# Sourced (activate) or run as a script? bash and zsh say. Other shells have
+# the sourcing script (or the shell's own name) in $0: run as a script only
+# when $0 is this very script (its second line names this crate).
 _envcrate_sourced() {
     if [ -n "${BASH_VERSION:-}" ]; then
         [ "${BASH_SOURCE:-$0}" != "$0" ]
@@ -98,18 +96,20 @@ _envcrate_sourced() {
         case ${ZSH_EVAL_CONTEXT:-} in *:file*) return 0 ;; esac
         return 1
     fi
-    case ${0##*/} in
-        sh | -sh | dash | -dash | ash | -ash | ksh | -ksh | mksh | -mksh | busybox) return 0 ;;
+    _envcrate_l2=
+    if [ -f "$0" ]; then
+        { IFS= read -r _envcrate_l2 && IFS= read -r _envcrate_l2; } <"$0" 2>/dev/null
+    fi
+    case $_envcrate_l2 in
+        "# envcrate bootstrap script for "*", crate @ID@") return 1 ;;
     esac
-    case ${1:-} in
-        prefix | run | -h | --help | help | activate) return 1 ;;
-    esac
-    ! { [ -f "$0" ] && grep -q "^# made by envcrate .*bootstrap" "$0" 2>/dev/null; }
+    return 0
 }
 
 # The warm path: a ready entry of the crate in one of the caches (the first
 # lines of its ready marker: the crate id, then the base interpreter, which
-# must exist, or be --python).
+# must exist, or be --python). Two that would do in one cache (a member may
+# add one beside the real one): the Python path tells which holds the crate.
 _envcrate_warm() {
     _envcrate_r="$_envcrate_caches:"
     while [ -n "$_envcrate_r" ]; do
@@ -136,21 +136,27 @@ _envcrate_warm() {
                     [ -x "$_envcrate_l2" ] || continue
                 fi
             fi
+            [ -z "$_envcrate_entry" ] || return 1
             _envcrate_entry=$_envcrate_e
-            if [ -f "$_envcrate_c/used/${_envcrate_e##*/}" ]; then
-                touch -c -h "$_envcrate_c/used/${_envcrate_e##*/}" 2>/dev/null
+        done
+        if [ -n "$_envcrate_entry" ]; then
+            if [ -f "$_envcrate_c/used/${_envcrate_entry##*/}" ]; then
+                touch -c -h "$_envcrate_c/used/${_envcrate_entry##*/}" 2>/dev/null
             fi
             return 0
-        done
+        fi
     done
     return 1
 }
 
-# This shell's lease on the entry ($1: the pid it lasts for), as `envcrate
-# activate` makes it: a new file, in a lease directory that is no symlink.
-# gc and rm mark the lease directory (.removing) while they decide under the
-# entry's use lock, which sh cannot take: marked, or the entry gone, and the
-# lease is dropped (1: the Python path then leases under the lock).
+# This shell's lease on the entry ($1: the pid it lasts for): made under a
+# temporary name (mktemp: a new file) and renamed onto the lease's name (a
+# rename opens nothing: a FIFO or symlink a cache member put there is
+# replaced, never opened), in a lease directory that is no symlink. gc and rm
+# mark the lease directory (.removing) while they decide under the entry's
+# use lock, which sh cannot take: marked, or the entry gone, and the lease is
+# dropped. 1: the Python path then leases under the lock (also when there is
+# no lease directory yet: Python makes it with the cache's modes).
 _envcrate_take_lease() {
     _envcrate_c=${_envcrate_entry%/e/*}
     _envcrate_ld=$_envcrate_c/leases/${_envcrate_entry##*/}
@@ -158,18 +164,23 @@ _envcrate_take_lease() {
     { IFS= read -r _envcrate_host </proc/sys/kernel/hostname; } 2>/dev/null || _envcrate_host=$(uname -n)
     _envcrate_host=${_envcrate_host%%.*}
     _envcrate_b=
-    { IFS= read -r _envcrate_b </proc/sys/kernel/random/boot_id; } 2>/dev/null || _envcrate_b=noboot-noboot
-    _envcrate_b=${_envcrate_b%%-*}${_envcrate_b#*-}
-    _envcrate_b=${_envcrate_b%%-*}
+    { IFS= read -r _envcrate_b </proc/sys/kernel/random/boot_id; } 2>/dev/null
+    case $_envcrate_b in
+        ????????-????-*) _envcrate_b=${_envcrate_b%%-*}${_envcrate_b#*-} && _envcrate_b=${_envcrate_b%%-*} ;;
+        *) _envcrate_b=noboot ;; # as envcrate's own leases say
+    esac
+    [ -d "$_envcrate_ld" ] && [ ! -h "$_envcrate_ld" ] || return 1
     _envcrate_lease=$_envcrate_ld/${_envcrate_host:-host}.$_envcrate_b.$1
-    if ! (umask 022 && { [ -d "$_envcrate_ld" ] || mkdir -p "$_envcrate_ld"; } && [ ! -h "$_envcrate_ld" ] &&
-        { ! [ -e "$_envcrate_lease" -o -h "$_envcrate_lease" ] || rm -f "$_envcrate_lease"; } &&
-        set -C && : >"$_envcrate_lease") 2>/dev/null; then
+    _envcrate_t=$(mktemp "$_envcrate_ld/.lease.XXXXXXXX" 2>/dev/null) &&
+        chmod 644 "$_envcrate_t" 2>/dev/null && mv -f "$_envcrate_t" "$_envcrate_lease" 2>/dev/null
+    if [ $? -ne 0 ]; then
+        [ -z "$_envcrate_t" ] || rm -f "$_envcrate_t" 2>/dev/null
         echo "envcrate: warning: cannot lease $_envcrate_entry: the cache's owner may remove it while it is in use" >&2
         _envcrate_lease=
         return 0
     fi
-    if [ -e "$_envcrate_ld/.removing" ] || [ ! -f "$_envcrate_entry/.envcrate/ready" ]; then
+    if [ -e "$_envcrate_ld/.removing" ] || [ -h "$_envcrate_ld/.removing" ] ||
+        [ ! -f "$_envcrate_entry/.envcrate/ready" ]; then
         rm -f "$_envcrate_lease" 2>/dev/null
         _envcrate_lease=
         return 1
@@ -209,13 +220,13 @@ _envcrate_event() {
 
 # The cold path: envcrate's compute side under the first Python 3.6+ found
 # (3: that interpreter is older; try the next). It prints the prefix and,
-# for activate, the short lease that covers the entry until this shell's.
+# for activate, this shell's lease, which it made.
 _envcrate_cold() {
     _envcrate_out=
     _envcrate_out=$(_envcrate_run_python "$_envcrate_mode" "$1") || return 1
     _envcrate_entry=${_envcrate_out%%"$_envcrate_nl"*}
-    _envcrate_ttl=${_envcrate_out#*"$_envcrate_nl"}
-    [ "$_envcrate_ttl" != "$_envcrate_out" ] || _envcrate_ttl=
+    _envcrate_made=${_envcrate_out#*"$_envcrate_nl"}
+    [ "$_envcrate_made" != "$_envcrate_out" ] || _envcrate_made=
     [ -n "$_envcrate_entry" ]
 }
 
@@ -249,7 +260,7 @@ _envcrate_done() {
     unset -f _envcrate_boot _envcrate_sourced _envcrate_warm _envcrate_take_lease _envcrate_event \
         _envcrate_cold _envcrate_run_python _envcrate_done
     unset _envcrate_id _envcrate_nl _envcrate_python _envcrate_report _envcrate_mode \
-        _envcrate_caches _envcrate_entry _envcrate_ttl _envcrate_keep _envcrate_r _envcrate_c \
+        _envcrate_caches _envcrate_entry _envcrate_made _envcrate_keep _envcrate_r _envcrate_c \
         _envcrate_e _envcrate_m _envcrate_l1 _envcrate_l2 _envcrate_ld _envcrate_host _envcrate_b \
         _envcrate_rd _envcrate_t _envcrate_s _envcrate_h _envcrate_p _envcrate_out _envcrate_dir \
         _envcrate_tried _envcrate_py _envcrate_rc _envcrate_why
@@ -258,4 +269,4 @@ _envcrate_done() {
 }
 
 _envcrate_boot "$@"
-_envcrate_done $?
+_envcrate_done "$?"

@@ -166,14 +166,42 @@ def find_ready(caches: list, crate_id: str, python: "str | None", blob: "str | N
             names = [n for n in os.listdir(os.path.join(cache, "e")) if n.startswith(head)]
         except OSError:
             continue
+        found = []
         for name in sorted(names):
             entry = os.path.join(cache, "e", name)
             ready = read_ready(entry)
             if ready is not None and _usable(ready, crate_id, python):
                 if blob is not None and (_marker_lines(entry) or [b""] * 3)[2].decode() != blob:
                     continue
-                return cache, name, ready
+                found.append((cache, name, ready))
+        if len(found) > 1:  # a member may add one beside the real one
+            found.sort(key=lambda f: not _holds(f[0], f[1], f[2], crate_id))
+        if found:
+            return found[0]
     return None
+
+
+def _holds(cache: str, name: str, ready, crate_id: str) -> bool:
+    """Whether the entry is named as its filler names it and its manifest
+    and file table hash to the crate id (the id covers the crate's kind, so
+    a conda-style name cannot pass for a venv crate's entry): only when
+    two entries would do, since it costs hashing the table."""
+    from ..crate.manifest import FILES_MEMBER, MANIFEST_MEMBER, crate_id_of
+
+    if name != entry_key(crate_id, ready[1]):
+        return False
+    entry = os.path.join(cache, "e", name)
+    table = read_small(os.path.join(entry, FILES_MEMBER), 256 << 20)
+    manifest = read_small(os.path.join(entry, MANIFEST_MEMBER), 64 << 20)
+    if table is None or manifest is None:
+        return False
+    import json
+
+    try:
+        data = json.loads(manifest)
+        return isinstance(data, dict) and crate_id_of(table, data) == crate_id
+    except Exception:  # a planted manifest: any shape
+        return False
 
 
 def stamp(cache: str, key: str) -> None:
