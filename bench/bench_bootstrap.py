@@ -57,6 +57,7 @@ BOOT = "sh boot.sh prefix (cold, zstandard)"
 BOOT_CMD = "sh boot.sh prefix (cold, zstd command)"
 BOOT_GZ = "sh boot.sh prefix (cold, tar.gz)"
 MANY = "32 concurrent cold sh boot.sh prefix"
+MANY_ENSURE = "32 concurrent cold envcrate ensure"
 WARM = "sh boot.sh prefix (warm)"
 PASS = "python -c pass"
 PASS_VENV = "tool venv's python -c pass"
@@ -69,6 +70,7 @@ ROWS = [
     (BOOT_CMD, ENSURE, None),
     (BOOT_GZ, ENSURE, None),
     (MANY, BOOT, 1.3),
+    (MANY_ENSURE, ENSURE, None),
 ]
 
 CHECK = "import numpy, scipy, pandas, sklearn, matplotlib, requests"
@@ -106,22 +108,31 @@ def pushed(envcrate: list, archive: Path, store: Path, env: dict) -> str:
     return json.loads(out)["id"]
 
 
-def timed_many(cmd: list, n: int, env: dict) -> tuple[float, list[str]]:
-    """All ``n`` started at once; wall time until the last exits, and what
-    each printed."""
+def timed_many(cmd: list, n: int, env: dict) -> tuple[float, list[float]]:
+    """All ``n`` started at once: wall time until the last exits, and the CPU
+    seconds (user + system, with the children each waited for) of each. All
+    must print the same existing prefix."""
     os.sync()  # as timed(): nobody pays for an earlier step's writeback
     start = time.perf_counter()
     procs = [
         subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, env=env) for _ in range(n)
     ]
-    codes = [p.wait() for p in procs]
-    elapsed = time.perf_counter() - start
-    outs = [p.stdout.read().decode() for p in procs]
+    codes, cpu = [], []
     for p in procs:
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        codes.append(p.returncode)
+        cpu.append(usage.ru_utime + usage.ru_stime)
+    elapsed = time.perf_counter() - start
+    outs = set()
+    for p in procs:
+        outs.add(p.stdout.read().decode())
         p.stdout.close()
     if any(codes):
-        raise SystemExit(f"concurrent bootstraps failed: exit codes {codes}")
-    return elapsed, outs
+        raise SystemExit(f"concurrent runs of {cmd[:2]} failed: exit codes {codes}")
+    if len(outs) != 1 or not Path(next(iter(outs)).strip()).is_dir():
+        raise SystemExit(f"concurrent runs of {cmd[:2]} printed {sorted(outs)}")
+    return elapsed, cpu
 
 
 def check_prefix(out: str, cache: Path, what: str, env: dict) -> Path:
@@ -164,6 +175,8 @@ def main() -> None:
     gz = packed(envcrate, ref, work, "tar.gz", env)
     run([python, "-c", "import zstandard"], env=env)  # the cold path's module is there
     many_name = MANY.replace("32", str(args.concurrent))
+    many_ensure_name = MANY_ENSURE.replace("32", str(args.concurrent))
+    waiter_cpu: dict[str, list[float]] = {}
 
     times: dict[str, list[float]] = {}
     rss: dict[str, int] = {}
@@ -228,12 +241,20 @@ def main() -> None:
                 else:
                     script, extra = variants[name]
                     cold(name, ["sh", script, "prefix"], boot_env(tmp / f"c{n}", **extra))
-            n += 1
-            many_cache = tmp / f"c{n}"
-            took, outs = timed_many(["sh", boot, "prefix"], args.concurrent, boot_env(many_cache))
-            if len(set(outs)) != 1 or not Path(outs[0].strip()).is_dir():
-                raise SystemExit(f"concurrent bootstraps printed {sorted(set(outs))}")
-            times.setdefault(many_name, []).append(took)
+            # then the concurrent runs of each, in turn first
+            many = [
+                (many_name, ["sh", boot, "prefix"], boot_env),
+                (many_ensure_name, None, None),
+            ]
+            for name, cmd, make_env in many if i % 2 == 0 else many[::-1]:
+                n += 1
+                if cmd is None:
+                    cmd, run_env = [*ensure, "--cache", tmp / f"c{n}"], env
+                else:
+                    run_env = make_env(tmp / f"c{n}")
+                took, cpu = timed_many(cmd, args.concurrent, run_env)
+                times.setdefault(name, []).append(took)
+                waiter_cpu.setdefault(name, []).extend(sorted(cpu)[:-1])  # less the filler
             warm_env = boot_env(warm_cache)
             for _ in range(args.warm_reps):
                 times.setdefault(WARM, []).append(timed(["sh", boot, "prefix"], env=warm_env)[0])
@@ -248,7 +269,7 @@ def main() -> None:
                 f"round {i + 1}/{args.rounds}: {ENSURE} {times[ENSURE][-1]:.3f}, "
                 f"zstandard {times[BOOT][-1]:.3f}, command {times[BOOT_CMD][-1]:.3f}, "
                 f"tar.gz {times[BOOT_GZ][-1]:.3f}, {args.concurrent} concurrent "
-                f"{times[many_name][-1]:.3f}; warm {statistics.median(w) * 1000:.1f} ms, "
+                f"{times[many_name][-1]:.3f} (ensure {times[many_ensure_name][-1]:.3f}); warm {statistics.median(w) * 1000:.1f} ms, "
                 f"python -c pass {statistics.median(p) * 1000:.1f} ms, the tool venv's "
                 f"{statistics.median(pv) * 1000:.1f} ms (medians of "
                 f"{args.warm_reps})",
@@ -259,7 +280,20 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    rows = [(a if a != MANY else many_name, b if b != MANY else many_name, t) for a, b, t in ROWS]
+    reps = args.warm_reps
+
+    def per_round(a: str, b: str) -> list[float]:
+        """Each round's ratio (the warm sides: of the round's medians)."""
+        if a in (WARM, PASS, PASS_VENV):
+            return [
+                statistics.median(times[a][i * reps : (i + 1) * reps])
+                / statistics.median(times[b][i * reps : (i + 1) * reps])
+                for i in range(args.rounds)
+            ]
+        return [x / y for x, y in zip(times[a], times[b])]
+
+    names = {MANY: many_name, MANY_ENSURE: many_ensure_name}
+    rows = [(names.get(a, a), names.get(b, b), t) for a, b, t in ROWS]
     print(
         f"reference crate {crate[:19]}: {zst.stat().st_size / 1e6:.0f} MB tar.zst, "
         f"{gz.stat().st_size / 1e6:.0f} MB tar.gz, script {boot.name} "
@@ -268,35 +302,38 @@ def main() -> None:
         f"nproc {nproc()}; cold path and python -c pass: {python} "
         f"(Python {sys.version.split()[0]}); the tool venv's python: {venv_python}\n"
     )
-    print("| comparison | A seconds | B seconds | ratio A/B | target | met |")
-    print("|---|---:|---:|---:|---:|---|")
+    print(
+        "| comparison | A seconds | B seconds | ratio A/B | median of round ratios | target | met |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---|")
     for a, b, target in rows:
         ratio = med[a] / med[b]
         digits = 4 if med[b] < 0.1 else 3
         met = "—" if target is None else ("pass" if ratio <= target else "FAIL")
         print(
             f"| {a} vs {b} | {med[a]:.{digits}f} | {med[b]:.{digits}f} | {ratio:.2f}x "
+            f"| {statistics.median(per_round(a, b)):.2f}x "
             f"| {'—' if target is None else f'≤ {target}x'} | {met} |"
         )
     print()
     print("per round (warm: medians of the round's runs):\n")
+    ratios = {(a, b): per_round(a, b) for a, b, _ in rows}
     print(
         "| round | warm / pass | warm / venv pass | zstandard / ensure | command / ensure "
-        "| tar.gz / ensure | concurrent / one |"
+        "| tar.gz / ensure | concurrent / one | concurrent ensure / one |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    reps = args.warm_reps
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for i in range(args.rounds):
-        warm = statistics.median(times[WARM][i * reps : (i + 1) * reps])
-        bare = statistics.median(times[PASS][i * reps : (i + 1) * reps])
-        venv_bare = statistics.median(times[PASS_VENV][i * reps : (i + 1) * reps])
-        cells = [f"{warm / bare:.2f}x", f"{warm / venv_bare:.2f}x"]
-        cells += [f"{times[a][i] / times[b][i]:.2f}x" for a, b, _ in rows[2:]]
+        cells = [f"{ratios[a, b][i]:.2f}x" for a, b, _ in rows]
         print(f"| {i + 1} | " + " | ".join(cells) + " |")
     print()
     print(
         "peak RSS MB (largest process in the tree): "
         + ", ".join(f"{k} {v / 1024:.0f}" for k, v in rss.items())
+    )
+    print(
+        "CPU seconds per waiter of the concurrent runs (all but the one that used most), "
+        "median: " + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in waiter_cpu.items())
     )
     print(
         "the page cache cannot be dropped on this machine: the archives (read once by the "

@@ -97,6 +97,7 @@ def bare_env(env: dict, tmp_path: Path, **extra) -> dict:
     """A node's environment: no PYTHONPATH, no envcrate settings, a HOME of its own."""
     e = {k: v for k, v in env.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     e["HOME"] = str(tmp_path / "home")
+    e["TMPDIR"] = str(tmp_path)  # the scripts' start markers: this test's own
     e.update(extra)
     return e
 
@@ -338,7 +339,7 @@ def test_presigned_s3_needs_no_credentials_and_expires(small_crate, seaweed, s3_
 def _config(script: Path) -> dict:
     import base64
 
-    encoded = script.read_text().split('_CONFIG = json.loads(base64.b64decode("', 1)[1]
+    encoded = script.read_text().split('_CONFIG = json.loads(binascii.a2b_base64("', 1)[1]
     return json.loads(base64.b64decode(encoded.split('"', 1)[0]))
 
 
@@ -420,6 +421,123 @@ def test_32_concurrent_scripts_fill_the_cache_once(script, small_crate, tmp_path
     totals = json.loads(report.stdout)["totals"]
     assert totals["FAILED"] == 0 and totals["READY"] == 1
     assert totals["READY"] + totals["WAITED"] + totals["HIT"] == 32, totals
+
+
+def counting_python(tmp_path: Path) -> "tuple[Path, Path]":
+    """A Python that logs each start: (the wrapper, the log)."""
+    log = tmp_path / "python-starts"
+    wrapper = tmp_path / "counting-python"
+    wrapper.write_text(f'#!/bin/sh\necho "$$" >>{log}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper, log
+
+
+def test_concurrent_scripts_start_one_python_the_others_wait_in_sh(
+    script, small_crate, tmp_path, env
+):
+    """32 scripts at once, none finding the crate: one starts Python (the
+    start marker in $TMPDIR names it), the others poll the warm path in sh
+    while it lives."""
+    python, log = counting_python(tmp_path)
+    node = bare_env(env, tmp_path, ENVCRATE_BOOT_PYTHON=str(python))
+    # all start, then wait at a gate: the crate is surely not ready before all look
+    gate = tmp_path / "gate"
+    procs = [
+        subprocess.Popen(
+            ["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.01; done; exec sh {script} prefix"],
+            env=node,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(32)
+    ]
+    gate.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    assert len({o[0] for o in outs}) == 1 and len(entries(tmp_path / "cache")) == 1
+    starts = log.read_text().split()
+    assert 1 <= len(starts) <= 2, f"{len(starts)} Pythons started for 32 scripts"
+    assert not list(tmp_path.glob(".envcrate-boot.*")), "the start marker was left behind"
+    totals = json.loads(envcrate("report", tmp_path / "report", "--json", env=env).stdout)["totals"]
+    assert totals["READY"] == 1 and totals["FAILED"] == 0, totals
+    assert totals["READY"] + totals["WAITED"] + totals["HIT"] == 32, totals
+
+
+def _marker(tmp_path: Path, crate_id: str, pid: int, start: str, caches: str) -> Path:
+    host = Path("/proc/sys/kernel/hostname").read_text().strip()
+    m = tmp_path / f".envcrate-boot.{crate_id.split(':')[1][:16]}.{os.getuid()}"
+    m.write_text(f"{host}\n{pid}\n{start}\n{caches}\n")
+    return m
+
+
+def _start_time(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
+def test_a_script_waits_in_sh_while_the_starter_lives(script, small_crate, tmp_path, env):
+    """The marker names a live process: the script starts no Python and
+    returns once the crate is ready (filled here by envcrate ensure)."""
+    python, log = counting_python(tmp_path)
+    node = bare_env(env, tmp_path, ENVCRATE_BOOT_PYTHON=str(python))
+    starter = subprocess.Popen(["sleep", "300"])
+    try:
+        cache = str(tmp_path / "cache")
+        _marker(tmp_path, small_crate.id, starter.pid, _start_time(starter.pid), cache)
+        waiting = subprocess.Popen(
+            ["sh", str(script), "prefix"], env=node, stdout=subprocess.PIPE, text=True
+        )
+        wait_for(lambda: _marker_read(waiting.pid), 30, "the script did not reach its wait")
+        assert waiting.poll() is None and not log.exists()
+        filled = envcrate(
+            "ensure", small_crate.id, "--cache", cache, "--store", tmp_path / "store", env=env
+        )
+        assert filled.returncode == 0, filled.stderr
+        out, _ = waiting.communicate(timeout=60)
+        assert waiting.returncode == 0 and out.strip() == filled.stdout.strip()
+        assert not log.exists(), "a waiting script started Python"
+        report = envcrate("report", tmp_path / "report", "--json", env=env)
+        assert json.loads(report.stdout)["totals"]["WAITED"] == 1, report.stdout
+    finally:
+        starter.kill()
+        starter.wait()
+
+
+def _marker_read(pid: int) -> bool:
+    """The shell of ``pid`` sleeps between looks at the warm path."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return False
+    return any(Path(f"/proc/{k}/comm").read_text().strip() == "sleep" for k in kids)
+
+
+@pytest.mark.parametrize("which", ["dead", "reused pid", "other caches"])
+def test_a_marker_that_names_no_live_starter_is_passed_over(
+    which, script, small_crate, tmp_path, env
+):
+    """A starter killed with SIGKILL leaves its marker; its pid may since
+    name another process; a marker for other caches is another election."""
+    python, log = counting_python(tmp_path)
+    node = bare_env(env, tmp_path, ENVCRATE_BOOT_PYTHON=str(python))
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        cache = str(tmp_path / "cache")
+        if which == "dead":
+            other.kill()
+            other.wait()
+            m = _marker(tmp_path, small_crate.id, other.pid, "12345", cache)
+        elif which == "reused pid":
+            m = _marker(tmp_path, small_crate.id, other.pid, "12345", cache)
+        else:
+            m = _marker(tmp_path, small_crate.id, other.pid, _start_time(other.pid), "/else")
+        done = sh(script, "prefix", env=node, timeout=60)  # not the 600 s a live starter gets
+        assert done.returncode == 0, done.stderr
+        assert len(log.read_text().split()) == 1  # it ran Python itself
+        assert m.exists() == (which == "other caches")  # a stale one is replaced, then removed
+    finally:
+        other.kill()
+        other.wait()
 
 
 def _stopped(pid: int) -> bool:

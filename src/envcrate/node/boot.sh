@@ -59,11 +59,31 @@ _envcrate_boot() {
     _envcrate_entry=
     _envcrate_made=
     _envcrate_lease=
-    if _envcrate_warm && { [ "$_envcrate_mode" = prefix ] || _envcrate_take_lease "$$"; }; then
+    _envcrate_started=
+    _envcrate_ef= # this process's event file (its first event names it)
+    _envcrate_done_sh=
+    if _envcrate_warm; then
+        if [ "$_envcrate_mode" = prefix ] || _envcrate_take_lease "$$"; then
+            _envcrate_done_sh=HIT
+        fi
+    elif _envcrate_wait_filler || ! _envcrate_start; then
+        if [ "$_envcrate_mode" = prefix ] || _envcrate_take_lease "$$"; then
+            _envcrate_done_sh=WAITED
+        fi
+    fi
+    if [ "$_envcrate_done_sh" = HIT ]; then
         _envcrate_event HIT
+    elif [ "$_envcrate_done_sh" = WAITED ]; then
+        # both once the wait is over (the report counts the process WAITED); a
+        # wait that ends in the Python path leaves no row of this shell
+        _envcrate_event WAITING
+        _envcrate_event READY
     else
         # Python leases this shell's pid itself (run, activate), under the use lock
-        _envcrate_cold "$$" || return 1
+        _envcrate_cold "$$"
+        _envcrate_rc=$?
+        [ -z "$_envcrate_started" ] || rm -f "$_envcrate_started"
+        [ "$_envcrate_rc" -eq 0 ] || return 1
         _envcrate_lease=$_envcrate_made
     fi
     case $_envcrate_mode in
@@ -149,6 +169,115 @@ _envcrate_warm() {
     return 1
 }
 
+# Another process on this host fills the crate (its holder file names this
+# host and a live pid, and its heartbeat is under a minute old): wait for it
+# in sh, polling the warm path, rather than start a Python that would wait on
+# the lock (hundreds starting at once compete with the filler for the node's
+# cores). 1: no such filler, it ended without a ready entry, its heartbeat
+# stopped, or ENVCRATE_LOCK_WAIT seconds passed: the Python path then
+# decides, under the lock.
+_envcrate_wait_filler() {
+    _envcrate_host=
+    { IFS= read -r _envcrate_host </proc/sys/kernel/hostname; } 2>/dev/null || _envcrate_host=$(uname -n)
+    _envcrate_w=${ENVCRATE_LOCK_WAIT:-600}
+    case $_envcrate_w in "" | *[!0-9]* | ?????*) _envcrate_w=600 ;; esac
+    _envcrate_w=$((_envcrate_w * 5)) # polls, 0.2 s apart (a fork each: 32 waiters at 0.05 s cost the filler a tenth of the node)
+    _envcrate_r="$_envcrate_caches:"
+    while [ -n "$_envcrate_r" ]; do
+        _envcrate_c=${_envcrate_r%%:*}
+        _envcrate_r=${_envcrate_r#*:}
+        case $_envcrate_c in
+            "") continue ;;
+            /*) ;;
+            *) _envcrate_c=$PWD/$_envcrate_c ;;
+        esac
+        _envcrate_hf=$_envcrate_c/locks/@ID16@.holder
+        [ -f "$_envcrate_hf" ] && [ ! -h "$_envcrate_hf" ] || continue
+        _envcrate_sh=
+        _envcrate_sp=
+        { IFS= read -r _envcrate_sh && IFS= read -r _envcrate_sp; } <"$_envcrate_hf" 2>/dev/null || continue
+        [ "$_envcrate_sh" = "$_envcrate_host" ] || continue
+        case $_envcrate_sp in "" | *[!0-9]*) continue ;; esac
+        _envcrate_i=0
+        while [ "$_envcrate_w" -gt 0 ] && [ -d "/proc/$_envcrate_sp" ]; do
+            if [ $((_envcrate_i % 25)) -eq 0 ]; then # every 5 s: is the heartbeat fresh?
+                [ -n "$(find "$_envcrate_hf" -prune -mmin -1 2>/dev/null)" ] || break
+            fi
+            sleep 0.2 2>/dev/null || sleep 1
+            _envcrate_i=$((_envcrate_i + 1))
+            _envcrate_w=$((_envcrate_w - 1))
+            _envcrate_entry=
+            if _envcrate_warm; then
+                return 0
+            fi
+        done
+        _envcrate_entry=
+        _envcrate_warm
+        return
+    done
+    return 1
+}
+
+# Many processes of this user start on this host at once, none finding the
+# crate ready: one of them (the first to create the start marker in $TMPDIR,
+# naming its pid and that pid's start time) runs Python; the others poll the
+# warm path in sh while that process lives, instead of starting a Python each
+# that would only wait on the lock (they would compete with the filler for
+# the node's cores). 0: run Python (this shell won, or the start marker is
+# another's, stale, or unusable); 1: the crate became ready meanwhile.
+# (After _envcrate_wait_filler, which sets _envcrate_host and _envcrate_w.)
+_envcrate_start() {
+    _envcrate_stime "$$" || return 0 # no /proc: no marker
+    _envcrate_st=$_envcrate_v
+    _envcrate_u=$(id -u 2>/dev/null) || return 0
+    _envcrate_sm=${TMPDIR:-/tmp}/.envcrate-boot.@ID16@.$_envcrate_u
+    for _envcrate_try in 1 2; do
+        if (set -C && printf '%s\n%s\n%s\n%s\n' "$_envcrate_host" "$$" "$_envcrate_st" "$_envcrate_caches" \
+            >"$_envcrate_sm") 2>/dev/null; then
+            _envcrate_started=$_envcrate_sm
+            return 0
+        fi
+        [ -f "$_envcrate_sm" ] && [ ! -h "$_envcrate_sm" ] && [ -O "$_envcrate_sm" ] || return 0
+        for _envcrate_k in 1 2 3; do # the winner may not have written it yet
+            _envcrate_sh= _envcrate_sp= _envcrate_ss= _envcrate_sc=
+            { IFS= read -r _envcrate_sh && IFS= read -r _envcrate_sp && IFS= read -r _envcrate_ss &&
+                IFS= read -r _envcrate_sc; } <"$_envcrate_sm" 2>/dev/null && break
+            sleep 0.05 2>/dev/null || sleep 1
+        done
+        [ "$_envcrate_sh" = "$_envcrate_host" ] && [ "$_envcrate_sc" = "$_envcrate_caches" ] || return 0
+        case $_envcrate_sp in "" | *[!0-9]*) return 0 ;; esac
+        if _envcrate_stime "$_envcrate_sp" && [ "$_envcrate_v" = "$_envcrate_ss" ]; then
+            break
+        fi
+        rm -f "$_envcrate_sm" # its process is gone: a new election, once
+    done
+    [ "$_envcrate_try" = 1 ] || return 0
+    while [ "$_envcrate_w" -gt 0 ] && _envcrate_stime "$_envcrate_sp" && [ "$_envcrate_v" = "$_envcrate_ss" ]; do
+        sleep 0.2 2>/dev/null || sleep 1
+        _envcrate_w=$((_envcrate_w - 1))
+        _envcrate_entry=
+        if _envcrate_warm; then
+            return 1
+        fi
+    done
+    _envcrate_entry=
+    ! _envcrate_warm
+}
+
+# The start time of process $1 (field 22 of /proc/$1/stat) in _envcrate_v.
+_envcrate_stime() {
+    _envcrate_v=
+    { IFS= read -r _envcrate_v </proc/"$1"/stat; } 2>/dev/null || return 1
+    _envcrate_v=${_envcrate_v##*) } # from field 3 on; no word splitting (IFS is the caller's)
+    _envcrate_k=0
+    while [ "$_envcrate_k" -lt 19 ]; do
+        _envcrate_v=${_envcrate_v#* }
+        _envcrate_k=$((_envcrate_k + 1))
+    done
+    _envcrate_v=${_envcrate_v%% *}
+    case $_envcrate_v in "" | *[!0-9]*) return 1 ;; esac
+}
+
 # This shell's lease on the entry ($1: the pid it lasts for): made under a
 # temporary name (mktemp: a new file) and renamed onto the lease's name (a
 # rename opens nothing: a FIFO or symlink a cache member put there is
@@ -207,15 +336,16 @@ _envcrate_event() {
     { IFS= read -r _envcrate_h </proc/sys/kernel/hostname; } 2>/dev/null || _envcrate_h=$(uname -n)
     _envcrate_p=
     case $_envcrate_entry in
-        *[\"\\]* | *[![:print:]]*) ;; # not written as JSON by sh: left out
+        "" | *[\"\\]* | *[![:print:]]*) ;; # none yet, or not written as JSON by sh: left out
         *) _envcrate_p=",\"prefix\":\"$_envcrate_entry\"" ;;
     esac
     case $_envcrate_h in *[\"\\/]* | *[![:print:]]*) _envcrate_h=host ;; esac
+    : "${_envcrate_ef:=$_envcrate_h.$$.$_envcrate_t.jsonl}"
     (umask 022 && { [ -d "$_envcrate_rd" ] || mkdir -p "$_envcrate_rd"; } &&
         printf '{"crate":"%s","host":"%s","pid":%s,"seconds":0.0,"state":"%s","ts":%s.%s%s%s}\n' \
             "$_envcrate_id" "$_envcrate_h" "$$" "$1" "$_envcrate_s" "${_envcrate_t#"$_envcrate_s"}" \
             "$_envcrate_p" "${2:-}" \
-            >>"$_envcrate_rd/$_envcrate_h.$$.$_envcrate_t.jsonl") 2>/dev/null || true
+            >>"$_envcrate_rd/$_envcrate_ef") 2>/dev/null || true
 }
 
 # The cold path: envcrate's compute side under the first Python 3.6+ found
@@ -257,13 +387,15 @@ ENVCRATE_PYTHON_END
 }
 
 _envcrate_done() {
-    unset -f _envcrate_boot _envcrate_sourced _envcrate_warm _envcrate_take_lease _envcrate_event \
+    unset -f _envcrate_boot _envcrate_sourced _envcrate_warm _envcrate_take_lease _envcrate_wait_filler _envcrate_start _envcrate_stime _envcrate_event \
         _envcrate_cold _envcrate_run_python _envcrate_done
     unset _envcrate_id _envcrate_nl _envcrate_python _envcrate_report _envcrate_mode \
         _envcrate_caches _envcrate_entry _envcrate_made _envcrate_keep _envcrate_r _envcrate_c \
         _envcrate_e _envcrate_m _envcrate_l1 _envcrate_l2 _envcrate_ld _envcrate_host _envcrate_b \
         _envcrate_rd _envcrate_t _envcrate_s _envcrate_h _envcrate_p _envcrate_out _envcrate_dir \
-        _envcrate_tried _envcrate_py _envcrate_rc _envcrate_why
+        _envcrate_tried _envcrate_py _envcrate_rc _envcrate_why _envcrate_w _envcrate_i \
+        _envcrate_started _envcrate_st _envcrate_u _envcrate_sm _envcrate_try _envcrate_v _envcrate_k \
+        _envcrate_hf _envcrate_sh _envcrate_sp _envcrate_ss _envcrate_sc _envcrate_ef _envcrate_done_sh
     [ -n "${_envcrate_lease:-}" ] || unset _envcrate_lease
     return "$1"
 }
