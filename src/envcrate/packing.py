@@ -319,8 +319,12 @@ def _manifest(source: SourceEnv, table: bytes | None, findings: Findings, rows) 
         "name": source.name,
         "platform": platform,
         "python": source.python,
-        "prefix": source.prefix,
-        "prefix_aliases": [p for p in source.prefixes if p != source.prefix],
+        # the prefix the archived files name (for venvs, the placeholder: the
+        # build path would make the archive depend on where it was built)
+        "prefix": source.placeholder or source.prefix,
+        "prefix_aliases": []
+        if source.placeholder
+        else [p for p in source.prefixes if p != source.prefix],
         "prefix_files": sorted(findings.prefix_files, key=lambda r: (r["path"], r["placeholder"])),
         "pins": source.pins,
         "flags": source.flags,

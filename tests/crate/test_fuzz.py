@@ -892,7 +892,7 @@ SEMANTIC = {
     "relocation mode unknown": (("prefix_files", 0, "mode"), "rot13"),
     "schema as a string": (("schema",), "1"),
     "schema true": (("schema",), True),
-    "schema newer": (("schema",), 3),
+    "schema newer": (("schema",), 4),
     "negative size": (("files", "bytes"), -1),
     "size as a float": (("files", "bytes"), 1.5),
     "id not a digest": (("id",), "sha256:xyz"),

@@ -23,16 +23,18 @@ import pytest
 
 from envcrate import pack
 
+# Format 3 (2026-12-08): the id's first line names the format (the format 2
+# archive of this env, id 95adbee7..., is tests/crate/data/golden-format2.tar.zst).
 # The prefix is part of the manifest, hence of the blob digests: the env is
 # built at this fixed path, one test run at a time (see the lock below).
 PREFIX = "/tmp/envcrate-golden/env"
 PLACEHOLDER = "/opt/anaconda1anaconda2anaconda3/build_placeholder_prefix"
 MTIME = 1_700_000_000
 
-GOLDEN_ID = "sha256:95adbee7eed73217118ab01bf21c1d91aa9c3b760dc59d8062ac8dd1152b4b4d"
+GOLDEN_ID = "sha256:f96f0c0f52d49425d03338902d73392a3691f9ec1410aacc5fd82ae75b838f13"
 GOLDEN_BLOBS = {
-    "tar.zst": "sha256:a368a75765158e751fb9b95b9579a980f43fbad346b5959b692881583537738a",
-    "tar.gz": "sha256:b731dc41baf8477541396bf8f5f38ab9c5887e9fe2439d0861ec15836b114d6b",
+    "tar.zst": "sha256:52444d7cf8849e583bd9457f12d372abfd058d97f8e86e809a44cd14fa3b6065",
+    "tar.gz": "sha256:9868feac973acbed9d3cd99d40bea1c246416f0f38afd1cc7e9ce7afdc1bfab8",
 }
 
 PYTHON_FILES = {

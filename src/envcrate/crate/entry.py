@@ -12,8 +12,10 @@ class Entry:
 
     A file's archived bytes come from ``source`` (a path read once, streamed)
     or from ``loader`` (bytes built in memory: an edited ``pyvenv.cfg``, a
-    conda record). A ``pyc`` is read from ``source`` and archived as an
-    unchecked-hash pyc (:mod:`envcrate.crate.pyc`): same size, another header.
+    conda record, a venv file with the placeholder). A ``pyc`` (read from
+    ``source``, or given by ``loader``) is archived as an unchecked-hash pyc
+    (:mod:`envcrate.crate.pyc`): same size, another header, written where it
+    is laid out.
     """
 
     path: str  # relative, "/"-separated

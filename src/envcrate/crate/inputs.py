@@ -65,14 +65,14 @@ def _load_batch(entries: list[Entry]) -> list[bytes]:
     out: list[bytes] = []
     for e in entries:
         if e.loader is not None:
-            out.append(e.loader())
-            continue
-        try:
-            data, _ = read_file(e.source, nofollow=True)
-        except OSError as err:
-            raise EnvcrateError(f"cannot read {e.source}: {err.strerror}") from None
-        if len(data) != e.size:
-            raise EnvcrateError(f"{e.source} changed while it was being packed; pack again")
+            data = e.loader()
+        else:
+            try:
+                data, _ = read_file(e.source, nofollow=True)
+            except OSError as err:
+                raise EnvcrateError(f"cannot read {e.source}: {err.strerror}") from None
+            if len(data) != e.size:
+                raise EnvcrateError(f"{e.source} changed while it was being packed; pack again")
         out.append(rewritten(data, e.source) if e.pyc else data)
     return out
 

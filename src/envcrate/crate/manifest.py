@@ -21,7 +21,10 @@ from typing import Any, NamedTuple
 from ..ids import normalize_id, short_id  # noqa: F401  (re-exported)
 
 # The crate format. 2: the crate id covers the relocation spec too (crate_id_of).
-SCHEMA = 2
+# 3: venvs are archived with a placeholder for their prefix (envs.venv), and
+# the format is in the id. Crates of format 2 are still read.
+SCHEMA = 3
+OLDEST_SCHEMA = 2
 META_DIR = ".envcrate"
 MANIFEST_MEMBER = f"{META_DIR}/manifest.json"
 FILES_MEMBER = f"{META_DIR}/files.jsonl"
@@ -100,10 +103,11 @@ def decode_rows(lines: "list[bytes]", first: int = 0) -> "list[FileRow]":
 
 
 def crate_id_of(table: bytes, manifest: dict) -> str:
-    """The crate id: sha256 over the relocation spec of ``manifest`` (see
-    :func:`relocation_spec`) and the file table. Both are content: the id
+    """The crate id: sha256 over a line naming the manifest's format, its
+    relocation spec (see :func:`relocation_spec`) and the file table. Both are content: the id
     pins every byte extracted and everything relocation does with them."""
-    h = hashlib.sha256(b"envcrate crate 2\n")
+    schema = manifest.get("schema")
+    h = hashlib.sha256(b"envcrate crate %d\n" % (schema if type(schema) is int else 0))
     h.update(relocation_spec(manifest))
     h.update(b"\n")
     h.update(table)
@@ -275,7 +279,7 @@ def check_manifest(data) -> None:
             f"the crate uses format {schema}, newer than this envcrate understands ({SCHEMA}); "
             "upgrade envcrate"
         )
-    if schema < SCHEMA:
+    if schema < OLDEST_SCHEMA:
         raise ArchiveError(
             f"the crate uses format {schema}, written by an older envcrate, whose crate id does not "
             "cover how the crate is relocated; pack the env again with this envcrate"

@@ -196,12 +196,12 @@ class BodyWriter:
             if n:
                 if data is None:
                     frame.reads.append((start, entry.source, done, n, size))
-                    if entry.pyc and done == 0 and size >= PYC_HEADER:
-                        # Contents start on a block boundary and frames end on
-                        # one: the header is all in this frame.
-                        frame.pycs.append((start, entry.source))
                 else:
                     frame.buf[start : start + n] = memoryview(data)[done : done + n]
+                if entry.pyc and done == 0 and size >= PYC_HEADER:
+                    # Contents start on a block boundary and frames end on
+                    # one: the header is all in this frame.
+                    frame.pycs.append((start, entry.source))
                 frame.used += n
                 frame.content += n
                 self.member_pos += n

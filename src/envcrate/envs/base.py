@@ -28,6 +28,9 @@ class SourceEnv:
     extra: dict = field(default_factory=dict)  # kind-specific manifest sections
     flags: dict = field(default_factory=dict)
     walking: Iterator[Entry] | None = None
+    # What archived files name instead of the prefix (venvs; conda packages
+    # carry placeholders of their own): the manifest's "prefix".
+    placeholder: str | None = None
     # The thread that drains ``walking`` into ``found`` (see stream()).
     _walker: threading.Condition | None = field(default=None, init=False, repr=False)
     _walk_error: BaseException | None = field(default=None, init=False, repr=False)

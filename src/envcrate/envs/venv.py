@@ -11,6 +11,23 @@ the crate id depends on the host for:
   the manifest keeps the originals;
 - timestamp-based ``.pyc`` files become unchecked-hash pycs (PEP 552), since
   archived mtimes are fixed and would make every pyc stale.
+
+And the env's own path does not stay in what is archived where venvs embed
+it (so one venv built at two paths packs to one crate, byte for byte, when
+its directory has the same name):
+
+- scripts in ``bin/`` (shebangs, ``activate``), ``.pth`` and ``.egg-link``
+  files that name the prefix are archived with :data:`PLACEHOLDER` in its
+  place, as conda packages carry theirs; relocation writes the new prefix;
+- a pyc's code objects name the file they were compiled from: that name is
+  archived as :data:`PLACEHOLDER` + the source's path (the import system
+  sets the real name when it loads the module);
+- ``RECORD`` files list a hash for each installed file; those of pycs and of
+  the files above no longer match what is archived and are left empty (as
+  RECORD allows), and a prefix in them becomes the placeholder too.
+
+A prefix found anywhere else (a binary, a data file) stays in the archive
+and relocation replaces it, as before: the crate id then depends on it.
 """
 
 from __future__ import annotations
@@ -21,7 +38,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..crate.entry import Entry
+from ..crate.pyc import source_of, with_filename
 from ..errors import SourceEnvError
+from ..fsutil import read_file
 from .base import SourceEnv, iter_walk, refuse_outside_link
 from .dists import dist_pins, editable_installs, env_python
 
@@ -34,6 +53,9 @@ RELOCATED_CFG_KEYS = (
     "base-executable",
 )
 _INTERPRETER_NAME = re.compile(r"^(python|pypy|𝜋thon)(\d+(\.\d+)?)?t?$")
+# What archived venv files say instead of the prefix they were built at.
+PLACEHOLDER = "/envcrate-venv-prefix-placeholder"
+_TEXT_MAX = 1 << 20  # scripts and .pth files larger than this are left as they are
 
 
 def read_cfg(prefix: str) -> list[tuple[str, str, str]]:
@@ -63,6 +85,7 @@ def load(
             "--allow-system-site-packages"
         )
 
+    source_prefixes = sorted({prefix, real}, key=len, reverse=True)
     site_dirs = sorted(Path(prefix).glob("lib/*/site-packages"))
     editable = editable_installs(site_dirs, prefix, real, allow_editable)
     python = env_python(prefix)  # answers while the env is walked
@@ -77,11 +100,21 @@ def load(
         extra={
             "venv": {
                 "base_links": base_links,
-                "cfg": {k: v for k, v in cfg_values.items() if k in RELOCATED_CFG_KEYS},
+                # as hints (never trusted); the env's own path (in "command") as
+                # the placeholder, so the manifest is the same wherever it was built
+                "cfg": {
+                    k: _replace_str(v, source_prefixes)
+                    for k, v in cfg_values.items()
+                    if k in RELOCATED_CFG_KEYS
+                },
             }
         },
         flags={"editable": editable, "system_site_packages": system_site},
+        placeholder=PLACEHOLDER,
     )
+
+    spellings = [p.encode("utf-8", "surrogateescape") for p in source.prefixes]
+    placed: set[str] = set()  # files archived with the placeholder
 
     def entries() -> Iterator[Entry]:
         for entry in iter_walk(prefix, real, exclude):
@@ -98,15 +131,146 @@ def load(
             refuse_outside_link(entry)
             if entry.path == "pyvenv.cfg":
                 entry.loader = _cfg_loader(cfg)
+                entry.size = len(entry.loader())  # as archived (the head's room is made for it)
                 entry.scan = False
             elif entry.path.endswith(".pyc") and "/__pycache__/" in entry.path:
                 entry.pyc = True
                 entry.scan = False
+                _name_pyc(entry)
+            elif entry.type == "f" and entry.size <= _TEXT_MAX:
+                if entry.path.endswith(".dist-info/RECORD"):
+                    _normalise_record(entry, spellings, placed)
+                elif (
+                    entry.path.startswith("bin/") and entry.path.count("/") == 1
+                ) or entry.path.endswith((".pth", ".egg-link")):
+                    if _place_text(entry, spellings):
+                        placed.add(entry.path)
             yield entry
         source.python = _python_info(prefix, python(), cfg_values, site_dirs)
 
     source.walking = entries()
     return source
+
+
+class _Content:
+    """An entry's archived bytes, made by the walk (which must know their
+    size), handed to the writer once and made again if asked for later
+    (``identify`` before packing): nothing is held for the whole pack."""
+
+    def __init__(self, data: bytes, make):
+        self._data, self._make = data, make
+
+    def __call__(self) -> bytes:
+        data, self._data = self._data, None
+        return self._make() if data is None else data
+
+
+def _reader(entry: Entry):
+    """A function that reads the file of ``entry`` as the walk found it (its
+    size then: the entry's changes to the archived one)."""
+    path, size = entry.source, entry.size
+
+    def read() -> bytes:
+        try:
+            data, _ = read_file(path, nofollow=True)
+        except OSError as e:
+            raise SourceEnvError(f"cannot read {path}: {e.strerror}") from None
+        if len(data) != size:
+            raise SourceEnvError(f"{path} changed while it was being packed; pack again")
+        return data
+
+    return read
+
+
+def _set_content(entry: Entry, data: bytes, make) -> None:
+    entry.loader = _Content(data, make)
+    entry.size = len(data)
+
+
+def _name_pyc(entry: Entry) -> None:
+    """Archive the pyc with its code's file name under the placeholder. Its
+    header is still rewritten where it is laid out (``entry.pyc`` stays):
+    by a packing worker, which hashes the source from the frame."""
+    source, read = source_of(entry.path), _reader(entry)
+    raw = read()
+    named = with_filename(raw, source, PLACEHOLDER)
+    if named is not raw:
+        _set_content(entry, named, lambda: with_filename(read(), source, PLACEHOLDER))
+
+
+def _replace_str(text: str, spellings: list[str]) -> str:
+    for s in spellings:  # longest first
+        text = text.replace(s, PLACEHOLDER)
+    return text
+
+
+def _replace(data: bytes, spellings: list[bytes]) -> bytes:
+    for s in spellings:  # longest first
+        data = data.replace(s, PLACEHOLDER.encode())
+    # pip and uv write a /bin/sh trampoline instead of a shebang over 127
+    # bytes: what they wrote depends on the build path's length, so it is
+    # archived as the shebang (relocation makes a trampoline where needed)
+    m = _TRAMPOLINE.match(data)
+    return b"#!" + m.group(2) + b"\n" + data[m.end() :] if m else data
+
+
+_TRAMPOLINE = re.compile(
+    rb"\A#!/bin/sh\n'''exec' ([\"']?)("
+    + re.escape(PLACEHOLDER.encode())
+    + rb"/bin/[^\s\"']+)\1 \"\$0\" \"\$@\"\n' '''\n"
+)
+
+
+def _place_text(entry: Entry, spellings: list[bytes]) -> bool:
+    """Archive a text file that names the prefix with the placeholder
+    instead (relocation writes the new prefix); True if it does."""
+    read = _reader(entry)
+    data = read()
+    if b"\0" in data or not any(s in data for s in spellings):
+        return False
+    _set_content(entry, _replace(data, spellings), lambda: _replace(read(), spellings))
+    entry.placeholder, entry.placeholder_mode = PLACEHOLDER, "text"
+    return True
+
+
+def _normalise_record(entry: Entry, spellings: list[bytes], placed: set[str]) -> None:
+    """Empty the hash and size of RECORD rows whose files are archived with
+    other bytes than were installed: pycs and the files archived with the
+    placeholder (``placed``: scripts in bin/ sort before lib/)."""
+    site = os.path.dirname(os.path.dirname(entry.path))
+    read = _reader(entry)
+
+    def make() -> bytes:
+        data = read()
+        lines = data.decode("utf-8", "surrogateescape").splitlines(keepends=True)
+        out = [_record_row(line, site, placed) for line in lines]
+        text = "".join(out).encode("utf-8", "surrogateescape")
+        return _replace(text, spellings) if b"\0" not in text else text
+
+    data = make()
+    if data != read():
+        _set_content(entry, data, make)
+        if PLACEHOLDER.encode() in data and b"\0" not in data:
+            entry.placeholder, entry.placeholder_mode = PLACEHOLDER, "text"
+
+
+def _record_row(line: str, site: str, placed: set[str]) -> str:
+    body = line.rstrip("\r\n")
+    fields = body.rsplit(",", 2)
+    if len(fields) != 3 or not fields[1]:
+        return line
+    path = fields[0]
+    if path.startswith('"'):
+        import csv
+
+        try:
+            path = next(csv.reader([body]))[0]
+        except (csv.Error, StopIteration, IndexError):
+            return line
+    rel = os.path.normpath(os.path.join(site, path))
+    if path.endswith(".pyc") or rel in placed:
+        return fields[0] + ",," + line[len(body) :]
+    return line
 
 
 def _is_elf(path: str | None) -> bool:
