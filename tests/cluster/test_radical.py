@@ -39,7 +39,7 @@ def _spec(small_crate):
         broken = staged / "envcrate-boot-broken.sh"
         shutil.copy(boot, broken)
         text = broken.read_text()
-        config = text.split('_CONFIG = json.loads(base64.b64decode("', 1)[1].split('"', 1)[0]
+        config = text.split('_CONFIG = json.loads(binascii.a2b_base64("', 1)[1].split('"', 1)[0]
         import base64
 
         cfg = json.loads(base64.b64decode(config))
