@@ -24,6 +24,7 @@ MAY_IMPORT = {
     "shipping": {"crate", "envs", "stores", "packing"},
     "bootstrap": {"crate", "node", "stores"},
     "integrations": set(),  # plain values for the systems they serve, importable alone
+    "build": {"crate", "stores", "shipping"},  # recipes, locks, builds: over shipping
     "cli": {
         "crate",
         "envs",
@@ -33,6 +34,7 @@ MAY_IMPORT = {
         "fetching",
         "shipping",
         "bootstrap",
+        "build",
         "api",
     },
     "api": {"crate", "envs", "stores", "node", "packing", "fetching", "shipping"},

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from conda_channel import (
     python_package,
     site_packages,
 )
-from conftest import check, envcrate, text_files_naming
+from conftest import WHEELHOUSE, check, envcrate, text_files_naming
 from conftest import install as pip_install
 
 from envcrate import pack
@@ -415,3 +416,41 @@ def test_a_bootstrap_script_activates_a_conda_crate_under_python_3_6(conda_crate
         assert shown[0].split() == [prefix, "fast", f"{prefix}/share"], shown
         assert shown[1] == f"{prefix}/bin/python"
         assert shown[-2:] == [f"left {prefix}", "none slow none"], shown
+
+
+def test_a_conda_recipe_built_twice_in_two_places_is_one_crate(channel, tmp_path):
+    """Locked by py-rattler (an @EXPLICIT list with sha256) and uv (the pip
+    layer), installed from the lock into a temporary prefix, packed and
+    shipped; twice, in two build directories: one crate (the pip layer's
+    scripts and pycs do not keep the build path either)."""
+    recipe = tmp_path / "conda.toml"
+    recipe.write_text(
+        'name = "tools"\nkind = "conda"\npython = "%d.%d.*"\n' % sys.version_info[:2]
+        + f'specs = ["tool"]\nchannels = ["{channel.as_uri()}"]\n'
+        + f'pip = ["six", "pyflakes"]\nfind-links = ["{WHEELHOUSE}"]\nno-index = true\n'
+    )
+    assert envcrate("lock", recipe).returncode == 0
+    lock = (tmp_path / "conda.lock").read_text()
+    assert "@EXPLICIT" in lock and "/tool-2.0-0.conda#" in lock and "/python-" in lock
+    assert "# pip: six==" in lock and "--hash=sha256:" in lock
+    ids = []
+    for where in ("one", "two"):
+        tmp = tmp_path / f"tmp-{where}"
+        tmp.mkdir()
+        done = envcrate(
+            "build", recipe, "--store", tmp_path / f"store-{where}", "--json",
+            env=dict(os.environ, TMPDIR=str(tmp), RATTLER_CACHE_DIR=str(tmp_path / "rattler")),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        ids.append(json.loads(done.stdout)["id"])
+        assert [n for n in os.listdir(tmp) if n.startswith("envcrate-")] == []
+    assert ids[0] == ids[1]
+    assert (tmp_path / "rattler" / "tool-2.0-0").is_dir()  # its package cache, not the user's
+    cache = tmp_path / "cache"
+    ran = envcrate("run", "--recipe", recipe, "--store", tmp_path / "store-one", "--cache", cache,
+                   "--", "tool-script")  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip().startswith(str(cache))
+    flakes = envcrate("run", "--recipe", recipe, "--store", tmp_path / "store-one", "--cache",
+                      cache, "--", "pyflakes", "--version")  # fmt: skip
+    assert flakes.returncode == 0, flakes.stderr

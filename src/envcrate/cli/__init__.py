@@ -2,9 +2,9 @@
 over the API.
 
 One module per group of commands, each with its parsers and its ``cmd_*``
-functions: :mod:`.crates` (pack, unpack, info, verify), :mod:`.stores`
+functions: :mod:`.crates` (pack, unpack, info, verify, diff), :mod:`.stores`
 (push, ship, ls, tag, rm, fsck, url), :mod:`.caches` (ensure, activate, run,
-gc), :mod:`.boot` (bootstrap), :mod:`.report` (report); :mod:`.common` holds their shared options and printing. This module
+gc), :mod:`.boot` (bootstrap), :mod:`.report` (report), :mod:`.build` (lock, build); :mod:`.common` holds their shared options and printing. This module
 builds only the parser of the command being run, and parses the plain forms
 of ``ensure`` without argparse: a warm ``envcrate ensure`` imports this
 module, :mod:`.caches` and the warm path of :mod:`envcrate.node` only.
@@ -33,12 +33,15 @@ ROUTES = {
     "fsck": "stores",
     "url": "stores",
     "verify": "crates",
+    "diff": "crates",
     "ensure": "caches",
     "activate": "caches",
     "run": "caches",
     "gc": "caches",
     "bootstrap": "boot",
     "report": "report",
+    "lock": "build",
+    "build": "build",
 }
 
 
@@ -62,6 +65,10 @@ def _group(command: str):
         from . import report
 
         return report
+    if group == "build":
+        from . import build
+
+        return build
     from . import stores
 
     return stores
@@ -163,7 +170,7 @@ def _fast_ensure_args(argv: list[str]):
     if argv[:1] != ["ensure"]:
         return None
     values: dict = {"store": None, "cache": [], "python": None, "sha256": None, "events": None}
-    values["report"] = None
+    values.update(report=None, recipe=None)
     values.update(lease=None, json=False, progress=None, command="ensure", ref=None)
     rest = argv[1:]
     i = 0

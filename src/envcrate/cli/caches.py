@@ -54,8 +54,18 @@ def add_gc(add) -> None:
 def _ensure(args, lease: int | str | None = None):
     from ..node.ensure import ensure_crate
 
+    ref = args.ref
+    recipe = getattr(args, "recipe", None)
+    if (ref is None) == (recipe is None):
+        raise EnvcrateError(
+            f"name a crate (REF) or a recipe (--recipe RECIPE), not {'both' if ref else 'neither'}"
+        )
+    if recipe is not None:
+        from ..build.builder import resolve
+
+        ref = resolve(recipe, args.store)
     return ensure_crate(
-        args.ref,
+        ref,
         args.cache,
         locate=_locator(args.store),
         python=args.python,

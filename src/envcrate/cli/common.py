@@ -80,7 +80,16 @@ def add_cache(p: argparse.ArgumentParser, many: bool = True) -> None:
 
 def add_ensure_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "ref", metavar="REF", help="crate id, 12+ hex prefix, tag, archive path or archive URL"
+        "ref",
+        metavar="REF",
+        nargs="?",
+        help="crate id, 12+ hex prefix, tag, archive path or archive URL",
+    )
+    p.add_argument(
+        "--recipe",
+        metavar="RECIPE",
+        help="instead of REF: the crate `envcrate build RECIPE` made (its build key, from the "
+        "recipe and its lock, looked up in the store; nothing is built)",
     )
     add_store(p)
     add_cache(p)

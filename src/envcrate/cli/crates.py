@@ -229,6 +229,121 @@ EXAMPLES = {
         "envcrate verify md-tools-1f26a1c6b65f.tar.zst",
         "envcrate verify md-tools --cache /scratch/$USER/envcrate",
     ],
+    "diff": [
+        "envcrate diff md-tools:2026-11 md-tools:2026-12 --store /project/envcrate/store",
+        "envcrate diff old.tar.zst new.tar.zst --json",
+    ],
 }
-PARSERS = {"pack": add_pack, "unpack": add_unpack, "info": add_info, "verify": add_verify}
-COMMANDS = {"pack": cmd_pack, "unpack": cmd_unpack, "info": cmd_info, "verify": cmd_verify}
+
+
+def add_diff(add) -> None:
+    from .common import add_json, add_store
+
+    p = add(
+        "diff",
+        help="what differs between two crates: pins and files",
+        description="List the pins added, removed and changed between crates A and B, and the "
+        "files whose archived entry differs. A and B are archives, or refs in the store (whose "
+        "archives are fetched and checked first).",
+    )
+    p.add_argument("a", metavar="A", help="an archive, or a crate id, 12+ hex prefix or tag")
+    p.add_argument("b", metavar="B", help="the same, to compare A with")
+    add_store(p)
+    p.add_argument(
+        "--files",
+        type=int,
+        default=20,
+        metavar="N",
+        help="list at most N files of each kind (default 20; -1: all)",
+    )
+    add_json(p)
+
+
+def _head_of(ref: str, store_url, work: str):
+    """(manifest, file table) of an archive, or of a store ref's archive
+    (fetched, its digest checked): the table checked against the id."""
+    from ..crate.head import check_id
+    from ..crate.manifest import Manifest
+    from ..crate.plan import read_plan
+    from ..crate.reading import open_stream
+
+    path = ref
+    if not os.path.isfile(ref):
+        from ..stores import open_store
+
+        store = open_store(store_url)
+        path = str(store.fetch(store.resolve(ref), work))
+    plan = read_plan(path)
+    if plan is not None:
+        manifest_bytes, table = plan.manifest_bytes, plan.table_bytes
+    else:
+        opened = open_stream(path)
+        try:
+            manifest_bytes, table = opened.manifest_bytes, opened.table_bytes
+        finally:
+            opened.close()
+    manifest = Manifest.from_bytes(manifest_bytes)
+    check_id(path, manifest, table, None)
+    return manifest, table
+
+
+def cmd_diff(args) -> int:
+    import tempfile
+
+    from ..crate.compare import compare
+
+    with tempfile.TemporaryDirectory(prefix="envcrate-diff-") as work:
+        a, ta = _head_of(args.a, args.store, work)
+        b, tb = _head_of(args.b, args.store, work)
+    d = compare(a, ta, b, tb)
+    if args.json:
+        return emit(args, d, "")
+    if d["same"]:
+        print(f"the same crate: {d['a']}")
+        return 0
+    print(f"A {d['a']}\nB {d['b']}")
+    pins, files = d["pins"], d["files"]
+    print(
+        f"pins: {len(pins['added'])} added, {len(pins['removed'])} removed, "
+        f"{len(pins['changed'])} changed"
+    )
+    for p in pins["added"]:
+        print(
+            f"  + {p['name']} {p['version']}" + (f" ({p['kind']})" if p["kind"] != "pypi" else "")
+        )
+    for p in pins["removed"]:
+        print(
+            f"  - {p['name']} {p['version']}" + (f" ({p['kind']})" if p["kind"] != "pypi" else "")
+        )
+    for p in pins["changed"]:
+        print(
+            f"  ~ {p['name']} {p['from']} -> {p['to']}"
+            + (f" ({p['kind']})" if p["kind"] != "pypi" else "")
+        )
+    print(
+        f"files: {len(files['added'])} added, {len(files['removed'])} removed, "
+        f"{len(files['changed'])} changed"
+    )
+    for mark, kind in (("+", "added"), ("-", "removed"), ("~", "changed")):
+        shown = files[kind] if args.files < 0 else files[kind][: args.files]
+        for path in shown:
+            print(f"  {mark} {path}")
+        if len(shown) < len(files[kind]):
+            print(f"  ... and {len(files[kind]) - len(shown)} more {kind} (--files -1: all)")
+    return 0
+
+
+PARSERS = {
+    "pack": add_pack,
+    "unpack": add_unpack,
+    "info": add_info,
+    "verify": add_verify,
+    "diff": add_diff,
+}
+COMMANDS = {
+    "pack": cmd_pack,
+    "unpack": cmd_unpack,
+    "info": cmd_info,
+    "verify": cmd_verify,
+    "diff": cmd_diff,
+}

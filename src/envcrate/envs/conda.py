@@ -33,6 +33,7 @@ from ..crate.entry import Entry
 from ..errors import SourceEnvError
 from .base import SourceEnv, inside, matches_any, refuse_outside_link, walk
 from .dists import dist_pins, editable_installs, env_python
+from .venv import unplace
 
 # Top-level names of a conda installation that are not part of an env (as
 # conda-pack skips them), and the shims old condas leave in child envs.
@@ -106,6 +107,10 @@ def load(
     entries: list[Entry] = []
     overwritten: dict[str, list[str]] = {}
     owner = _owners(records)
+    spellings = [
+        p.encode("utf-8", "surrogateescape") for p in sorted({prefix, real}, key=len, reverse=True)
+    ]
+    placed: set[str] = set()
     for entry in walked:
         top = entry.path.split("/", 1)[0]
         f = managed.get(entry.path)
@@ -122,6 +127,10 @@ def load(
             elif entry.path.endswith(".pyc") and "/__pycache__/" in entry.path:
                 entry.pyc = True
                 entry.scan = False
+            if (
+                f is None and entry.path not in owner
+            ):  # no package's: pip's, pycs compiled at install
+                unplace(entry, spellings, placed)
         entries.append(entry)
 
     for pkg, paths in sorted(overwritten.items()):

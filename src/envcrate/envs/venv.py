@@ -136,20 +136,33 @@ def load(
             elif entry.path.endswith(".pyc") and "/__pycache__/" in entry.path:
                 entry.pyc = True
                 entry.scan = False
-                _name_pyc(entry)
-            elif entry.type == "f" and entry.size <= _TEXT_MAX:
-                if entry.path.endswith(".dist-info/RECORD"):
-                    _normalise_record(entry, spellings, placed)
-                elif (
-                    entry.path.startswith("bin/") and entry.path.count("/") == 1
-                ) or entry.path.endswith((".pth", ".egg-link")):
-                    if _place_text(entry, spellings):
-                        placed.add(entry.path)
+                unplace(entry, spellings, placed)
+            else:
+                unplace(entry, spellings, placed)
             yield entry
         source.python = _python_info(prefix, python(), cfg_values, site_dirs)
 
     source.walking = entries()
     return source
+
+
+def unplace(entry: Entry, spellings: list[bytes], placed: set[str]) -> None:
+    """Archive ``entry`` without the env's path where installers put it
+    (see the module's docstring): a pyc's code file name, a script, .pth or
+    .egg-link file naming the prefix, a RECORD's rows for those. Also used
+    for the files of a conda env that no package installed (pip's)."""
+    if entry.type != "f":
+        return
+    if entry.pyc:
+        _name_pyc(entry)
+    elif entry.size <= _TEXT_MAX:
+        if entry.path.endswith(".dist-info/RECORD"):
+            _normalise_record(entry, spellings, placed)
+        elif (entry.path.startswith("bin/") and entry.path.count("/") == 1) or entry.path.endswith(
+            (".pth", ".egg-link")
+        ):
+            if _place_text(entry, spellings):
+                placed.add(entry.path)
 
 
 class _Content:

@@ -76,6 +76,11 @@ def tag_key(name: str) -> str:
     return f"tags/{name}.json"
 
 
+def build_key(key: str) -> str:
+    """``builds/<hex>.json``: the record of a build key (``envcrate build``)."""
+    return f"builds/{check_digest(key, 'build key')[len('sha256:') :]}.json"
+
+
 def preferred_archive(archives: list[dict]) -> dict:
     """The archive to fetch when any will do: the first format of
     ``archive.FORMATS`` (tar.zst, faster to unpack), whatever order the
@@ -345,6 +350,26 @@ class Store:
                 f"`envcrate fsck --store {self.url} --repair`"
             )
         return crate_id
+
+    def build_target(self, key: str) -> str | None:
+        """The crate a build key maps to, when the store has that crate
+        (a record naming a crate that is not there, or a malformed record,
+        counts as none: the build is made again and the record replaced).
+        Like a tag, a build record is only as trustworthy as the store."""
+        try:
+            obj = self._json(build_key(key))
+        except StoreError:
+            return None
+        crate_id = obj.get("crate") if obj is not None else None
+        if not is_digest(crate_id) or self.record(crate_id) is None:
+            return None
+        return crate_id
+
+    def set_build(self, key: str, crate_id: str, recipe: str) -> None:
+        """Record that build ``key`` (of the recipe named ``recipe``) made
+        ``crate_id`` (written after the crate is published)."""
+        self.require_writable()
+        self.write(build_key(key), encode_record({"crate": crate_id, "recipe": recipe}))
 
     def tag_names(self) -> list[str]:
         return [
