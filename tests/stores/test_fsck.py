@@ -64,6 +64,10 @@ def troubled(backend, small_venv, small_crate, tmp_path):
     store.write("tags/to-corrupt.json", json.dumps({"crate": CORRUPT}).encode())
     store.write("tags/five.json", b'{"crate": 5}')
     store.write("tags/dangling.json", json.dumps({"crate": GONE}).encode())
+    # build records (envcrate build): one good, one naming nothing, one corrupt
+    store.write(f"builds/{'a' * 64}.json", json.dumps({"crate": small_crate.id}).encode())
+    store.write(f"builds/{'b' * 64}.json", json.dumps({"crate": GONE}).encode())
+    store.write(f"builds/{'c' * 64}.json", b"{not json")
     old = _put_blob(store, os.urandom(1000), tmp_path, "old")
     young = _put_blob(store, os.urandom(1000), tmp_path, "young")
     if backend.kind == "fs":
@@ -86,6 +90,8 @@ def test_fsck_finds_each_problem_and_repairs_what_it_can(backend, troubled, smal
         ("corrupt-tag", "tags/five.json"),
         ("damaged-blob", blob_key(gz.blob)),
         ("dangling-tag", "tags/dangling.json"),
+        ("dangling-build", f"builds/{'b' * 64}.json"),
+        ("corrupt-build", f"builds/{'c' * 64}.json"),
         ("missing-blob", blob_key("sha256:" + "22" * 32)),
     ]
     if backend.kind == "fs":  # S3 cannot be told its objects' age: old only in the API test
@@ -118,6 +124,7 @@ def test_fsck_finds_each_problem_and_repairs_what_it_can(backend, troubled, smal
     assert store.size(blob_key(gz.blob)) is None
     assert store.record(MISSING) is None
     assert sorted(store.tag_names()) == ["good", "to-corrupt"]
+    assert store.keys("builds/") == [f"builds/{'a' * 64}.json"]  # the good one stays
     assert store.size(blob_key(old)) is None
     if backend.kind == "fs":
         assert store.size(blob_key(young)) is not None  # maybe a push in progress
@@ -138,6 +145,6 @@ def test_fsck_of_a_clean_store_says_so(backend, small_crate):
     ok(backend.cli("push", small_crate.archive, "--store", backend.writer, "--tag", "t", "--json"))
     report = ok(backend.cli("fsck", "--store", backend.writer, "--json"))
     assert report["ok"] is True and report["problems"] == [] and report["recent"] == []
-    assert report["checked"] == {"records": 1, "blobs": 1, "tags": 1}
+    assert report["checked"] == {"records": 1, "blobs": 1, "tags": 1, "builds": 0}
     human = backend.cli("fsck", "--store", backend.writer, "--repair")
     assert human.returncode == 0 and "no problems" in human.stdout

@@ -194,7 +194,11 @@ def test_s3_push_is_retried_beyond_botocore_attempts(s3_proxy, small_venv, tmp_p
     url, proxy, env = s3_proxy
     other = f"{url}-push"
     proxy.add(Fault("status", status=503, match="PUT /", times=4))
-    shipped = ok(_cli("ship", small_venv, "--store", other, "--json", env=env))
+    # four 503s and their backoff (botocore's, then envcrate's) took over the
+    # fast 6 s deadline on a loaded 2-core machine (the full suite, twice): this
+    # test is about the retries, so its deadline leaves room for them
+    slow = dict(env, ENVCRATE_NETWORK_DEADLINE="30")
+    shipped = ok(_cli("ship", small_venv, "--store", other, "--json", env=slow))
     assert shipped["uploaded"] is True and proxy.faults[0].hits == 4
     assert open_store(other).record(shipped["id"]) is not None
 

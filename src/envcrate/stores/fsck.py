@@ -4,7 +4,8 @@ A store is written by many clients that may be killed at any moment and read
 by nodes that trust nothing in it, so objects go wrong in a few known ways:
 a blob whose record was never written (its publisher died), a record whose
 blob is missing or damaged, a record or tag that is not what its name says,
-and a tag pointing at nothing. :func:`fsck` finds them on any backend that can
+a tag pointing at nothing, and a build record (``envcrate build``) that is
+malformed or names a crate that is not there. :func:`fsck` finds them on any backend that can
 list (not HTTP) and, with ``repair``, removes what is of no use.
 
 A blob without a record is also what a push in progress looks like (the blob
@@ -14,16 +15,18 @@ removed, only when it is older than ``orphan_age`` (an hour).
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
-from ..crate.record import digests_named, encode_record
+from ..crate.record import digests_named, encode_record, is_digest
 from ..errors import StoreError
 from .base import Store, Stored, blob_key, record_key, tag_key
 
 ORPHAN_AGE = 3600.0
 
 _BLOB = re.compile(r"^blobs/sha256/([0-9a-f]{2})/([0-9a-f]{64})\Z")
+_BUILD = re.compile(r"^builds/[0-9a-f]{64}\.json\Z")
 
 
 def fsck(
@@ -140,13 +143,37 @@ def fsck(
             store.delete(key)
             fixed(p, f"removed the tag {name}")
 
+    # Build records (envcrate build): only a cache of key -> crate, so a bad
+    # one is removed (the next build writes it again).
+    build_keys = [k for k in store.keys("builds/") if _BUILD.match(k)]
+    for key in build_keys:
+        try:
+            obj = json.loads(store.read(key, 1 << 20) or b"null")
+            target = obj.get("crate") if isinstance(obj, dict) else None
+            if not is_digest(target):
+                raise ValueError
+        except ValueError:
+            p = problem("corrupt-build", key, 'not a build record ({"crate": "sha256:..."})')
+        else:
+            if target in published:
+                continue
+            p = problem("dangling-build", key, f"names {target}, which is not in the store")
+        if repair:
+            store.delete(key)
+            fixed(p, f"removed the build record {key}")
+
     return {
         "store": store.url,
         "ok": all(p["repaired"] for p in problems),
         "problems": problems,
         "recent": recent,
         "repaired": done,
-        "checked": {"records": len(crate_ids), "blobs": len(blobs), "tags": len(tag_names)},
+        "checked": {
+            "records": len(crate_ids),
+            "blobs": len(blobs),
+            "tags": len(tag_names),
+            "builds": len(build_keys),
+        },
     }
 
 
