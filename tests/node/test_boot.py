@@ -503,6 +503,57 @@ def test_a_script_waits_in_sh_while_the_starter_lives(script, small_crate, tmp_p
         starter.wait()
 
 
+def test_a_fifo_at_the_marker_s_name_does_not_hang_the_script(script, small_crate, tmp_path, env):
+    """Another user can put anything at the marker's name in a shared /tmp:
+    the marker is linked into place, never opened for writing."""
+    python, log = counting_python(tmp_path)
+    node = bare_env(env, tmp_path, ENVCRATE_BOOT_PYTHON=str(python))
+    m = tmp_path / f".envcrate-boot.{small_crate.id.split(':')[1][:16]}.{os.getuid()}"
+    os.mkfifo(m)
+    done = sh(script, "prefix", env=node, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert len(log.read_text().split()) == 1 and m.exists()  # it ran Python; the FIFO stays
+
+
+def test_a_starter_that_never_fills_is_waited_for_ten_seconds_at_most(
+    script, small_crate, tmp_path, env
+):
+    """A marker naming a live process whose Python never takes the lock (no
+    holder file appears; e.g. a sourced script interrupted, its shell still
+    there): after 10 s the waiter removes it and fills itself."""
+    python, log = counting_python(tmp_path)
+    node = bare_env(env, tmp_path, ENVCRATE_BOOT_PYTHON=str(python))
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        cache = str(tmp_path / "cache")
+        m = _marker(tmp_path, small_crate.id, other.pid, _start_time(other.pid), cache)
+        done = sh(script, "prefix", env=node, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert len(log.read_text().split()) == 1 and not m.exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_marker_naming_this_very_shell_is_stale(script, small_crate, tmp_path, env):
+    """Left by `. boot.sh` interrupted in this shell: sourcing again must
+    not wait for itself."""
+    python, log = counting_python(tmp_path)
+    node = bare_env(env, tmp_path, ENVCRATE_BOOT_PYTHON=str(python))
+    cache = str(tmp_path / "cache")
+    host = Path("/proc/sys/kernel/hostname").read_text().strip()
+    m = tmp_path / f".envcrate-boot.{small_crate.id.split(':')[1][:16]}.{os.getuid()}"
+    code = (
+        f"st=$(cut -d' ' -f22 /proc/$$/stat); printf '%s\\n%s\\n%s\\n%s\\n' {host} $$ \"$st\" "
+        f'{cache} > {m} && . {script} && echo "ok $VIRTUAL_ENV"'
+    )
+    done = subprocess.run(
+        ["bash", "-c", code], env=node, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok " + cache) and len(log.read_text().split()) == 1
+
+
 def _marker_read(pid: int) -> bool:
     """The shell of ``pid`` sleeps between looks at the warm path."""
     try:

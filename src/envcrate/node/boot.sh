@@ -82,7 +82,10 @@ _envcrate_boot() {
         # Python leases this shell's pid itself (run, activate), under the use lock
         _envcrate_cold "$$"
         _envcrate_rc=$?
-        [ -z "$_envcrate_started" ] || rm -f "$_envcrate_started"
+        if [ -n "$_envcrate_started" ]; then # ours, if no other script has replaced it since
+            _envcrate_sp=$$ _envcrate_ss=$_envcrate_st
+            _envcrate_unmark
+        fi
         [ "$_envcrate_rc" -eq 0 ] || return 1
         _envcrate_lease=$_envcrate_made
     fi
@@ -231,29 +234,39 @@ _envcrate_start() {
     _envcrate_st=$_envcrate_v
     _envcrate_u=$(id -u 2>/dev/null) || return 0
     _envcrate_sm=${TMPDIR:-/tmp}/.envcrate-boot.@ID16@.$_envcrate_u
+    _envcrate_valid=
     for _envcrate_try in 1 2; do
-        if (set -C && printf '%s\n%s\n%s\n%s\n' "$_envcrate_host" "$$" "$_envcrate_st" "$_envcrate_caches" \
-            >"$_envcrate_sm") 2>/dev/null; then
+        # written whole into a new file of our own, then linked to the name: a
+        # link opens nothing (a FIFO or symlink planted there is never opened)
+        # and fails when the name exists
+        _envcrate_t=$(mktemp "${TMPDIR:-/tmp}/.envcrate-boot.XXXXXXXX" 2>/dev/null) || return 0
+        if printf '%s\n%s\n%s\n%s\n' "$_envcrate_host" "$$" "$_envcrate_st" "$_envcrate_caches" \
+            >"$_envcrate_t" 2>/dev/null && ln "$_envcrate_t" "$_envcrate_sm" 2>/dev/null; then
+            rm -f "$_envcrate_t"
             _envcrate_started=$_envcrate_sm
             return 0
         fi
-        [ -f "$_envcrate_sm" ] && [ ! -h "$_envcrate_sm" ] && [ -O "$_envcrate_sm" ] || return 0
-        for _envcrate_k in 1 2 3; do # the winner may not have written it yet
-            _envcrate_sh= _envcrate_sp= _envcrate_ss= _envcrate_sc=
-            { IFS= read -r _envcrate_sh && IFS= read -r _envcrate_sp && IFS= read -r _envcrate_ss &&
-                IFS= read -r _envcrate_sc; } <"$_envcrate_sm" 2>/dev/null && break
-            sleep 0.05 2>/dev/null || sleep 1
-        done
-        [ "$_envcrate_sh" = "$_envcrate_host" ] && [ "$_envcrate_sc" = "$_envcrate_caches" ] || return 0
-        case $_envcrate_sp in "" | *[!0-9]*) return 0 ;; esac
-        if _envcrate_stime "$_envcrate_sp" && [ "$_envcrate_v" = "$_envcrate_ss" ]; then
+        rm -f "$_envcrate_t"
+        _envcrate_marker || return 0
+        # its process lives (and is not this shell, which an interrupted
+        # `. boot.sh` may have left there): wait for it
+        if [ "$_envcrate_sp" != "$$" ] && _envcrate_stime "$_envcrate_sp" && [ "$_envcrate_v" = "$_envcrate_ss" ]; then
+            _envcrate_valid=1
             break
         fi
-        rm -f "$_envcrate_sm" # its process is gone: a new election, once
+        _envcrate_unmark # its process is gone: a new election, once
     done
-    [ "$_envcrate_try" = 1 ] || return 0
+    [ -n "$_envcrate_valid" ] || return 0
+    _envcrate_i=0
     while [ "$_envcrate_w" -gt 0 ] && _envcrate_stime "$_envcrate_sp" && [ "$_envcrate_v" = "$_envcrate_ss" ]; do
+        # from 10 s on, the starter's Python must be filling (a fresh holder
+        # file in one of the caches), else its shell is doing something else
+        if [ "$_envcrate_i" -ge 50 ] && [ $((_envcrate_i % 25)) -eq 0 ] && ! _envcrate_holder_fresh; then
+            _envcrate_unmark
+            break
+        fi
         sleep 0.2 2>/dev/null || sleep 1
+        _envcrate_i=$((_envcrate_i + 1))
         _envcrate_w=$((_envcrate_w - 1))
         _envcrate_entry=
         if _envcrate_warm; then
@@ -262,6 +275,43 @@ _envcrate_start() {
     done
     _envcrate_entry=
     ! _envcrate_warm
+}
+
+# The start marker's fields (host, pid, start time, caches) into
+# _envcrate_sh, _envcrate_sp, _envcrate_ss, _envcrate_sc; 1 unless it is a
+# regular file of this user, for this host and these caches.
+_envcrate_marker() {
+    [ -f "$_envcrate_sm" ] && [ ! -h "$_envcrate_sm" ] && [ -O "$_envcrate_sm" ] || return 1
+    _envcrate_sh= _envcrate_sp= _envcrate_ss= _envcrate_sc=
+    { IFS= read -r _envcrate_sh && IFS= read -r _envcrate_sp && IFS= read -r _envcrate_ss &&
+        IFS= read -r _envcrate_sc; } <"$_envcrate_sm" 2>/dev/null || return 1
+    [ "$_envcrate_sh" = "$_envcrate_host" ] && [ "$_envcrate_sc" = "$_envcrate_caches" ] || return 1
+    case $_envcrate_sp in "" | *[!0-9]*) return 1 ;; esac
+    return 0
+}
+
+# Remove the start marker if it still names the process read before (not
+# one another script made since).
+_envcrate_unmark() {
+    _envcrate_op=$_envcrate_sp _envcrate_os=$_envcrate_ss
+    if _envcrate_marker && [ "$_envcrate_sp" = "$_envcrate_op" ] && [ "$_envcrate_ss" = "$_envcrate_os" ]; then
+        rm -f "$_envcrate_sm"
+    fi
+    _envcrate_sp=$_envcrate_op _envcrate_ss=$_envcrate_os
+}
+
+# A holder file of the crate in one of the caches with a heartbeat under a minute old.
+_envcrate_holder_fresh() {
+    _envcrate_r="$_envcrate_caches:"
+    while [ -n "$_envcrate_r" ]; do
+        _envcrate_c=${_envcrate_r%%:*}
+        _envcrate_r=${_envcrate_r#*:}
+        case $_envcrate_c in "") continue ;; /*) ;; *) _envcrate_c=$PWD/$_envcrate_c ;; esac
+        _envcrate_hf=$_envcrate_c/locks/@ID16@.holder
+        [ -f "$_envcrate_hf" ] && [ ! -h "$_envcrate_hf" ] || continue
+        [ -z "$(find "$_envcrate_hf" -prune -mmin -1 2>/dev/null)" ] || return 0
+    done
+    return 1
 }
 
 # The start time of process $1 (field 22 of /proc/$1/stat) in _envcrate_v.
@@ -388,6 +438,7 @@ ENVCRATE_PYTHON_END
 
 _envcrate_done() {
     unset -f _envcrate_boot _envcrate_sourced _envcrate_warm _envcrate_take_lease _envcrate_wait_filler _envcrate_start _envcrate_stime _envcrate_event \
+        _envcrate_marker _envcrate_unmark _envcrate_holder_fresh \
         _envcrate_cold _envcrate_run_python _envcrate_done
     unset _envcrate_id _envcrate_nl _envcrate_python _envcrate_report _envcrate_mode \
         _envcrate_caches _envcrate_entry _envcrate_made _envcrate_keep _envcrate_r _envcrate_c \
@@ -395,7 +446,8 @@ _envcrate_done() {
         _envcrate_rd _envcrate_t _envcrate_s _envcrate_h _envcrate_p _envcrate_out _envcrate_dir \
         _envcrate_tried _envcrate_py _envcrate_rc _envcrate_why _envcrate_w _envcrate_i \
         _envcrate_started _envcrate_st _envcrate_u _envcrate_sm _envcrate_try _envcrate_v _envcrate_k \
-        _envcrate_hf _envcrate_sh _envcrate_sp _envcrate_ss _envcrate_sc _envcrate_ef _envcrate_done_sh
+        _envcrate_hf _envcrate_sh _envcrate_sp _envcrate_ss _envcrate_sc _envcrate_ef _envcrate_done_sh \
+        _envcrate_valid _envcrate_op _envcrate_os
     [ -n "${_envcrate_lease:-}" ] || unset _envcrate_lease
     return "$1"
 }
