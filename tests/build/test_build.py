@@ -208,3 +208,64 @@ def test_lock_output_and_the_default_recipe(wheels, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     fails(envcrate("lock", cwd=empty), "no recipe at")
+
+
+def test_a_lock_holds_when_the_recipe_moves_to_another_checkout(wheels, tmp_path):
+    """The recipe's digest covers find-links as written (relative), not
+    where this checkout happens to be."""
+    first = tmp_path / "checkout-1"
+    (first / "wheels").mkdir(parents=True)
+    for f in wheels.iterdir():
+        (first / "wheels" / f.name).write_bytes(f.read_bytes())
+    (first / "envcrate.toml").write_text(
+        'name = "tiny"\nkind = "venv"\npython = "%d.%d"\n' % sys.version_info[:2]
+        + 'requirements = ["pinned==1.0"]\nfind-links = ["wheels"]\nno-index = true\n'
+    )
+    assert envcrate("lock", first / "envcrate.toml").returncode == 0
+    second = tmp_path / "elsewhere" / "checkout-2"
+    second.parent.mkdir()
+    first.rename(second)
+    built = ok(envcrate("build", second / "envcrate.toml", "--store", tmp_path / "s", "--json"))
+    assert built["built"]
+
+
+def test_a_pin_with_a_url_fragment_is_a_pin(tmp_path):
+    """uv writes direct references as `name @ URL#sha256=...`: the lock
+    reader took them for conda lines and asked to re-lock, forever."""
+    wheel = next(WHEELHOUSE.glob("six-*.whl"))
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    recipe = tmp_path / "envcrate.toml"
+    recipe.write_text(
+        'name = "direct"\nkind = "venv"\npython = "%d.%d"\n' % sys.version_info[:2]
+        + f'requirements = ["six @ {wheel.as_uri()}#sha256={sha}"]\nno-index = true\n'
+    )
+    assert envcrate("lock", recipe).returncode == 0
+    assert f"#sha256={sha}" in (tmp_path / "envcrate.lock").read_text()
+    ok(envcrate("build", recipe, "--store", tmp_path / "s", "--json"))
+
+
+@pytest.mark.parametrize(
+    "env_table, words",
+    [('"A=B" = "1"', "names must be non-empty, without '='"), ('"" = "1"', "names must be")],
+)
+def test_bad_build_variables_are_one_line(env_table, words, tmp_path):
+    recipe = tmp_path / "envcrate.toml"
+    recipe.write_text(f'name = "x"\nkind = "venv"\npython = "3.11"\n[env]\n{env_table}\n')
+    fails(envcrate("lock", recipe), "line 4", words)
+
+
+def test_a_lock_with_a_bad_conda_line_says_to_relock(tmp_path):
+    recipe = tmp_path / "c.toml"
+    recipe.write_text(
+        'name = "c"\nkind = "conda"\npython = "3.11.*"\nspecs = ["x"]\nchannels = ["x"]\n'
+    )
+    from envcrate.build.recipe import load
+
+    digest = load(recipe).digest()
+    (tmp_path / "c.lock").write_text(
+        f"# envcrate-recipe: {digest}\n# envcrate-kind: conda\n@EXPLICIT\n"
+        f"https://example.invalid/linux-64/noversion.conda#{'0' * 64}\n"
+    )
+    fails(
+        envcrate("build", recipe, "--store", tmp_path / "s"), "not a conda package URL", "re-lock"
+    )

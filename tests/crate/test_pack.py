@@ -242,7 +242,9 @@ def test_pycs_rewritten_where_read_stale_and_sourceless_kept(tmp_path, monkeypat
         assert got["fresh"][8:16] == importlib.util.source_hash(fresh_source)
         # the code's file name is the placeholder's (envs.venv), the rest as compiled
         named = {
-            n: with_filename(original[n], f"{site.relative_to(venv)}/{n}.py", PLACEHOLDER)
+            n: with_filename(
+                original[n], f"{site.relative_to(venv)}/{n}.py", PLACEHOLDER, [str(venv).encode()]
+            )
             for n in original
         }
         assert named["fresh"] != original["fresh"]

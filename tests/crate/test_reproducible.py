@@ -129,3 +129,79 @@ def test_a_format_2_crate_is_still_read(request):
     assert f"written after install: {dest}/etc" in (dest / "etc" / "site.conf").read_text()
     manifest = json.loads((dest / ".envcrate" / "manifest.json").read_text())
     assert manifest["id"] == verified.id and manifest["schema"] == 2
+
+
+def _filenames(code, out):
+    out.append(code.co_filename)
+    for k in code.co_consts:
+        if hasattr(k, "co_filename"):
+            _filenames(k, out)
+    return out
+
+
+def test_pyc_file_names_are_replaced_only_as_whole_strings():
+    """A path component ending in 'z' followed by a character whose code is
+    the length of the rest of the path looked like a string header to the
+    first version, which rewrote the tail of the name and broke the pyc
+    (1 build in 25 in a random build directory). Random paths, short and
+    long, ASCII and not: every pyc still loads, with the placeholder's name
+    in every code object, and two prefixes give the same bytes."""
+    import importlib.util
+    import marshal
+    import random
+    import string
+
+    from envcrate.crate.pyc import with_filename
+
+    rng = random.Random(7)
+    source = "def f():\n    return 1\nclass C:\n    def g(self):\n        pass\n"
+
+    def pyc(prefix: str, rel: str) -> bytes:
+        code = compile(source, f"{prefix}/{rel}", "exec")
+        return importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(code)
+
+    enzo = "/home/enzo"  # 'o' is 111: the rest of the path below is 110 bytes long
+    rel = (
+        "lib/python3.12/site-packages/"
+        + "p" * (110 - len("/lib/python3.12/site-packages/") - 3)
+        + ".py"
+    )
+    cases = [(enzo, rel)]
+    for _ in range(2000):
+        parts = ["".join(rng.choice(string.ascii_letters + "z") for _ in range(rng.randint(1, 12)))
+                 for _ in range(rng.randint(1, 8))]  # fmt: skip
+        prefix = "/" + "/".join(parts) + ("/é" if rng.random() < 0.1 else "")
+        name = "/".join("".join(rng.choice("abz") for _ in range(rng.randint(1, 9)))
+                        for _ in range(rng.randint(1, 6)))  # fmt: skip
+        cases.append((prefix, f"lib/python3.12/site-packages/{name}.py"))
+    for prefix, rel in cases:
+        out = with_filename(pyc(prefix, rel), rel, PLACEHOLDER, [prefix.encode()])
+        code = marshal.loads(out[16:])
+        assert set(_filenames(code, [])) == {f"{PLACEHOLDER}/{rel}"}, (prefix, rel)
+        assert out == with_filename(pyc("/elsewhere", rel), rel, PLACEHOLDER, [b"/elsewhere"])
+
+
+def test_record_rows_are_the_same_whenever_they_are_made(tmp_path):
+    """A RECORD listing a .pth that names the prefix and sorts after the
+    RECORD (foo-1.0.dist-info/ < foo.pth): the RECORD's bytes were made from
+    what the walk had placed so far, and differently when made again, so
+    ship (identify, then pack) said the env changed while shipped."""
+    from conftest import envcrate, ok
+
+    from envcrate.envs import load_env
+    from envcrate.packing import identify
+
+    env = make_venv(tmp_path / "env")
+    site = next((env / "lib").glob("python*/site-packages"))
+    (site / "foo.pth").write_text(f"{env}/extra\n")
+    dist = site / "foo-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: foo\nVersion: 1.0\n")
+    (dist / "RECORD").write_text(
+        "foo.pth,sha256=abc,10\n__pycache__/foo.cpython-3.pyc,sha256=def,20\n"
+        "foo-1.0.dist-info/METADATA,,\n"
+    )
+    crate_id = identify(load_env(str(env)))
+    shipped = ok(envcrate("ship", env, "--store", tmp_path / "store", "--json"))
+    assert shipped["id"] == crate_id
+    assert pack(env, tmp_path / "again.tar.zst").id == crate_id

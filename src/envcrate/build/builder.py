@@ -213,7 +213,10 @@ def _build_conda(recipe: Recipe, lock: locks.Lock, prefix: Path, work: Path, say
     py-rattler (from its package cache); then the pip layer."""
     import asyncio
 
-    import rattler
+    try:
+        import rattler
+    except ImportError:
+        raise BuildError("py-rattler is not installed: pip install py-rattler") from None
 
     wanted = {}
     for url, sha in lock.conda:

@@ -188,19 +188,26 @@ def read(recipe: Recipe, path: str | os.PathLike | None = None) -> Lock:
         ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise LockError(f"cannot read the lock {p}: {getattr(e, 'strerror', None) or e}") from None
-    fields, pip, conda, pins = {}, [], [], []
-    for line in text.splitlines():
+    lines = text.splitlines()
+    fields = {}
+    for line in lines:
         if line.startswith(HEADER):
             key, _, value = line[len(HEADER) :].partition(":")
             fields[key.strip()] = value.strip()
-        elif line.startswith("# pip: "):
+    pip, conda, pins = [], [], []
+    for line in lines:
+        if line.startswith("# pip: "):
             pip.append(line[len("# pip: ") :])
         elif line.startswith("#") or not line.strip() or line.strip() == "@EXPLICIT":
             continue
-        elif "://" in line and "#" in line and not line.startswith((" ", "\t")):
-            url, _, sha = line.rpartition("#")
-            if len(sha) != 64 or not all(c in "0123456789abcdef" for c in sha):
-                raise LockError(f"{p}: {line[:80]!r} has no sha256; re-lock the recipe")
+        elif fields.get("kind") == "conda":  # a package URL#sha256 (venv pins may hold '#' too)
+            url, _, sha = line.strip().rpartition("#")
+            stem = url.rsplit("/", 1)[-1]
+            named = stem.endswith((".conda", ".tar.bz2")) and stem.count("-") >= 2
+            if "://" not in url or not named or len(sha) != 64 or sha.strip("0123456789abcdef"):
+                raise LockError(
+                    f"{p}: {line[:80]!r} is not a conda package URL with its sha256; re-lock the recipe"
+                )
             conda.append((url, sha))
         else:
             pins.append(line)

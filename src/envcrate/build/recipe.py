@@ -16,9 +16,9 @@
     CFLAGS = "-O2"
 
 Relative paths (find-links, file channels) are relative to the recipe's
-directory. :meth:`Recipe.normalised` is what the build key and the lock's
-check hash: every field, sorted where order does not matter, paths made
-absolute.
+directory. :meth:`Recipe.normalised` is what the lock's check hashes: every
+field, sorted where order does not matter, paths as written (a lock made in
+one checkout holds in another).
 """
 
 from __future__ import annotations
@@ -72,6 +72,10 @@ class Recipe:
     channels: tuple = ()
     pip: tuple = ()
     env: dict = field(default_factory=dict)
+    # find-links and channels as the recipe writes them (relative paths
+    # stay relative): what the recipe's digest covers, so a lock made in one
+    # checkout holds in another
+    written: dict = field(default_factory=dict)
 
     @property
     def lock_path(self) -> Path:
@@ -81,17 +85,18 @@ class Recipe:
 
     def normalised(self) -> dict:
         """Every field as the build depends on it (order kept where it
-        matters: indexes and channels are searched in order)."""
+        matters: indexes and channels are searched in order), paths as
+        written."""
         return {
             "name": self.name,
             "kind": self.kind,
             "python": self.python,
             "requirements": sorted(self.requirements),
             "index-urls": list(self.index_urls),
-            "find-links": list(self.find_links),
+            "find-links": list(self.written.get("find-links", self.find_links)),
             "no-index": self.no_index,
             "specs": sorted(self.specs),
-            "channels": list(self.channels),
+            "channels": list(self.written.get("channels", self.channels)),
             "pip": sorted(self.pip),
             "env": dict(sorted(self.env.items())),
         }
@@ -152,6 +157,10 @@ def load(path: str | os.PathLike | None = None) -> Recipe:
             raise bad(key, "must be a list of non-empty strings")
         if want is dict and not all(isinstance(v, str) for v in value.values()):
             raise bad(key, "values must be strings")
+        if want is dict and not all(
+            k and "=" not in k and "\0" not in k + v for k, v in value.items()
+        ):
+            raise bad(key, "names must be non-empty, without '=' (and no NUL anywhere)")
     for key in ("name", "kind", "python"):
         if key not in data:
             raise RecipeError(f"{p}: the recipe has no {key} (name, kind and python are needed)")
@@ -195,6 +204,7 @@ def load(path: str | os.PathLike | None = None) -> Recipe:
         channels=tuple(channel(c) for c in data.get("channels", ())),
         pip=tuple(data.get("pip", ())),
         env=dict(data.get("env", {})),
+        written={k: list(data.get(k, ())) for k in ("find-links", "channels")},
     )
 
 

@@ -62,20 +62,22 @@ _LONG = {ord("a"): False, ord("A"): True, ord("u"): False, ord("t"): True}
 _REF = 0x80
 
 
-def _string_at(data: bytes, slash: int, end: int) -> tuple[int, int, bool] | None:
-    """(start, flag, interned) of the marshalled string whose content is
-    ``data[slash:end]``, when the bytes before ``slash`` are its header."""
-    n = end - slash
-    if n < 256 and slash >= 2 and data[slash - 1] == n and data[slash - 2] & ~_REF in _SHORT:
-        t = data[slash - 2]
-        return slash - 2, t & _REF, _SHORT[t & ~_REF]
-    if (
-        slash >= 5
-        and data[slash - 5] & ~_REF in _LONG
-        and int.from_bytes(data[slash - 4 : slash], "little") == n
-    ):
-        t = data[slash - 5]
-        return slash - 5, t & _REF, _LONG[t & ~_REF]
+def _header_before(data: bytes, start: int, value: bytes) -> tuple[int, int, bool] | None:
+    """(header start, reference flag, interned) when ``data[start:]`` begins
+    with ``value`` as a whole marshalled string: the bytes before it are a
+    string header whose length is ``len(value)`` and whose type fits the
+    content (short ASCII under 256 bytes, long ASCII from 256, else UTF-8)."""
+    n, ascii_ = len(value), value.isascii()
+    if start >= 2 and data[start - 1] == n and n < 256 and ascii_:
+        t = data[start - 2]
+        if t & ~_REF in _SHORT:
+            return start - 2, t & _REF, _SHORT[t & ~_REF]
+    if start >= 5 and int.from_bytes(data[start - 4 : start], "little") == n:
+        t = data[start - 5]
+        kind = t & ~_REF
+        fits = kind in (ord("u"), ord("t")) or (ascii_ and n >= 256 and kind in _LONG)
+        if fits:
+            return start - 5, t & _REF, _LONG[kind]
     return None
 
 
@@ -91,31 +93,42 @@ def _string(value: bytes, flag: int, interned: bool) -> bytes:
     return bytes([kind | flag]) + len(value).to_bytes(4, "little") + value
 
 
-def with_filename(data: bytes, source: str, prefix: str) -> bytes:
+def with_filename(data: bytes, source: str, prefix: str, spellings: list[bytes]) -> bytes:
     """The pyc ``data`` of the module whose source is at ``source``
-    (relative to the env) with each code object's file name that is an
-    absolute path ending in ``/source`` (where it was compiled) replaced by
-    ``prefix/source``: the bytes no longer depend on where the env was
-    built. Only whole marshalled strings are replaced (their header found
-    and its length matching); the import system sets the real file name
-    when it loads the module, so the name in the archive is never used."""
-    suffix = ("/" + source).encode("utf-8", "surrogateescape")
-    value = prefix.encode("utf-8", "surrogateescape") + suffix
-    parts, done = [], 0
-    at = data.find(suffix, HEADER)
-    while at >= 0:
-        end = at + len(suffix)
-        slash, found = at, None
-        while slash >= done and found is None:
-            found = _string_at(data, slash, end)
-            if found is None:
-                slash = data.rfind(b"/", done, slash)
-        if found is not None and b"\0" not in data[slash:end]:
-            start, flag, interned = found
-            parts += [data[done:start], _string(value, flag, interned)]
-            done = end
-        at = data.find(suffix, end)
-    if not parts:
+    (relative to the env) with each code object's file name that names
+    that source in the env (a spelling of its prefix in ``spellings``, then
+    ``/source``; or ``lib64/`` for ``lib/``, as venvs of distributions whose
+    ``platlibdir`` is lib64 compile it) replaced by ``prefix/source``: the
+    bytes no longer depend on where the env was built. Only whole
+    marshalled strings of exactly that content are replaced (header, length
+    and type checked); the import system sets the real file name when it
+    loads the module, so the name in the archive is never used."""
+    rels = [source]
+    if source.startswith("lib/"):
+        rels.append("lib64/" + source[4:])
+    names = sorted(
+        {s + ("/" + r).encode("utf-8", "surrogatepass") for s in spellings for r in rels},
+        key=len,
+        reverse=True,
+    )
+    value = prefix.encode("utf-8", "surrogatepass") + ("/" + source).encode(
+        "utf-8", "surrogatepass"
+    )
+    found = []
+    for name in names:
+        at = data.find(name, HEADER)
+        while at >= 0:
+            header = _header_before(data, at, name)
+            if header is not None:
+                found.append((header[0], at + len(name), header[1], header[2]))
+            at = data.find(name, at + len(name))
+    if not found:
         return data
+    parts, done = [], 0
+    for start, end, flag, interned in sorted(found):
+        if start < done:
+            continue  # inside one already replaced (a longer spelling's)
+        parts += [data[done:start], _string(value, flag, interned)]
+        done = end
     parts.append(data[done:])
     return b"".join(parts)

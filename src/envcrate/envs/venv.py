@@ -155,7 +155,7 @@ def unplace(entry: Entry, spellings: list[bytes], placed: set[str]) -> None:
     if entry.type != "f":
         return
     if entry.pyc:
-        _name_pyc(entry)
+        _name_pyc(entry, spellings)
     elif entry.size <= _TEXT_MAX:
         if entry.path.endswith(".dist-info/RECORD"):
             _normalise_record(entry, spellings, placed)
@@ -188,9 +188,17 @@ class _Content:
         data, self._data = self._data, None
         if data is None:
             return self._make()
-        with _Content._lock:
-            _Content._held -= len(data)
+        self._release(len(data))
         return data
+
+    def __del__(self) -> None:  # never handed over (a pack that failed): give its share back
+        if getattr(self, "_data", None) is not None:
+            self._release(len(self._data))
+
+    @staticmethod
+    def _release(n: int) -> None:
+        with _Content._lock:
+            _Content._held -= n
 
 
 HELD = 32 << 20
@@ -218,15 +226,19 @@ def _set_content(entry: Entry, data: bytes, make) -> None:
     entry.size = len(data)
 
 
-def _name_pyc(entry: Entry) -> None:
+def _name_pyc(entry: Entry, spellings: list[bytes]) -> None:
     """Archive the pyc with its code's file name under the placeholder. Its
     header is still rewritten where it is laid out (``entry.pyc`` stays):
     by a packing worker, which hashes the source from the frame."""
     source, read = source_of(entry.path), _reader(entry)
+    # as marshal writes a str (surrogates of undecodable bytes included)
+    names = [
+        s.decode("utf-8", "surrogateescape").encode("utf-8", "surrogatepass") for s in spellings
+    ]
     raw = read()
-    named = with_filename(raw, source, PLACEHOLDER)
+    named = with_filename(raw, source, PLACEHOLDER, names)
     if named is not raw:
-        _set_content(entry, named, lambda: with_filename(read(), source, PLACEHOLDER))
+        _set_content(entry, named, lambda: with_filename(read(), source, PLACEHOLDER, names))
 
 
 def _replace_str(text: str, spellings: list[str]) -> str:
@@ -264,12 +276,13 @@ def _place_text(entry: Entry, spellings: list[bytes]) -> bool:
     return True
 
 
-def _normalise_record(entry: Entry, spellings: list[bytes], placed: set[str]) -> None:
+def _normalise_record(entry: Entry, spellings: list[bytes], placed) -> None:
     """Empty the hash and size of RECORD rows whose files are archived with
     other bytes than were installed: pycs and the files archived with the
     placeholder (``placed``: scripts in bin/ sort before lib/)."""
     site = os.path.dirname(os.path.dirname(entry.path))
     read = _reader(entry)
+    placed = frozenset(placed)  # as the walk has them now: make() gives the same bytes each time
 
     def make() -> bytes:
         data = read()
@@ -285,7 +298,7 @@ def _normalise_record(entry: Entry, spellings: list[bytes], placed: set[str]) ->
             entry.placeholder, entry.placeholder_mode = PLACEHOLDER, "text"
 
 
-def _record_row(line: str, site: str, placed: set[str]) -> str:
+def _record_row(line: str, site: str, placed) -> str:
     body = line.rstrip("\r\n")
     fields = body.rsplit(",", 2)
     if len(fields) != 3 or not fields[1]:

@@ -152,10 +152,10 @@ def fsck(
             target = obj.get("crate") if isinstance(obj, dict) else None
             if not is_digest(target):
                 raise ValueError
-        except ValueError:
+        except (ValueError, StoreError):  # not JSON, not a record, or over 1 MiB
             p = problem("corrupt-build", key, 'not a build record ({"crate": "sha256:..."})')
         else:
-            if target in published:
+            if target in published or store.record(target) is not None:  # published since
                 continue
             p = problem("dangling-build", key, f"names {target}, which is not in the store")
         if repair:
