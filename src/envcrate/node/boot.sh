@@ -232,21 +232,29 @@ _envcrate_wait_filler() {
 _envcrate_start() {
     _envcrate_stime "$$" || return 0 # no /proc: no marker
     _envcrate_st=$_envcrate_v
-    _envcrate_u=$(id -u 2>/dev/null) || return 0
+    _envcrate_u= # this user's id, from /proc (id -u would fork, once per waiter)
+    while IFS=' 	' read -r _envcrate_k _envcrate_u _envcrate_v; do
+        [ "$_envcrate_k" = Uid: ] && break
+        _envcrate_u=
+    done </proc/self/status 2>/dev/null
+    case $_envcrate_u in "" | *[!0-9]*) return 0 ;; esac
     _envcrate_sm=${TMPDIR:-/tmp}/.envcrate-boot.@ID16@.$_envcrate_u
     _envcrate_valid=
     for _envcrate_try in 1 2; do
-        # written whole into a new file of our own, then linked to the name: a
-        # link opens nothing (a FIFO or symlink planted there is never opened)
-        # and fails when the name exists
-        _envcrate_t=$(mktemp "${TMPDIR:-/tmp}/.envcrate-boot.XXXXXXXX" 2>/dev/null) || return 0
-        if printf '%s\n%s\n%s\n%s\n' "$_envcrate_host" "$$" "$_envcrate_st" "$_envcrate_caches" \
-            >"$_envcrate_t" 2>/dev/null && ln "$_envcrate_t" "$_envcrate_sm" 2>/dev/null; then
+        # a marker already there is read first (no fork for most waiters);
+        # else one is written whole into a new file of our own and linked to
+        # the name: a link opens nothing (a FIFO or symlink planted there is
+        # never opened) and fails when the name exists
+        if [ ! -e "$_envcrate_sm" ] && [ ! -h "$_envcrate_sm" ]; then
+            _envcrate_t=$(mktemp "${TMPDIR:-/tmp}/.envcrate-boot.XXXXXXXX" 2>/dev/null) || return 0
+            if printf '%s\n%s\n%s\n%s\n' "$_envcrate_host" "$$" "$_envcrate_st" "$_envcrate_caches" \
+                >"$_envcrate_t" 2>/dev/null && ln "$_envcrate_t" "$_envcrate_sm" 2>/dev/null; then
+                rm -f "$_envcrate_t"
+                _envcrate_started=$_envcrate_sm
+                return 0
+            fi
             rm -f "$_envcrate_t"
-            _envcrate_started=$_envcrate_sm
-            return 0
         fi
-        rm -f "$_envcrate_t"
         _envcrate_marker || return 0
         # its process lives (and is not this shell, which an interrupted
         # `. boot.sh` may have left there): wait for it
