@@ -262,10 +262,7 @@ def add_diff(add) -> None:
 def _head_of(ref: str, store_url, work: str):
     """(manifest, file table) of an archive, or of a store ref's archive
     (fetched, its digest checked): the table checked against the id."""
-    from ..crate.head import check_id
-    from ..crate.manifest import Manifest
-    from ..crate.plan import read_plan
-    from ..crate.reading import open_stream
+    from ..crate.head import read_head_and_table
 
     path = ref
     if not os.path.isfile(ref):
@@ -273,18 +270,7 @@ def _head_of(ref: str, store_url, work: str):
 
         store = open_store(store_url)
         path = str(store.fetch(store.resolve(ref), work))
-    plan = read_plan(path)
-    if plan is not None:
-        manifest_bytes, table = plan.manifest_bytes, plan.table_bytes
-    else:
-        opened = open_stream(path)
-        try:
-            manifest_bytes, table = opened.manifest_bytes, opened.table_bytes
-        finally:
-            opened.close()
-    manifest = Manifest.from_bytes(manifest_bytes)
-    check_id(path, manifest, table, None)
-    return manifest, table
+    return read_head_and_table(path)
 
 
 def cmd_diff(args) -> int:

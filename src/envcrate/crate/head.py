@@ -21,6 +21,11 @@ def read_head(archive: "str | os.PathLike") -> "Manifest":
     """The manifest of ``archive``, checked against its file table: the crate
     id it names is what the table and the manifest hash to. Reads only the
     head of a seekable crate."""
+    return read_head_and_table(archive)[0]
+
+
+def read_head_and_table(archive: "str | os.PathLike") -> "tuple[Manifest, bytes]":
+    """:func:`read_head`'s manifest and the file table it was checked against."""
     archive = os.fspath(archive)
     plan = read_plan(archive)
     if plan is not None:
@@ -33,7 +38,7 @@ def read_head(archive: "str | os.PathLike") -> "Manifest":
             opened.close()
     manifest = Manifest.from_bytes(manifest_bytes)
     check_id(archive, manifest, table, None)
-    return manifest
+    return manifest, table
 
 
 def check_id(archive: str, manifest: "Manifest", table: bytes, crate_id: "str | None") -> None:
