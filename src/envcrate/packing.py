@@ -27,7 +27,7 @@ from .crate.record import write_record
 from .crate.scan import Findings, Scanner
 from .crate.writer import BodyWriter, assemble_copy, row_of
 from .envs import load_env
-from .envs.base import SourceEnv
+from .envs.base import SourceEnv, as_bytes
 from .errors import EnvcrateError
 from .fsutil import current_umask, sha256_file, unlink_quietly
 from .progress import bar
@@ -197,7 +197,7 @@ def identify(source: SourceEnv) -> str:
 
 
 def _scanner(source: SourceEnv) -> Scanner:
-    return Scanner([p.encode("utf-8", "surrogateescape") for p in source.prefixes])
+    return Scanner(as_bytes(source.prefixes))
 
 
 HOLD_LIMIT = 256 << 20  # compressed bytes held in memory while the walk goes on

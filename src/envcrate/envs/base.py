@@ -43,7 +43,7 @@ class SourceEnv:
     @property
     def prefixes(self) -> list[str]:
         """Every spelling of the prefix a file may embed."""
-        return sorted({self.prefix, self.real_prefix}, key=len, reverse=True)
+        return prefix_spellings(self.prefix, self.real_prefix)
 
     @property
     def entries(self) -> list[Entry]:
@@ -112,6 +112,17 @@ class SourceEnv:
                 self._walker.notify()
 
         threading.Thread(target=walk, name="envcrate-walk", daemon=True).start()
+
+
+def prefix_spellings(prefix: str, real: str) -> list[str]:
+    """The prefix as given and as resolved, longest first (so that a longer
+    spelling is replaced before one it contains)."""
+    return sorted({prefix, real}, key=len, reverse=True)
+
+
+def as_bytes(spellings: list[str]) -> list[bytes]:
+    """Spellings as the file system's bytes."""
+    return [p.encode("utf-8", "surrogateescape") for p in spellings]
 
 
 def matches_any(path: str, patterns: tuple[str, ...]) -> bool:

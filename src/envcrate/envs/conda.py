@@ -31,7 +31,15 @@ from pathlib import Path
 
 from ..crate.entry import Entry
 from ..errors import SourceEnvError
-from .base import SourceEnv, inside, matches_any, refuse_outside_link, walk
+from .base import (
+    SourceEnv,
+    as_bytes,
+    inside,
+    matches_any,
+    prefix_spellings,
+    refuse_outside_link,
+    walk,
+)
 from .dists import dist_pins, editable_installs, env_python
 from .venv import unplace
 
@@ -107,9 +115,7 @@ def load(
     entries: list[Entry] = []
     overwritten: dict[str, list[str]] = {}
     owner = _owners(records)
-    spellings = [
-        p.encode("utf-8", "surrogateescape") for p in sorted({prefix, real}, key=len, reverse=True)
-    ]
+    spellings = as_bytes(prefix_spellings(prefix, real))
     placed: set[str] = set()
     for entry in walked:
         top = entry.path.split("/", 1)[0]

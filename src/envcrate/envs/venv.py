@@ -42,7 +42,7 @@ from ..crate.entry import Entry
 from ..crate.pyc import source_of, with_filename
 from ..errors import SourceEnvError
 from ..fsutil import read_file
-from .base import SourceEnv, iter_walk, refuse_outside_link
+from .base import SourceEnv, as_bytes, iter_walk, prefix_spellings, refuse_outside_link
 from .dists import dist_pins, editable_installs, env_python
 
 RELOCATED_CFG_KEYS = (
@@ -86,7 +86,7 @@ def load(
             "--allow-system-site-packages"
         )
 
-    source_prefixes = sorted({prefix, real}, key=len, reverse=True)
+    source_prefixes = prefix_spellings(prefix, real)
     site_dirs = sorted(Path(prefix).glob("lib/*/site-packages"))
     editable = editable_installs(site_dirs, prefix, real, allow_editable)
     python = env_python(prefix)  # answers while the env is walked
@@ -114,7 +114,7 @@ def load(
         placeholder=PLACEHOLDER,
     )
 
-    spellings = [p.encode("utf-8", "surrogateescape") for p in source.prefixes]
+    spellings = as_bytes(source_prefixes)
     placed: set[str] = set()  # files archived with the placeholder
 
     def entries() -> Iterator[Entry]:
