@@ -129,20 +129,28 @@ _envcrate_sourced() {
     return 0
 }
 
+# The next cache of the list in _envcrate_r (the rest stays there), made
+# absolute, in _envcrate_c; 1 at the end of the list.
+_envcrate_next_cache() {
+    while [ -n "$_envcrate_r" ]; do
+        _envcrate_c=${_envcrate_r%%:*}
+        _envcrate_r=${_envcrate_r#*:}
+        case $_envcrate_c in
+            "") ;;
+            /*) return 0 ;;
+            *) _envcrate_c=$PWD/$_envcrate_c && return 0 ;;
+        esac
+    done
+    return 1
+}
+
 # The warm path: a ready entry of the crate in one of the caches (the first
 # lines of its ready marker: the crate id, then the base interpreter, which
 # must exist, or be --python). Two that would do in one cache (a member may
 # add one beside the real one): the Python path tells which holds the crate.
 _envcrate_warm() {
     _envcrate_r="$_envcrate_caches:"
-    while [ -n "$_envcrate_r" ]; do
-        _envcrate_c=${_envcrate_r%%:*}
-        _envcrate_r=${_envcrate_r#*:}
-        case $_envcrate_c in
-            "") continue ;;
-            /*) ;;
-            *) _envcrate_c=$PWD/$_envcrate_c ;;
-        esac
+    while _envcrate_next_cache; do
         [ -d "$_envcrate_c/e" ] || continue
         for _envcrate_e in "$_envcrate_c"/e/@ID16@*; do
             _envcrate_m=$_envcrate_e/.envcrate/ready
@@ -186,14 +194,7 @@ _envcrate_wait_filler() {
     case $_envcrate_w in "" | *[!0-9]* | ?????*) _envcrate_w=600 ;; esac
     _envcrate_w=$((_envcrate_w * 5)) # polls, 0.2 s apart (a fork each: 32 waiters at 0.05 s cost the filler a tenth of the node)
     _envcrate_r="$_envcrate_caches:"
-    while [ -n "$_envcrate_r" ]; do
-        _envcrate_c=${_envcrate_r%%:*}
-        _envcrate_r=${_envcrate_r#*:}
-        case $_envcrate_c in
-            "") continue ;;
-            /*) ;;
-            *) _envcrate_c=$PWD/$_envcrate_c ;;
-        esac
+    while _envcrate_next_cache; do
         _envcrate_hf=$_envcrate_c/locks/@ID16@.holder
         [ -f "$_envcrate_hf" ] && [ ! -h "$_envcrate_hf" ] || continue
         _envcrate_sh=
@@ -311,10 +312,7 @@ _envcrate_unmark() {
 # A holder file of the crate in one of the caches with a heartbeat under a minute old.
 _envcrate_holder_fresh() {
     _envcrate_r="$_envcrate_caches:"
-    while [ -n "$_envcrate_r" ]; do
-        _envcrate_c=${_envcrate_r%%:*}
-        _envcrate_r=${_envcrate_r#*:}
-        case $_envcrate_c in "") continue ;; /*) ;; *) _envcrate_c=$PWD/$_envcrate_c ;; esac
+    while _envcrate_next_cache; do
         _envcrate_hf=$_envcrate_c/locks/@ID16@.holder
         [ -f "$_envcrate_hf" ] && [ ! -h "$_envcrate_hf" ] || continue
         [ -z "$(find "$_envcrate_hf" -prune -mmin -1 2>/dev/null)" ] || return 0
@@ -446,7 +444,7 @@ ENVCRATE_PYTHON_END
 
 _envcrate_done() {
     unset -f _envcrate_boot _envcrate_sourced _envcrate_warm _envcrate_take_lease _envcrate_wait_filler _envcrate_start _envcrate_stime _envcrate_event \
-        _envcrate_marker _envcrate_unmark _envcrate_holder_fresh \
+        _envcrate_marker _envcrate_unmark _envcrate_holder_fresh _envcrate_next_cache \
         _envcrate_cold _envcrate_run_python _envcrate_done
     unset _envcrate_id _envcrate_nl _envcrate_python _envcrate_report _envcrate_mode \
         _envcrate_caches _envcrate_entry _envcrate_made _envcrate_keep _envcrate_r _envcrate_c \
