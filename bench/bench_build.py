@@ -42,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_bootstrap import run  # noqa: E402
 from bench_pack_unpack import timed, tool_env, tool_venv  # noqa: E402
 
 COLD = "envcrate build (cold: store without the crate)"
@@ -50,13 +51,6 @@ UV = "uv venv + uv pip sync lock"
 WARM = "envcrate build (warm: store has the crate)"
 ROWS = [(COLD, UV, None), (COLD, PIP, None), (WARM, UV, 0.1), (WARM, PIP, None)]
 CHECK = "import numpy, scipy, pandas, matplotlib, sklearn, requests"
-
-
-def run(cmd: list, **kw) -> subprocess.CompletedProcess:
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
-    if p.returncode != 0:
-        raise SystemExit(f"failed ({p.returncode}): {' '.join(map(str, cmd))}\n{p.stderr}")
-    return p
 
 
 def main() -> None:

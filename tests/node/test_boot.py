@@ -401,26 +401,27 @@ def test_a_warm_script_leaves_an_entry_being_removed_to_the_python_path(script, 
 
 def test_32_concurrent_scripts_fill_the_cache_once(script, small_crate, tmp_path, env):
     node = bare_env(env, tmp_path)
-    procs = [
-        subprocess.Popen(
-            ["sh", str(script), "prefix"],
-            env=node,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for _ in range(32)
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
-    assert len({o[0] for o in outs}) == 1
-    assert len(entries(tmp_path / "cache")) == 1
+    filled_once(32, ["sh", str(script), "prefix"], node, tmp_path, env)
     evs = events_in(tmp_path / "report")
     assert sum(e["state"] == "EXTRACTING" for e in evs) == 1, evs
-    report = envcrate("report", tmp_path / "report", "--json", env=env)
-    totals = json.loads(report.stdout)["totals"]
-    assert totals["FAILED"] == 0 and totals["READY"] == 1
-    assert totals["READY"] + totals["WAITED"] + totals["HIT"] == 32, totals
+
+
+def filled_once(n: int, cmd: list, node: dict, tmp_path: Path, env: dict, started=None) -> None:
+    """Run ``cmd`` ``n`` times at once (``started``: called once all are):
+    all print the one entry the cache got, and the report has one READY, no
+    FAILED, a row for each."""
+    procs = [
+        subprocess.Popen(cmd, env=node, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(n)
+    ]
+    if started is not None:
+        started()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    assert len({o[0] for o in outs}) == 1 and len(entries(tmp_path / "cache")) == 1
+    totals = json.loads(envcrate("report", tmp_path / "report", "--json", env=env).stdout)["totals"]
+    assert totals["READY"] == 1 and totals["FAILED"] == 0, totals
+    assert totals["READY"] + totals["WAITED"] + totals["HIT"] == n, totals
 
 
 def counting_python(tmp_path: Path) -> "tuple[Path, Path]":
@@ -442,26 +443,11 @@ def test_concurrent_scripts_start_one_python_the_others_wait_in_sh(
     node = bare_env(env, tmp_path, ENVCRATE_BOOT_PYTHON=str(python))
     # all start, then wait at a gate: the crate is surely not ready before all look
     gate = tmp_path / "gate"
-    procs = [
-        subprocess.Popen(
-            ["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.01; done; exec sh {script} prefix"],
-            env=node,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for _ in range(32)
-    ]
-    gate.touch()
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
-    assert len({o[0] for o in outs}) == 1 and len(entries(tmp_path / "cache")) == 1
+    gated = f"while [ ! -e {gate} ]; do sleep 0.01; done; exec sh {script} prefix"
+    filled_once(32, ["sh", "-c", gated], node, tmp_path, env, started=gate.touch)
     starts = log.read_text().split()
     assert 1 <= len(starts) <= 2, f"{len(starts)} Pythons started for 32 scripts"
     assert not list(tmp_path.glob(".envcrate-boot.*")), "the start marker was left behind"
-    totals = json.loads(envcrate("report", tmp_path / "report", "--json", env=env).stdout)["totals"]
-    assert totals["READY"] == 1 and totals["FAILED"] == 0, totals
-    assert totals["READY"] + totals["WAITED"] + totals["HIT"] == 32, totals
 
 
 def _marker(tmp_path: Path, crate_id: str, pid: int, start: str, caches: str) -> Path:
